@@ -1,0 +1,5 @@
+import sys
+
+from dassdp.cli import main
+
+sys.exit(main())

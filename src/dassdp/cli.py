@@ -1,0 +1,53 @@
+"""The ``dassdp`` command line: ``dassdp <command> ...``.
+
+Each command lives in its own module under :mod:`dassdp.commands` exposing
+``HELP: str``, ``add_arguments(parser)`` and ``run(args) -> int``; this file only
+dispatches, so commands import their (heavy) dependencies only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# command name -> module under dassdp.commands
+COMMANDS: dict[str, str] = {
+    "demo": "demo",
+    "ls": "ls",
+    "bench": "bench",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dassdp",
+        description="DA-SSDP: dopamine-modulated spike-synchrony-dependent plasticity for SNNs.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"dassdp.commands.{module_name}")
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
+        # User errors: one clear line, no traceback (set DASSDP_DEBUG=1 to see it).
+        import os
+
+        if os.environ.get("DASSDP_DEBUG"):
+            raise
+        print(f"dassdp {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

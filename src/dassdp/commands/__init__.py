@@ -1,0 +1,1 @@
+"""One module per ``dassdp`` sub-command (see :mod:`dassdp.cli`)."""

@@ -1,0 +1,405 @@
+"""``DASSDP``: attach DA-SSDP to the sites of any PyTorch SNN.
+
+The training step stays the user's; the learner adds one call after ``optimizer.step()``::
+
+    plast = DASSDP(model, DASSDPConfig(warmup_epochs=100))
+    for epoch in range(epochs):
+        plast.set_epoch(epoch)
+        for x, y in loader:
+            loss = criterion(model(x), y)
+            opt.zero_grad(); loss.backward(); opt.step()
+            plast.step(loss)      # warm-up: record (S, L); after: dW, all-reduce, apply
+            dassdp.reset(model)
+
+Under DDP every decision that changes weights is collective: the gate statistics are
+all-reduced before the fit, ``dW`` is all-reduced (mean) before it is clipped and applied,
+and a step is skipped on every rank if any rank saw a non-finite loss. Nothing of the
+learner is a parameter or buffer of the model.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dassdp.plasticity import distributed as D
+from dassdp.plasticity.gate import GATE_MODES, GateFit, GateStats, fit_gate, gate_values
+from dassdp.plasticity.recorder import Recorder, SiteRecord
+from dassdp.plasticity.rule import LATENCY_MODES, Activity, delta_w, synchrony
+from dassdp.plasticity.sites import SiteSpec, normalize_sites
+
+APPLY_MODES = ("post_step", "grad")
+CONTROLS = ("none", "shuffled_latency", "random_update", "uniform_drift")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class DASSDPConfig:
+    """DA-SSDP hyper-parameters (plain floats: never parameters of the model).
+
+    Attributes:
+        A_plus: potentiation amplitude for co-firing pairs (paper: 1.5e-3).
+        A_minus: depression amplitude for the other pairs (paper: 1.0e-4).
+        sigma: latency-kernel width in time steps (``inf``: no kernel).
+        clip: elementwise bound on ``dW`` (``None``: none).
+        warmup_epochs: epochs that only record ``(S, L)``; the gate is fitted after them.
+        gate: ``"fitted"`` (DA-SSDP) or ``"one"`` (``G = 1``, two-factor SSDP).
+        latency: ``"first"`` spike (paper) or ``"last"`` active step (released code).
+        apply: ``"post_step"`` (``W += dW`` when ``step`` is called after ``optimizer.step()``)
+            or ``"grad"`` (``W.grad -= dW`` when ``step`` is called between ``backward()``
+            and ``optimizer.step()``, so the optimizer scales the change by its learning rate).
+        sites: preset name passed to the model's ``dassdp_sites(preset)`` when no sites are
+            given (built-in models: ``"default"``, ``"compat"``, ``"classifier"``,
+            ``"projection"``).
+        control: ``"none"`` or a control that tests whether synchrony carries the effect:
+            ``"shuffled_latency"`` (latencies permuted across units each step),
+            ``"random_update"`` (random-sign dW of the same norm), ``"uniform_drift"``
+            (the constant ``A_plus * mean(G)`` the released code applies to its projection).
+        enabled: ``False`` turns the learner into a no-op (hooks record nothing).
+        eps: added to the std of S in the gate.
+        dtype: compute dtype of dW, ``"float32"`` or ``"float64"``.
+        seed: seed of the learner's own generator (controls only; never the global RNG).
+    """
+
+    A_plus: float = 1.5e-3
+    A_minus: float = 1.0e-4
+    sigma: float = 1.0
+    clip: float | None = 1.0
+    warmup_epochs: int = 100
+    gate: str = "fitted"
+    latency: str = "first"
+    apply: str = "post_step"
+    sites: str = "default"
+    control: str = "none"
+    enabled: bool = True
+    eps: float = 1e-8
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("A_plus", "A_minus"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.sigma, int | float) or not self.sigma > 0:
+            raise ValueError(f"sigma must be > 0 (inf allowed: no kernel), got {self.sigma!r}")
+        if self.clip is not None and not (isinstance(self.clip, int | float) and self.clip > 0):
+            raise ValueError(f"clip must be > 0 or None, got {self.clip!r}")
+        if not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be an int >= 0, got {self.warmup_epochs!r}")
+        if not isinstance(self.eps, int | float) or not self.eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps!r}")
+        for name, allowed in (
+            ("gate", GATE_MODES),
+            ("latency", LATENCY_MODES),
+            ("apply", APPLY_MODES),
+            ("control", CONTROLS),
+            ("dtype", tuple(DTYPES)),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.sites, str) or not self.sites:
+            raise ValueError(f"sites must be a preset name, got {self.sites!r}")
+
+    @classmethod
+    def compat(cls, **overrides: Any) -> DASSDPConfig:
+        """The released code's semantics: last-active-step latency, ``A_minus = 5e-4``, and the
+        model's ``"compat"`` sites (mean-over-time fired indicator on the classifier,
+        block input/output proxy with silent latency 0 on the projection)."""
+        base = {"latency": "last", "A_minus": 5e-4, "sites": "compat"}
+        return cls(**{**base, **overrides})
+
+    def replace(self, **changes: Any) -> DASSDPConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DASSDPConfig:
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ValueError(f"unknown DA-SSDP config key(s) {unknown}; allowed: {sorted(allowed)}")
+        return cls(**data)
+
+
+class DASSDP:
+    """DA-SSDP learner over the sites of ``model``.
+
+    Args:
+        model: the SNN (a ``DistributedDataParallel`` wrapper is unwrapped).
+        config: hyper-parameters; default :class:`DASSDPConfig`.
+        sites: ``{layer name: SiteSpec | dict | post-source string}``, a preset name, or
+            ``None`` for the model's own ``dassdp_sites(config.sites)``.
+        T: time steps (to unflatten ``[T*B, ...]`` tensors); default ``model.T`` if present.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: DASSDPConfig | None = None,
+        sites: Mapping[str, Any] | str | None = None,
+        *,
+        T: int | None = None,
+    ) -> None:
+        self.config = config or DASSDPConfig()
+        self.model = (
+            model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        )
+        self.sites = _resolve_sites(self.model, sites, self.config.sites)
+        T = T if T is not None else getattr(self.model, "T", None)
+        self.recorder = Recorder(self.model, self.sites, T=T, latency=self.config.latency)
+        self.recorder.enabled = self.config.enabled
+        self.epoch = 0
+        self.stats = {name: GateStats() for name in self.sites}
+        self.fits: dict[str, GateFit] | None = None
+        self.counters = {
+            "steps": 0,
+            "recorded": 0,
+            "applied": 0,
+            "skipped_nonfinite": 0,
+            "skipped_optimizer": 0,
+            "skipped_no_records": 0,
+        }
+        self._generator = torch.Generator().manual_seed(self.config.seed)
+        self._metrics: dict[str, dict[str, Tensor]] = {}
+
+    # ----------------------------------------------------------------- schedule
+    @property
+    def in_warmup(self) -> bool:
+        return self.epoch < self.config.warmup_epochs
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the learner the current (0-based) epoch; warm-up is ``epoch < warmup_epochs``."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = epoch
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
+
+    # --------------------------------------------------------------------- step
+    def step(self, loss: Tensor | float, *, optimizer_stepped: bool = True) -> bool:
+        """Close this step's recording window and learn from it.
+
+        In warm-up: add ``(S[b], L)`` to the gate statistics. Afterwards: fit the gate once,
+        then compute ``dW`` per site, all-reduce its mean, clip and apply it.
+
+        Args:
+            loss: this step's scalar loss (a non-finite loss skips the step and is counted).
+            optimizer_stepped: ``False`` when the optimizer did not step (an AMP grad scaler
+                skipped it); the update is then skipped and counted.
+
+        Returns:
+            True if a weight change was applied.
+        """
+        records = self.recorder.collect()
+        if not self.config.enabled:
+            return False
+        self.counters["steps"] += 1
+        loss_t = torch.as_tensor(loss).detach()
+        ok = self._collective_ok(loss_t, records, optimizer_stepped)
+        if ok is not None:
+            self.counters[ok] += 1
+            return False
+        self.counters["recorded"] += 1
+        S = {
+            n: synchrony(r.pre.fired, r.post.fired, DTYPES[self.config.dtype])
+            for n, r in records.items()
+        }
+        if self.in_warmup:
+            for name, s in S.items():
+                self.stats[name].update(s, loss_t)
+                self._metrics[name] = _site_metrics(records[name], s, None, None)
+            return False
+        if self.fits is None:
+            self.fit()
+        for name, record in records.items():
+            self._update_site(name, record, S[name])
+        self.counters["applied"] += 1
+        return True
+
+    def _collective_ok(
+        self, loss: Tensor, records: dict[str, SiteRecord], stepped: bool
+    ) -> str | None:
+        """The counter to bump if this step must be skipped (agreed over all ranks), else None."""
+        flags = torch.tensor(
+            [
+                float(torch.isfinite(loss).all()),
+                float(stepped),
+                float(len(records) == len(self.sites)),
+            ],
+            dtype=torch.float64,
+        )
+        D.all_reduce_(flags, "min")
+        if flags[0] < 1:
+            return "skipped_nonfinite"
+        if flags[1] < 1:
+            return "skipped_optimizer"
+        if flags[2] < 1:
+            return "skipped_no_records"
+        return None
+
+    def fit(self) -> dict[str, GateFit]:
+        """Fit every site's gate from the (all-reduced) warm-up statistics; done once."""
+        fits = {}
+        for name, stats in self.stats.items():
+            total = self._gather_sums(stats)
+            with warnings.catch_warnings():
+                if self.config.gate == "one":  # the fit is only reported; G = 1 regardless
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                fits[name] = fit_gate(total, self.config.eps)
+        self.fits = fits
+        return fits
+
+    @staticmethod
+    def _gather_sums(stats: GateStats) -> Tensor:
+        """All-ranks total of one site's sums; afterwards rank 0 alone holds it (sum-preserving),
+        so a checkpoint written by rank 0 carries every rank's warm-up records."""
+        if not D.is_distributed():
+            return stats.sums
+        total = D.all_reduce_(stats.sums.clone(), "sum")
+        stats.sums = total.clone() if D.rank() == 0 else torch.zeros_like(total)
+        return total
+
+    def _update_site(self, name: str, record: SiteRecord, S: Tensor) -> None:
+        cfg, dtype = self.config, DTYPES[self.config.dtype]
+        G = gate_values(S, self.fits[name] if self.fits else None, cfg.gate)
+        layer = self.recorder.layers[name]
+        pre, post = record.pre, record.post
+        if cfg.control == "shuffled_latency":
+            pre, post = self._shuffle(pre), self._shuffle(post)
+        if cfg.control == "uniform_drift":
+            dw = (
+                torch.full(layer.weight.shape[:2], cfg.A_plus, dtype=dtype, device=S.device)
+                * G.mean()
+            )
+        else:
+            dw = delta_w(
+                pre,
+                post,
+                G,
+                T=record.T,
+                A_plus=cfg.A_plus,
+                A_minus=cfg.A_minus,
+                sigma=cfg.sigma,
+                clip=None,
+                dtype=dtype,
+            )
+        if cfg.control == "random_update":
+            signs = torch.randint(0, 2, dw.shape, generator=self._generator) * 2.0 - 1.0
+            dw = signs.to(dw) * (dw.norm() / math.sqrt(dw.numel()))
+        D.all_reduce_(dw, "mean")
+        if cfg.clip is not None:
+            dw.clamp_(-cfg.clip, cfg.clip)
+        self._apply(layer, dw)
+        self._metrics[name] = _site_metrics(record, S, G, dw)
+
+    def _shuffle(self, act: Activity) -> Activity:
+        perm = torch.randperm(act.latency.shape[1], generator=self._generator)
+        return Activity(act.fired, act.latency[:, perm.to(act.latency.device)])
+
+    def _apply(self, layer: nn.Module, dw: Tensor) -> None:
+        weight = layer.weight
+        dw = dw.to(weight.dtype).view_as(weight)
+        with torch.no_grad():
+            if self.config.apply == "post_step":
+                weight.add_(dw)
+            elif weight.grad is None:
+                raise RuntimeError(
+                    "apply='grad' needs step() after backward() and before "
+                    "optimizer.step(), but the site weight has no .grad"
+                )
+            else:
+                weight.grad.sub_(dw)
+
+    # ----------------------------------------------------------------- metrics
+    def last_metrics(self) -> dict[str, dict[str, float]]:
+        """Per site, from the last recorded step: ``synchrony`` (mean S), ``gate_mean``,
+        ``dw_abs_mean``, ``dw_abs_max`` (0 in warm-up), ``pre_fired``, ``post_fired``."""
+        return {site: {k: float(v) for k, v in m.items()} for site, m in self._metrics.items()}
+
+    def gate_summary(self) -> dict[str, dict[str, Any]]:
+        """Per site: the fit (``k``, ``mu``, ``sd``, ``valid``, ``reason``) and record counts."""
+        out = {}
+        for name, stats in self.stats.items():
+            fit = self.fits[name].to_dict() if self.fits else GateFit().to_dict()
+            out[name] = {**fit, "records": stats.n, "skipped_records": stats.skipped}
+        return out
+
+    # ------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Epoch, gate sums, fitted gates, counters, generator. Under DDP this is a collective
+        (call it on every rank): warm-up sums are gathered on rank 0, which holds the total."""
+        totals = {name: self._gather_sums(stats) for name, stats in self.stats.items()}
+        return {
+            "epoch": self.epoch,
+            "sites": list(self.sites),
+            "stats": {n: {"sums": t.cpu().tolist()} for n, t in totals.items()},
+            "fits": None if self.fits is None else {n: f.to_dict() for n, f in self.fits.items()},
+            "counters": dict(self.counters),
+            "generator": self._generator.get_state(),
+            "config": self.config.to_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; the sites must match by name."""
+        if list(state["sites"]) != list(self.sites):
+            raise ValueError(
+                f"checkpoint DA-SSDP sites {list(state['sites'])} do not match "
+                f"this learner's sites {list(self.sites)}"
+            )
+        self.epoch = int(state["epoch"])
+        for name, stats in self.stats.items():
+            stats.load_state_dict(state["stats"][name])
+            if D.rank() != 0:  # rank 0 carries the total; others restart from zero
+                stats.sums.zero_()
+        fits = state["fits"]
+        self.fits = None if fits is None else {n: GateFit(**f) for n, f in fits.items()}
+        self.counters.update(state["counters"])
+        self._generator.set_state(state["generator"])
+
+    def close(self) -> None:
+        """Remove every hook; the learner records nothing afterwards."""
+        self.recorder.close()
+        self._metrics.clear()
+
+    def __repr__(self) -> str:
+        return f"DASSDP(sites={list(self.sites)}, epoch={self.epoch}, config={self.config})"
+
+
+def _site_metrics(
+    record: SiteRecord, S: Tensor, G: Tensor | None, dw: Tensor | None
+) -> dict[str, Tensor]:
+    zero = torch.zeros((), device=S.device)
+    return {
+        "synchrony": S.mean(),
+        "gate_mean": G.mean() if G is not None else torch.ones((), device=S.device),
+        "dw_abs_mean": dw.abs().mean() if dw is not None else zero,
+        "dw_abs_max": dw.abs().max() if dw is not None else zero,
+        "pre_fired": record.pre.fired.float().mean(),
+        "post_fired": record.post.fired.float().mean(),
+    }
+
+
+def _resolve_sites(
+    model: nn.Module, sites: Mapping[str, Any] | str | None, preset: str
+) -> dict[str, SiteSpec]:
+    if sites is None or isinstance(sites, str):
+        name = preset if sites is None else sites
+        declare = getattr(model, "dassdp_sites", None)
+        if declare is None:
+            raise ValueError(
+                f"{type(model).__name__} declares no DA-SSDP sites (no dassdp_sites method); "
+                "pass sites={'layer.name': 'output>0', ...}"
+            )
+        sites = declare(name)
+    return normalize_sites(sites)

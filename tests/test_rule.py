@@ -1,0 +1,173 @@
+"""The rule's pure functions: hand-computed constants and parity with the naive oracle."""
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dassdp.plasticity.rule import Activity, delta_w, fired_latency, kernel_table, synchrony
+from oracle import naive_dw, naive_latency, naive_synchrony
+
+
+def spikes_at(T: int, times: list[int]) -> torch.Tensor:
+    s = torch.zeros(T, 1, 1, dtype=torch.bool)
+    s[times, 0, 0] = True
+    return s
+
+
+def test_latency_first_last_and_silent():
+    s = spikes_at(5, [1, 3])
+    assert fired_latency(s, "first").latency.item() == 1
+    assert fired_latency(s, "last").latency.item() == 3
+    silent = spikes_at(5, [])
+    act = fired_latency(silent, "first")
+    assert act.latency.item() == 5 and not act.fired.item()
+    assert fired_latency(silent, "last", silent=0).latency.item() == 0
+    assert fired_latency(s, "first").fired.item()
+
+
+def test_kernel_table_values():
+    K = kernel_table(2, 1.0, dtype=torch.float64)
+    expected = torch.tensor(
+        [
+            [1, math.exp(-0.5), math.exp(-2)],
+            [math.exp(-0.5), 1, math.exp(-0.5)],
+            [math.exp(-2), math.exp(-0.5), 1],
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(K, expected, rtol=0, atol=1e-15)
+    assert kernel_table(3, 2.0, dtype=torch.float64)[0, 3].item() == pytest.approx(math.exp(-9 / 8))
+    assert torch.equal(kernel_table(3, float("inf")), torch.ones(4, 4))
+
+
+def hand_site():
+    # T=2; pre units spike at t=0, t=1, never; post units spike at t=0, never.
+    pre = fired_latency(torch.tensor([[[1, 0, 0]], [[0, 1, 0]]], dtype=torch.bool))
+    post = fired_latency(torch.tensor([[[1, 0]], [[0, 0]]], dtype=torch.bool))
+    return pre, post
+
+
+def test_dw_of_a_2x3_site_by_hand():
+    pre, post = hand_site()
+    assert pre.latency.tolist() == [[0, 1, 2]] and post.latency.tolist() == [[0, 2]]
+    e5, e2 = math.exp(-0.5), math.exp(-2)
+    # lam = [[1,1,0],[0,0,0]]; dW = g * (A+ lam - A- (1 - lam)), A+ = 2, A- = 1
+    expected = torch.tensor([[2.0, 2 * e5, -e2], [-e2, -e5, -1.0]], dtype=torch.float64)
+    kw = dict(T=2, A_plus=2.0, A_minus=1.0, sigma=1.0, dtype=torch.float64)
+    torch.testing.assert_close(delta_w(pre, post, None, **kw), expected, rtol=0, atol=1e-15)
+    clipped = delta_w(pre, post, None, clip=1.5, **kw)
+    torch.testing.assert_close(clipped, expected.clamp(-1.5, 1.5), rtol=0, atol=1e-15)
+    gated = delta_w(pre, post, torch.tensor([0.5]), **kw)
+    torch.testing.assert_close(gated, expected / 2, rtol=0, atol=1e-15)
+
+
+def random_activity(T, B, C, rate, gen):
+    return torch.rand(T, B, C, generator=gen) < rate
+
+
+CASES = [
+    (T, B, c_in, c_out, latency, gated, rate)
+    for T, (B, c_in, c_out) in zip(
+        [1, 2, 4, 10, 4, 2],
+        [(3, 5, 7), (8, 16, 4), (16, 33, 10), (4, 12, 12), (1, 1, 1), (32, 64, 48)],
+    )
+    for latency in ("first", "last")
+    for gated in (False, True)
+    for rate in (0.0, 0.15, 0.6, 1.0)
+]
+
+
+@pytest.mark.parametrize(("T", "B", "c_in", "c_out", "latency", "gated", "rate"), CASES)
+def test_factorised_dw_matches_naive_oracle_float64(T, B, c_in, c_out, latency, gated, rate):
+    gen = torch.Generator().manual_seed(T * 1000 + B + c_in)
+    s_pre = random_activity(T, B, c_in, rate, gen)
+    s_post = random_activity(T, B, c_out, rate * 0.8 if rate < 1 else 1.0, gen)
+    G = torch.rand(B, generator=gen, dtype=torch.float64) * 2 if gated else None
+    pre, post = fired_latency(s_pre, latency), fired_latency(s_post, latency)
+    assert torch.equal(pre.latency, naive_latency(s_pre, latency))
+    assert torch.equal(post.latency, naive_latency(s_post, latency))
+    kw = dict(A_plus=1.5e-3, A_minus=1e-4, sigma=1.0)
+    fast = delta_w(pre, post, G, T=T, dtype=torch.float64, **kw)
+    slow = naive_dw(pre.fired, post.fired, pre.latency, post.latency, G, **kw)
+    assert (fast - slow).abs().max().item() <= 1e-12
+    fast32 = delta_w(pre, post, G, T=T, dtype=torch.float32, **kw)
+    assert fast32.dtype == torch.float32
+    scale = slow.abs().max().item() or 1.0
+    assert (fast32.double() - slow).abs().max().item() <= 1e-6 * scale
+
+
+@pytest.mark.parametrize("sigma", [0.3, 2.5, float("inf")])
+def test_parity_with_independent_fired_indicator_and_sigma(sigma):
+    # The compat preset's fired indicator need not agree with the latency (mean-over-time rule).
+    gen = torch.Generator().manual_seed(7)
+    B, c_in, c_out, T = 9, 11, 6, 4
+    pre = Activity(
+        torch.rand(B, c_in, generator=gen) < 0.5, torch.randint(0, T + 1, (B, c_in), generator=gen)
+    )
+    post = Activity(
+        torch.rand(B, c_out, generator=gen) < 0.5,
+        torch.randint(0, T + 1, (B, c_out), generator=gen),
+    )
+    G = torch.rand(B, generator=gen, dtype=torch.float64)
+    kw = dict(A_plus=2e-3, A_minus=5e-4, sigma=sigma, clip=1e-3)
+    fast = delta_w(pre, post, G, T=T, dtype=torch.float64, **kw)
+    slow = naive_dw(pre.fired, post.fired, pre.latency, post.latency, G, **kw)
+    assert (fast - slow).abs().max().item() <= 1e-12
+
+
+def test_synchrony_is_mean_of_pairwise_cofiring():
+    gen = torch.Generator().manual_seed(3)
+    p, q = torch.rand(6, 20, generator=gen) < 0.3, torch.rand(6, 7, generator=gen) < 0.6
+    torch.testing.assert_close(
+        synchrony(p, q, torch.float64), naive_synchrony(p, q), rtol=0, atol=1e-15
+    )
+
+
+class MaxNumel(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+def test_no_pairwise_tensor_is_materialised():
+    B, c_in, c_out, T = 64, 128, 96, 4
+    gen = torch.Generator().manual_seed(0)
+    pre = fired_latency(random_activity(T, B, c_in, 0.3, gen))
+    post = fired_latency(random_activity(T, B, c_out, 0.3, gen))
+    with MaxNumel() as mode:
+        delta_w(pre, post, torch.rand(B), T=T, A_plus=1.0, A_minus=1.0, sigma=1.0)
+    assert mode.max_numel <= 2 * B * (T + 1) * max(c_in, c_out)
+    assert mode.max_numel < B * c_out * c_in / 4
+
+
+def test_bad_inputs_are_named():
+    pre, post = hand_site()
+    with pytest.raises(ValueError, match="latency must be one of"):
+        fired_latency(torch.zeros(2, 1, 3, dtype=torch.bool), "middle")
+    with pytest.raises(ValueError, match=r"must be \[T, B, C\]"):
+        fired_latency(torch.zeros(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="out of range"):  # T mismatch: latencies up to 2
+        delta_w(pre, post, None, T=1, A_plus=1, A_minus=1, sigma=1)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        delta_w(
+            pre,
+            Activity(post.fired.repeat(2, 1), post.latency.repeat(2, 1)),
+            None,
+            T=2,
+            A_plus=1,
+            A_minus=1,
+            sigma=1,
+        )
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        kernel_table(3, 0.0)
+    with pytest.raises(ValueError, match="gate must have shape"):
+        delta_w(pre, post, torch.ones(3), T=2, A_plus=1, A_minus=1, sigma=1)
