@@ -16,6 +16,10 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _collective_device(t: Tensor) -> torch.device:
     # NCCL reduces CUDA tensors only; gloo reduces CPU tensors (and CUDA ones via copies).
     if dist.get_backend() == "nccl":

@@ -206,9 +206,9 @@ class DASSDP:
             return False
         self.counters["steps"] += 1
         loss_t = torch.as_tensor(loss).detach()
-        ok = self._collective_ok(loss_t, records, optimizer_stepped)
-        if ok is not None:
-            self.counters[ok] += 1
+        skip, loss_t = self._agree(loss_t, records, optimizer_stepped)
+        if skip is not None:
+            self.counters[skip] += 1
             return False
         self.counters["recorded"] += 1
         S = {
@@ -227,26 +227,33 @@ class DASSDP:
         self.counters["applied"] += 1
         return True
 
-    def _collective_ok(
+    def _agree(
         self, loss: Tensor, records: dict[str, SiteRecord], stepped: bool
-    ) -> str | None:
-        """The counter to bump if this step must be skipped (agreed over all ranks), else None."""
-        flags = torch.tensor(
+    ) -> tuple[str | None, Tensor]:
+        """Agree over all ranks whether to skip (the counter to bump, or None) and on the loss.
+
+        One all-reduce of ``[non-finite, optimizer skipped, sites missing, loss]``: a step is
+        skipped everywhere if any rank must skip it, and the recorded loss is the mean over
+        ranks, i.e. the loss of the global batch, as a single process would see it.
+        """
+        loss = loss.double().mean()
+        flags = torch.stack(
             [
-                float(torch.isfinite(loss).all()),
-                float(stepped),
-                float(len(records) == len(self.sites)),
-            ],
-            dtype=torch.float64,
+                (~torch.isfinite(loss)).to(torch.float64),
+                torch.tensor(0.0 if stepped else 1.0, dtype=torch.float64, device=loss.device),
+                torch.tensor(
+                    float(len(records) != len(self.sites)), dtype=torch.float64, device=loss.device
+                ),
+                torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0),
+            ]
         )
-        D.all_reduce_(flags, "min")
-        if flags[0] < 1:
-            return "skipped_nonfinite"
-        if flags[1] < 1:
-            return "skipped_optimizer"
-        if flags[2] < 1:
-            return "skipped_no_records"
-        return None
+        D.all_reduce_(flags, "sum")
+        for index, counter in enumerate(
+            ("skipped_nonfinite", "skipped_optimizer", "skipped_no_records")
+        ):
+            if flags[index] > 0:
+                return counter, loss
+        return None, flags[3] / D.world_size()
 
     def fit(self) -> dict[str, GateFit]:
         """Fit every site's gate from the (all-reduced) warm-up statistics; done once."""

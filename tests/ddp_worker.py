@@ -1,0 +1,73 @@
+"""Worker processes for the gloo tests (imported by spawned children; not a test module)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import dassdp
+from dassdp import DASSDP, DASSDPConfig
+from snn_fixtures import TinySNN
+
+CFG = DASSDPConfig(warmup_epochs=1, A_plus=0.02, A_minus=0.004)
+STEPS = 4
+
+
+def global_batch(epoch: int, i: int, size: int):
+    gen = torch.Generator().manual_seed(100 * epoch + i)
+    return torch.randn(size, 12, generator=gen), torch.randint(0, 4, (size,), generator=gen)
+
+
+def run(
+    rank: int,
+    world: int,
+    init_file: str,
+    out_dir: str,
+    size: int,
+    epochs: range,
+    resume: str | None = None,
+    tag: str = "run",
+) -> None:
+    """Train TinySNN with DA-SSDP; each rank takes its contiguous shard of the global batch."""
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+        )
+    torch.manual_seed(0)
+    model = TinySNN()
+    net = DDP(model) if world > 1 else model
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    plast = DASSDP(net, CFG)
+    if resume:
+        ckpt = torch.load(resume, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        plast.load_state_dict(ckpt["plast"])
+    for epoch in epochs:
+        plast.set_epoch(epoch)
+        for i in range(STEPS):
+            x, y = global_batch(epoch, i, size)
+            x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            plast.step(loss)
+            dassdp.reset(model)
+    plast_state = plast.state_dict()  # a collective under DDP: every rank calls it
+    if rank == 0:
+        torch.save(
+            {"model": model.state_dict(), "opt": opt.state_dict(), "plast": plast_state},
+            os.path.join(out_dir, f"{tag}.pt"),
+        )
+    torch.save(
+        {"model": model.state_dict(), "fits": plast.fits},
+        os.path.join(out_dir, f"{tag}-rank{rank}.pt"),
+    )
+    if world > 1:
+        dist.destroy_process_group()

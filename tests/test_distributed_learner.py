@@ -1,0 +1,75 @@
+"""DA-SSDP under DDP on CPU with gloo (2 processes): ranks stay identical, 1 rank ~ 2 ranks,
+and resume on 2 or 1 ranks continues the same gate."""
+
+import functools
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from ddp_worker import run
+
+pytestmark = pytest.mark.distributed
+
+
+def spawn(world, tmp_path, name, **kw):
+    init = tmp_path / f"init-{name}"
+    mp.spawn(
+        functools.partial(_entry, world=world, init=str(init), out=str(tmp_path), **kw),
+        nprocs=world,
+        join=True,
+    )
+
+
+def _entry(rank, world, init, out, **kw):
+    run(rank, world, init, out, **kw)
+
+
+def load(tmp_path, name):
+    return torch.load(tmp_path / f"{name}.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    spawn(2, tmp, "two", size=16, epochs=range(3), tag="two")
+    spawn(1, tmp, "one", size=16, epochs=range(3), tag="one")
+    spawn(2, tmp, "first", size=16, epochs=range(1), tag="first")  # stops mid-warm-up
+    ckpt = str(tmp / "first.pt")
+    spawn(2, tmp, "res2", size=16, epochs=range(1, 3), resume=ckpt, tag="res2")
+    spawn(1, tmp, "res1", size=16, epochs=range(1, 3), resume=ckpt, tag="res1")
+    return tmp
+
+
+def test_ranks_stay_bit_identical_and_fit_the_same_gate(runs):
+    r0, r1 = load(runs, "two-rank0"), load(runs, "two-rank1")
+    for key in r0["model"]:
+        assert torch.equal(r0["model"][key], r1["model"][key]), key
+    assert r0["fits"] == r1["fits"] and r0["fits"]["fc2"].valid
+    assert load(runs, "two")["plast"]["counters"]["applied"] == 2 * 4
+
+
+def test_two_ranks_match_one_rank_with_the_global_batch(runs):
+    # Not bit-identical: the gradient all-reduce and the per-shard GEMMs sum in another order.
+    two, one = load(runs, "two-rank0"), load(runs, "one-rank0")
+    for key in two["model"]:
+        torch.testing.assert_close(two["model"][key], one["model"][key], rtol=1e-5, atol=1e-6)
+    for site, fit in two["fits"].items():
+        ref = one["fits"][site]
+        assert fit.n == ref.n
+        assert fit.k == pytest.approx(ref.k, abs=1e-6)  # losses are float32 means
+        assert fit.mu == pytest.approx(ref.mu, abs=1e-12)
+
+
+def test_resume_on_two_ranks_equals_uninterrupted(runs):
+    full, resumed = load(runs, "two-rank0"), load(runs, "res2-rank0")
+    for key in full["model"]:
+        assert torch.equal(full["model"][key], resumed["model"][key]), key
+    assert resumed["fits"] == full["fits"]
+
+
+def test_resume_on_one_rank_keeps_every_ranks_warmup_records(runs):
+    two_fit, one_fit = load(runs, "two-rank0")["fits"], load(runs, "res1-rank0")["fits"]
+    for site in two_fit:
+        assert one_fit[site].n == two_fit[site].n  # the 2-rank checkpoint carries all records
+        assert one_fit[site].k == pytest.approx(two_fit[site].k, abs=1e-12)
