@@ -1,0 +1,1 @@
+"""Paired multi-seed experiments: the runner, statistics and the report."""
