@@ -1,0 +1,332 @@
+"""``build_dataset``: torch Datasets with the transforms the recipes use.
+
+Where each dataset is read from (``root`` is the data root, default
+:func:`dassdp.data.default_root`):
+
+=============== ============================================== ==========================
+name            files                                          how to obtain
+=============== ============================================== ==========================
+cifar10         ``root/cifar-10-batches-py/``                  ``dassdp data prepare cifar10``
+cifar100        ``root/cifar-100-python/{train,test,meta}``    official python tarball
+fashion-mnist   ``root/FashionMNIST/raw/*-ubyte``              ``dassdp data prepare fashion-mnist``
+mnist           ``root/MNIST/raw/*-ubyte``                     ``dassdp data prepare mnist``
+imagenet        ``root/imagenet/{train,val}/<class>/*``        ILSVRC-2012, class folders
+cifar10dvs      ``root/cifar10dvs/events_np/...`` or frames    SpikingJelly layout (dvs.py)
+=============== ============================================== ==========================
+
+Images come out as ``[C, H, W]`` float tensors normalised with the dataset's mean/std;
+CIFAR10-DVS items are ``[T, 2, H, W]`` event-count frames (not normalised). Static
+images carry no time axis: the model's encoder repeats them over T.
+
+``augment`` (train split only; the test split is always deterministic):
+
+- ``None`` / ``"none"``: no augmentation;
+- ``"standard"``: random crop (padding = size // 8) for CIFAR / MNIST-like sets, plus a
+  horizontal flip for RGB sets; ``RandomResizedCrop`` + flip for ImageNet; a horizontal
+  flip for CIFAR10-DVS;
+- ``"rand-m7-n1-mstd0.5-inc1"`` etc.: ``"standard"`` followed by timm's RandAugment
+  (``timm.data.auto_augment.rand_augment_transform``), RGB/grey images only.
+
+``cutout=L`` adds one L x L zeroed square per training image (after normalisation).
+Mixup / CutMix act on batches and belong to the training loop (``timm.data.Mixup``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dassdp.data.dvs import CIFAR10DVS, DVS_HOWTO
+from dassdp.data.formats import (
+    DataFormatError,
+    DatasetNotFoundError,
+    read_cifar_batch,
+    read_cifar_meta,
+)
+from dassdp.data.prepare import IDX_FILES, OUTPUT_DIRS, resolve_root
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset: classes, channels, default input size, mean/std."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    input_size: int
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    is_event: bool = False
+    default_T: int | None = None
+
+
+_INFO = {
+    "cifar10": DatasetInfo(
+        "cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    ),
+    "cifar100": DatasetInfo(
+        "cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+    ),
+    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,)),
+    "mnist": DatasetInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,)),
+    "imagenet": DatasetInfo("imagenet", 1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "cifar10dvs": DatasetInfo("cifar10dvs", 10, 2, 128, None, None, is_event=True, default_T=10),
+}
+DATASETS = tuple(_INFO)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Facts for ``name`` (one of :data:`DATASETS`); ``ValueError`` naming the choices."""
+    try:
+        return _INFO[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}") from None
+
+
+# ---------------------------------------------------------------- readers
+
+
+class CIFARBatches(Dataset):
+    """CIFAR-10 / CIFAR-100 python batches read with a restricted unpickler.
+
+    Same attributes as ``torchvision.datasets.CIFAR10``: ``data`` ``[N, 32, 32, 3]`` uint8,
+    ``targets`` (list of int), ``classes``; items are ``(transform(PIL image), label)``.
+    Unlike torchvision it does not require the official md5s (``dassdp data prepare``
+    re-encodes CIFAR-10 from a registry copy); it never runs code from a pickle.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        train: bool,
+        cifar100: bool = False,
+        transform: Callable | None = None,
+    ) -> None:
+        folder = Path(folder)
+        if cifar100:
+            files, label_key, meta, meta_key = (
+                ["train" if train else "test"],
+                "fine_labels",
+                "meta",
+                "fine_label_names",
+            )
+        else:
+            files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+            label_key, meta, meta_key = "labels", "batches.meta", "label_names"
+        parts = [read_cifar_batch(folder / f, label_key) for f in files]
+        self.data = np.concatenate([p[0] for p in parts])
+        self.targets = np.concatenate([p[1] for p in parts]).tolist()
+        self.classes = read_cifar_meta(folder / meta, meta_key)
+        if self.targets and max(self.targets) >= len(self.classes):
+            raise DataFormatError(f"{folder}: a label >= the {len(self.classes)} classes in {meta}")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[object, int]:
+        from PIL import Image
+
+        img = Image.fromarray(self.data[index])
+        return (self.transform(img) if self.transform else img), self.targets[index]
+
+
+def _require(paths: list[Path], name: str, howto: str) -> None:
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise DatasetNotFoundError(
+            f"{name}: not found: {', '.join(map(str, missing))}; to obtain it: {howto}"
+        )
+
+
+def _prepare_howto(name: str, root: Path) -> str:
+    return f"run `dassdp data prepare {name} --root {root}`"
+
+
+def _cifar10(root: Path, train: bool, tf: Callable) -> Dataset:
+    folder = root / OUTPUT_DIRS["cifar10"]
+    files = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
+    _require([folder / f for f in files], "cifar10", _prepare_howto("cifar10", root))
+    return CIFARBatches(folder, train=train, transform=tf)
+
+
+def _cifar100(root: Path, train: bool, tf: Callable) -> Dataset:
+    folder = root / "cifar-100-python"
+    howto = (
+        "download cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html "
+        f"and extract it into {root}"
+    )
+    _require([folder / f for f in ("train", "test", "meta")], "cifar100", howto)
+    return CIFARBatches(folder, train=train, cifar100=True, transform=tf)
+
+
+def _mnist_like(name: str, root: Path, train: bool, tf: Callable) -> Dataset:
+    import torchvision.datasets as tvd
+
+    folder = root / OUTPUT_DIRS[name]
+    _require([folder / f for f in IDX_FILES], name, _prepare_howto(name, root))
+    cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
+    try:
+        return cls(str(root), train=train, transform=tf, download=False)
+    except (RuntimeError, ValueError, AssertionError) as err:
+        raise DataFormatError(f"{name}: cannot read the IDX files in {folder} ({err})") from err
+
+
+def _imagenet(root: Path, train: bool, tf: Callable) -> Dataset:
+    from torchvision.datasets import ImageFolder
+
+    base = (
+        root
+        if (root / "train").is_dir() and not (root / "imagenet").is_dir()
+        else root / "imagenet"
+    )
+    folder = base / ("train" if train else "val")
+    howto = (
+        f"put ILSVRC-2012 images in class folders {base}/train/<wnid>/*.JPEG "
+        f"and {base}/val/<wnid>/*.JPEG"
+    )
+    _require([folder], "imagenet", howto)
+    try:
+        return ImageFolder(str(folder), transform=tf)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise DataFormatError(
+            f"imagenet: {folder} has no usable class folders ({err}); {howto}"
+        ) from err
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def _check_augment(augment: str | None) -> str | None:
+    if augment in (None, "none", "standard") or str(augment).startswith("rand-"):
+        return None if augment == "none" else augment
+    raise ValueError(
+        f"augment must be None, 'none', 'standard' or a 'rand-...' string, got {augment!r}"
+    )
+
+
+def _rand_augment(augment: str, info: DatasetInfo, size: int) -> Callable:
+    from timm.data.auto_augment import rand_augment_transform
+
+    hparams = {
+        "translate_const": int(size * 0.45),
+        "img_mean": tuple(min(255, round(255 * m)) for m in info.mean),
+    }
+    if "mmax" not in augment:
+        # Magnitude 10 makes timm's increasing posterize keep 0 bits, which Pillow rejects.
+        hparams["magnitude_max"] = 9.9
+    return rand_augment_transform(augment, hparams)
+
+
+def image_transform(
+    info: DatasetInfo, *, train: bool, input_size: int, augment: str | None, cutout: int = 0
+) -> Callable:
+    """PIL image -> normalised ``[C, input_size, input_size]`` tensor, with train augmentation."""
+    from torchvision import transforms as T
+
+    ops: list[Callable] = []
+    augment = _check_augment(augment) if train else None
+    if info.name == "imagenet":
+        if augment:
+            ops += [T.RandomResizedCrop(input_size), T.RandomHorizontalFlip()]
+        else:
+            ops += [T.Resize(round(input_size / 0.875)), T.CenterCrop(input_size)]
+    else:
+        if input_size != info.input_size:
+            ops.append(T.Resize(input_size))
+        if augment:
+            ops.append(T.RandomCrop(input_size, padding=input_size // 8))
+            if info.in_channels == 3:
+                ops.append(T.RandomHorizontalFlip())
+    if augment and augment.startswith("rand-"):
+        ops.append(_rand_augment(augment, info, input_size))
+    ops += [T.ToTensor(), T.Normalize(info.mean, info.std)]
+    if train and cutout > 0:
+        ops.append(Cutout(cutout))
+    return T.Compose(ops)
+
+
+class Cutout:
+    """Zero one ``length x length`` square at a random centre of a ``[C, H, W]`` tensor."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        cy, cx = int(torch.randint(0, h, ())), int(torch.randint(0, w, ()))
+        y0, y1 = max(0, cy - self.length // 2), min(h, cy + self.length // 2)
+        x0, x1 = max(0, cx - self.length // 2), min(w, cx + self.length // 2)
+        img = img.clone()
+        img[..., y0:y1, x0:x1] = 0
+        return img
+
+    def __repr__(self) -> str:
+        return f"Cutout(length={self.length})"
+
+
+class RandomFlipFrames:
+    """Flip ``[T, C, H, W]`` frames horizontally (all time steps together) with prob 0.5."""
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        return frames.flip(-1) if torch.rand(()) < 0.5 else frames
+
+    def __repr__(self) -> str:
+        return "RandomFlipFrames()"
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def build_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    *,
+    train: bool,
+    input_size: int | None = None,
+    augment: str | None = None,
+    T: int | None = None,
+    cutout: int = 0,
+) -> Dataset:
+    """A torch Dataset for ``name`` read from ``root`` (default: the user data cache).
+
+    Items are ``(x, label)``: ``x`` is ``[C, S, S]`` float (static images, S =
+    ``input_size`` or the dataset default) or ``[T, 2, S, S]`` float event frames
+    (``cifar10dvs``; ``T`` defaults to 10). ``augment``/``cutout`` apply to ``train=True``
+    only (see the module docstring). Missing data raises :class:`DatasetNotFoundError`
+    naming the path looked at and how to obtain it; bad files :class:`DataFormatError`.
+    """
+    info = dataset_info(name)
+    root = resolve_root(root)
+    size = int(input_size or info.input_size)
+    if info.is_event:
+        aug = _check_augment(augment) if train else None
+        if aug and aug.startswith("rand-"):
+            raise ValueError("RandAugment strings apply to images, not to cifar10dvs event frames")
+        tf = RandomFlipFrames() if aug else None
+        return CIFAR10DVS(
+            root, train=train, T=int(T or info.default_T), input_size=size, transform=tf
+        )
+    tf = image_transform(info, train=train, input_size=size, augment=augment, cutout=cutout)
+    if name in ("mnist", "fashion-mnist"):
+        return _mnist_like(name, root, train, tf)
+    readers = {"cifar10": _cifar10, "cifar100": _cifar100, "imagenet": _imagenet}
+    return readers[name](root, train, tf)
+
+
+__all__ = [
+    "DATASETS",
+    "DVS_HOWTO",
+    "CIFARBatches",
+    "DatasetInfo",
+    "build_dataset",
+    "dataset_info",
+    "image_transform",
+]
