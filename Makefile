@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Third-party SNN libraries used only by the interoperability tests and benchmarks;
+# --no-deps because their pins clash with ours (SpikingJelly pulls torchaudio etc.).
+INTEROP_SPEC ?= snntorch==1.0.0 spikingjelly==2.0.0
 STAMP := $(VENV)/.dassdp-installed
 
 .PHONY: demo test lint format install clean-venv
@@ -16,6 +19,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps $(INTEROP_SPEC)
 	touch $(STAMP)
 
 install: $(STAMP)
