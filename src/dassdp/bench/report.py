@@ -1,0 +1,93 @@
+"""Shared helpers for benchmark reports: environment facts and atomic section replacement.
+
+``docs/benchmarks.md`` holds one ``## <name>`` section per benchmark; each benchmark
+rewrites only its own section, so the others survive.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_write_text", "cpu_model", "environment", "replace_section", "write_csv"]
+
+DEFAULT_HEADER = (
+    "# Benchmarks\n\nEach section is written by `dassdp bench <name>`; rerun it to refresh.\n"
+)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (or ``platform.processor()``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Facts a benchmark number needs next to it: command, torch, threads, CPU, date."""
+    import torch
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    return {
+        "command": "dassdp " + " ".join(shlex.quote(a) for a in args),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def replace_section(path: Path, name: str, body: str) -> None:
+    """Set the ``## <name>`` section of the Markdown file ``path`` to ``body``; keep the rest.
+
+    The section runs from its heading to the next ``## `` heading (or the end). A missing
+    file is created with a short header; a missing section is appended.
+    """
+    path = Path(path)
+    text = path.read_text() if path.exists() else DEFAULT_HEADER
+    section = f"## {name}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(name)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        new = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
+    else:
+        new = text.rstrip() + "\n\n" + section
+    atomic_write_text(path, new)
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write ``rows`` (dicts with the same keys) as CSV, atomically."""
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(Path(path), buf.getvalue())
