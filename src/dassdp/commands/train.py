@@ -1,0 +1,110 @@
+"""``dassdp train --config FILE [key=value ...] [--resume [CKPT]] [--out DIR]``.
+
+Overrides use dotted keys and YAML values: ``epochs=10 plasticity.enabled=false
+model_args.channels=[8,16]``. The run folder is ``--out`` or ``runs/<name>`` (``name``
+defaults to the config file's stem). A folder that already holds ``last.pt`` is only
+continued with ``--resume``, which restores everything and continues exactly; with
+``--resume`` the config may be omitted (the checkpoint's is used). Under ``torchrun`` every
+rank runs this command; rank 0 alone logs and writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+HELP = "train a model from a YAML config (with DA-SSDP if the config has a plasticity block)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default=None, help="YAML config file (configs/*.yaml)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. epochs=10"
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CKPT",
+        help="continue from CKPT (default: the run folder's last.pt)",
+    )
+    parser.add_argument("--out", default=None, help="run folder (default: runs/<name>)")
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop once N epochs are complete (resume later with --resume)",
+    )
+
+
+def resolve(args: argparse.Namespace) -> tuple[object, Path]:
+    """The config to train and its run folder, with the checks of a new or resumed run."""
+    from dassdp.engine import (
+        apply_overrides,
+        config_from_dict,
+        load_checkpoint,
+        load_config,
+        resume_config,
+    )
+
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume epochs=3`: argparse took an override for the optional checkpoint path
+        args.overrides, args.resume = [args.resume, *args.overrides], True
+    if args.config is None and not args.resume:
+        raise ValueError("give --config FILE (or --resume with --out DIR or a checkpoint)")
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    if not args.resume:
+        run_dir = Path(args.out or Path("runs") / cfg.name)
+        if (run_dir / "last.pt").exists():
+            raise ValueError(
+                f"{run_dir} already holds a run (last.pt); pass --resume to continue it "
+                "or --out DIR for a new run folder"
+            )
+        return cfg, run_dir
+    if args.resume is True:
+        if args.out is None and cfg is None:
+            raise ValueError("--resume without a checkpoint path needs --out DIR or --config")
+        run_dir = Path(args.out or Path("runs") / cfg.name)
+        ckpt = run_dir / "last.pt"
+    else:
+        ckpt = Path(args.resume)
+        run_dir = Path(args.out) if args.out else ckpt.parent
+    saved = load_checkpoint(ckpt)["config"]
+    if cfg is None:
+        cfg = config_from_dict(apply_overrides(dict(saved), args.overrides))
+    args.resume = str(ckpt)
+    return resume_config(saved, cfg), run_dir
+
+
+def setup_logging(main: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if main else logging.WARNING,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from dassdp.engine.distributed import cleanup_distributed
+    from dassdp.engine.train import fit
+
+    setup_logging(int(os.environ.get("RANK", 0)) == 0)
+    cfg, run_dir = resolve(args)
+    try:
+        row = fit(cfg, run_dir, resume=args.resume, stop_after=args.stop_after)
+    finally:
+        cleanup_distributed()
+    if int(os.environ.get("RANK", 0)) == 0 and row:
+        test = row["test"]
+        print(
+            f"run folder: {run_dir}\n"
+            f"epoch {row['epoch'] + 1}: test acc@1 {test['acc1']:.2f}%  "
+            f"acc@5 {test['acc5']:.2f}%  loss {test['loss']:.4f}"
+        )
+    return 0

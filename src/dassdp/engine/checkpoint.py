@@ -1,0 +1,93 @@
+"""Checkpoints: atomic writes, safe loads, clear errors.
+
+A training checkpoint is a dict with ``format``/``version`` and ``model``, ``optimizer``,
+``scheduler``, ``scaler``, ``plasticity`` (``DASSDP.state_dict()`` or ``None``), ``rng``
+(:func:`dassdp.engine.seed.get_rng_state`), ``loader`` (the data-order generator state),
+``epoch`` (epochs completed), ``best_acc1``, ``config`` and ``revision``.
+
+Writes go to a temporary file in the same folder, are flushed to disk, then renamed over
+the target (``os.replace`` is atomic on POSIX and Windows): a crash mid-write leaves the
+previous checkpoint intact. Loads use ``torch.load(weights_only=True)``, so a checkpoint
+cannot run code; a truncated or foreign file is a :class:`CheckpointError` naming it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["FORMAT", "VERSION", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+
+FORMAT = "dassdp-checkpoint"
+VERSION = 1
+REQUIRED = ("model", "epoch", "config")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read or is not a dassdp checkpoint; names the file."""
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``state`` to ``path`` atomically (temp file + fsync + rename); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Make the rename itself durable; not possible (nor needed) on every platform.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors mapped to ``map_location``).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: the file is corrupt, truncated, or not a dassdp checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged file
+        others = sorted(p.name for p in path.parent.glob("*.pt") if p != path)
+        hint = f"; other checkpoints in {path.parent}: {', '.join(others)}" if others else ""
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is corrupt or truncated "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}){hint}"
+        ) from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a dassdp training checkpoint (no '{FORMAT}' tag)")
+    if state.get("version", 0) > VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint version {state['version']}; this dassdp reads <= {VERSION}"
+        )
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}")
+    return state

@@ -1,0 +1,431 @@
+"""Training configuration: dataclasses, YAML files and dotted command-line overrides.
+
+A config file is YAML with the SpikingResformer keys plus a ``plasticity:`` block::
+
+    seed: 0
+    epochs: 600
+    model: spikingresformer_cifar
+    dataset: cifar10
+    plasticity:
+      warmup_epochs: 100
+
+``load_config("configs/cifar10.yaml", ["plasticity.enabled=false", "epochs=10"])`` reads the
+file, applies the overrides (values parsed as YAML: ``false``, ``null``, ``[16, 32]``),
+checks every key and type and the cross-field rules, and returns a :class:`TrainConfig`.
+Every problem is a :class:`ConfigError` naming the key and what is allowed. The config
+stays plain data: the builders in :mod:`dassdp.engine.builders` turn it into objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "SYNTHETIC",
+    "ConfigError",
+    "PlasticityConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "dassdp_config",
+    "load_config",
+    "save_config",
+]
+
+SYNTHETIC = "synthetic"  # in-memory test/smoke dataset (see dassdp.engine.builders)
+OPTIMIZERS = ("adamw", "sgd")
+PLASTICITY_PRESETS = ("default", "compat")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or breaks a rule; the message names it."""
+
+
+@dataclass
+class PlasticityConfig:
+    """The ``plasticity:`` block: how DA-SSDP runs alongside training.
+
+    ``None`` fields take the preset's value (:class:`dassdp.DASSDPConfig` for ``"default"``,
+    :meth:`dassdp.DASSDPConfig.compat` for ``"compat"``, the released code's semantics).
+
+    Attributes:
+        enabled: ``False`` keeps the learner attached but inert (bit-identical to no learner).
+        preset: ``"default"`` (the paper) or ``"compat"`` (the authors' released code).
+        sites: the model's site preset (``"default"``, ``"compat"``, ``"classifier"``, ...).
+        warmup_epochs: epochs that only record (S, L); must be < ``epochs``.
+        A_plus, A_minus, sigma, clip, gate, latency, apply, control, dtype: see
+            :class:`dassdp.DASSDPConfig`.
+    """
+
+    enabled: bool = True
+    preset: str = "default"
+    sites: str | None = None
+    warmup_epochs: int = 100
+    A_plus: float | None = None
+    A_minus: float | None = None
+    sigma: float | None = None
+    clip: float | None = None
+    gate: str | None = None
+    latency: str | None = None
+    apply: str | None = None
+    control: str | None = None
+    dtype: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Keys follow the SpikingResformer recipes where they exist.
+
+    Attributes (units in brackets):
+        name: run name; the run folder is ``runs/<name>`` (default: the config file's stem).
+        seed: seeds python, numpy and torch (model init, data order, augmentation).
+        epochs: total epochs.
+        batch_size: per-process batch size [images].
+        T: time steps; static images are repeated over T by the model.
+        model: a registered model name (``dassdp ls models``).
+        model_args: extra constructor arguments of the model (e.g. ``channels: [16, 32]``).
+        dataset: one of :data:`dassdp.data.DATASETS` or ``"synthetic"`` (random in-memory
+            images with a fixed seed, for tests and smoke runs).
+        data_root: data folder (default: the user data cache, ``$DASSDP_DATA``).
+        input_size: image side [px] (default: the dataset's).
+        augment: ``None``, ``"standard"`` or a timm RandAugment string such as
+            ``"rand-m7-n1-mstd0.5-inc1"`` (train split only).
+        mixup: batch Mixup/CutMix with timm's ``Mixup`` (alphas below); soft-target loss.
+        mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob: timm ``Mixup`` arguments.
+        cutout: side of one zeroed square per training image [px]; 0: off.
+        label_smoothing: label smoothing of the training loss.
+        optimizer: ``"adamw"`` or ``"sgd"`` (with ``momentum``).
+        lr, weight_decay, momentum: optimizer settings (no decay on biases, norms, 1-D).
+        lr_warmup_epochs, warmup_lr, min_lr: timm ``CosineLRScheduler`` (stepped per epoch).
+        grad_clip: max gradient norm; ``None``: no clipping.
+        amp: mixed precision on CUDA (float16 + grad scaler); ignored on CPU.
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``.
+        workers: DataLoader worker processes (default: 0 on CPU, 4 on CUDA).
+        threads: ``torch.set_num_threads`` (default 1: on small shared CPUs 2+ can be slower);
+            ``None`` leaves torch's default.
+        sync_bn: SyncBatchNorm under DDP.
+        subset, test_subset: train/test on a fixed random subset of this many samples.
+        limit_train_batches: stop each training epoch after this many batches.
+        pretrained: checkpoint to start from (transfer): tensors whose name and shape match
+            are loaded, the rest (e.g. a new classifier) keep their initialisation.
+        progress: tqdm progress bars (on a terminal).
+        tensorboard: also log to TensorBoard when it is installed.
+        plasticity: the DA-SSDP block, or ``None`` for no learner at all.
+    """
+
+    name: str | None = None
+    seed: int = 0
+    epochs: int = 100
+    batch_size: int = 128
+    T: int = 4
+    model: str = "spiking_cnn"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    input_size: int | None = None
+    augment: str | None = None
+    mixup: bool = False
+    mixup_alpha: float = 0.5
+    cutmix_alpha: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    cutout: int = 0
+    label_smoothing: float = 0.0
+    optimizer: str = "adamw"
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    lr_warmup_epochs: int = 3
+    warmup_lr: float = 1e-5
+    min_lr: float = 1e-5
+    grad_clip: float | None = None
+    amp: bool = False
+    device: str = "auto"
+    workers: int | None = None
+    threads: int | None = 1
+    sync_bn: bool = False
+    subset: int | None = None
+    test_subset: int | None = None
+    limit_train_batches: int | None = None
+    pretrained: str | None = None
+    progress: bool = True
+    tensorboard: bool = True
+    plasticity: PlasticityConfig | None = field(default_factory=PlasticityConfig)
+
+
+# ---------------------------------------------------------------- types
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    origin = typing.get_origin(tp)
+    return getattr(origin or tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against annotation ``tp`` (ints accepted as floats); else ConfigError."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if dataclasses.is_dataclass(arg) and isinstance(value, Mapping):
+                return _coerce(key, value, arg)  # a mapping's own key errors are the news
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, Mapping):
+            return _from_mapping(tp, value, prefix=f"{key}.")
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is dict and isinstance(value, Mapping):
+        return dict(value)
+    raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _from_mapping(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in hints]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + str(k) for k in unknown)}; "
+            f"allowed{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(allowed)}"
+        )
+    return cls(**{k: _coerce(prefix + k, v, hints[k]) for k, v in data.items()})
+
+
+# ---------------------------------------------------------------- loading
+
+
+def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    """A validated :class:`TrainConfig` from a (parsed YAML) mapping."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a config must be a mapping of keys to values, got {type(data)}")
+    cfg = _from_mapping(TrainConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """Plain-data form of ``cfg`` (what ``config.yaml`` and checkpoints hold)."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key=value`` / ``block.key=value`` overrides (values parsed as YAML) in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like key=value or block.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML config, apply dotted overrides, validate; ``name`` defaults to the stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys to values")
+    apply_overrides(data, overrides)
+    data.setdefault("name", path.stem)
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def save_config(cfg: TrainConfig, path: str | Path, header: str = "") -> None:
+    """Write the resolved config as YAML (``header`` lines become comments)."""
+    lines = "".join(f"# {line}\n" for line in header.splitlines())
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    Path(path).write_text(lines + text)
+
+
+# ---------------------------------------------------------------- rules
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field rules, registry names and ranges; raises :class:`ConfigError`."""
+    for key in ("epochs", "batch_size", "T"):
+        _require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("lr", "weight_decay", "label_smoothing", "warmup_lr", "min_lr", "momentum"):
+        value = getattr(cfg, key)
+        _require(math.isfinite(value) and value >= 0, f"{key} must be >= 0, got {value}")
+    _require(cfg.label_smoothing < 1, f"label_smoothing must be < 1, got {cfg.label_smoothing}")
+    warm = cfg.lr_warmup_epochs
+    _require(warm >= 0, f"lr_warmup_epochs must be >= 0, got {warm}")
+    _require(cfg.cutout >= 0, f"cutout must be >= 0 [px], got {cfg.cutout}")
+    _require(
+        cfg.optimizer in OPTIMIZERS,
+        f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}",
+    )
+    _require(
+        cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
+        f"device must be 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}",
+    )
+    for key in ("workers", "threads", "subset", "test_subset", "limit_train_batches", "grad_clip"):
+        value = getattr(cfg, key)
+        low = 0 if key == "workers" else 1
+        _require(value is None or value >= low, f"{key} must be null or >= {low}, got {value}")
+    _check_mixup(cfg)
+    _check_dataset(cfg)
+    _check_model(cfg)
+    if cfg.plasticity is not None:
+        _check_plasticity(cfg.plasticity, cfg.epochs)
+
+
+def _check_mixup(cfg: TrainConfig) -> None:
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        _require(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)}")
+    for key in ("mixup_prob", "mixup_switch_prob"):
+        _require(0 <= getattr(cfg, key) <= 1, f"{key} must be in [0, 1]")
+    if cfg.mixup:
+        _require(
+            cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0,
+            "mixup: true needs mixup_alpha > 0 or cutmix_alpha > 0",
+        )
+        _require(cfg.batch_size % 2 == 0, f"mixup needs an even batch_size, got {cfg.batch_size}")
+
+
+def _check_dataset(cfg: TrainConfig) -> None:
+    from dassdp.data import DATASETS
+
+    allowed = (*DATASETS, SYNTHETIC)
+    _require(
+        cfg.dataset in allowed,
+        f"dataset: unknown dataset {cfg.dataset!r}; allowed: {', '.join(allowed)}",
+    )
+    if cfg.data_root is not None:
+        root = Path(cfg.data_root).expanduser()
+        if not root.is_dir():
+            raise ConfigError(
+                f"data_root: no such folder {root}; create it with "
+                f"`dassdp data prepare {cfg.dataset} --root {root}` or fix the path"
+            )
+    if cfg.pretrained is not None and not Path(cfg.pretrained).expanduser().is_file():
+        raise ConfigError(f"pretrained: no such checkpoint file {cfg.pretrained}")
+
+
+def _check_model(cfg: TrainConfig) -> None:
+    """The model name is registered and its ``model_args`` construct it (on the meta device)."""
+    import torch
+
+    from dassdp.models.registry import create_model, is_model, list_models
+
+    if not is_model(cfg.model):
+        raise ConfigError(
+            f"model: unknown model {cfg.model!r}; allowed: {', '.join(list_models())}"
+        )
+    reserved = sorted({"num_classes", "T", "in_channels"} & set(cfg.model_args))
+    _require(
+        not reserved,
+        f"model_args.{', model_args.'.join(reserved)}: set by the dataset and the top-level T",
+    )
+    try:
+        with torch.device("meta"):
+            model = create_model(cfg.model, T=cfg.T, **cfg.model_args)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model_args: {cfg.model} rejects {cfg.model_args} ({err})") from None
+    p = cfg.plasticity
+    if p is not None and hasattr(model, "dassdp_sites"):
+        try:
+            model.dassdp_sites(p.sites or ("compat" if p.preset == "compat" else "default"))
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"plasticity.sites: {err}") from None
+
+
+def dassdp_config(p: PlasticityConfig, seed: int = 0) -> Any:
+    """The :class:`dassdp.DASSDPConfig` for a plasticity block (preset + explicit values)."""
+    from dassdp.plasticity.learner import DASSDPConfig
+
+    _require(
+        p.preset in PLASTICITY_PRESETS,
+        f"plasticity.preset must be one of {', '.join(PLASTICITY_PRESETS)}, got {p.preset!r}",
+    )
+    skip = {"preset"}
+    explicit = {
+        f.name: getattr(p, f.name)
+        for f in dataclasses.fields(p)
+        if f.name not in skip and getattr(p, f.name) is not None
+    }
+    explicit.setdefault("seed", seed)
+    try:
+        if p.preset == "compat":
+            return DASSDPConfig.compat(**explicit)
+        return DASSDPConfig(**explicit)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"plasticity: {err}") from None
+
+
+def _check_plasticity(p: PlasticityConfig, epochs: int) -> None:
+    if p.sigma is not None:
+        _require(
+            p.sigma > 0,
+            f"plasticity.sigma must be > 0 [time steps] (.inf: no kernel), got {p.sigma}",
+        )
+    _require(p.warmup_epochs >= 0, f"plasticity.warmup_epochs must be >= 0, got {p.warmup_epochs}")
+    if p.enabled:
+        _require(
+            p.warmup_epochs < epochs,
+            f"plasticity.warmup_epochs ({p.warmup_epochs}) must be < epochs ({epochs}): the "
+            "gate is fitted after warm-up, so DA-SSDP would never change a weight; lower it, "
+            "raise epochs, or set plasticity.enabled=false",
+        )
+    dassdp_config(p)

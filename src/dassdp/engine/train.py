@@ -1,0 +1,500 @@
+"""The training loop: one run of a :class:`~dassdp.engine.config.TrainConfig` in a run folder.
+
+The step reads top to bottom::
+
+    forward -> loss -> backward -> optimizer step -> plasticity.step(loss) -> dassdp.reset(model)
+
+and everything else (builders, checkpoints, metrics) happens around it. Run folder::
+
+    runs/<name>/config.yaml     the resolved config (code revision in its header)
+    runs/<name>/run.json        revision, versions, command line, start time
+    runs/<name>/metrics.jsonl   one row per epoch (see dassdp.engine.metrics)
+    runs/<name>/train.log       the log lines
+    runs/<name>/last.pt         after every epoch (atomic); --resume continues from it
+    runs/<name>/best.pt         the epoch with the best test acc@1
+
+DDP: launched by ``torchrun``, each rank trains on its ``DistributedSampler`` shard; DA-SSDP
+all-reduces its own statistics and updates, test metrics are summed over ranks, and only
+rank 0 logs and writes files. Resume is exact (bit-identical weights on CPU): the
+checkpoint holds model, optimizer, scheduler, grad scaler, DA-SSDP state, every global
+RNG state (per rank) and the data-order generator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+import dassdp
+from dassdp.engine.builders import (
+    build_criterion,
+    build_datasets,
+    build_learner,
+    build_loaders,
+    build_mixup,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    data_info,
+    load_pretrained,
+)
+from dassdp.engine.checkpoint import load_checkpoint, save_checkpoint
+from dassdp.engine.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    save_config,
+)
+from dassdp.engine.distributed import init_distributed, pick_device
+from dassdp.engine.metrics import FiringRates, LossMeter, MetricsWriter, PlasticityMeter
+from dassdp.engine.seed import get_rng_state, seed_everything, set_rng_state
+from dassdp.plasticity import distributed as D
+
+__all__ = [
+    "RESUMABLE_CHANGES",
+    "Trainer",
+    "code_revision",
+    "evaluate",
+    "evaluate_checkpoint",
+    "fit",
+    "resume_config",
+]
+
+log = logging.getLogger("dassdp.train")
+
+# Keys that may differ between a checkpoint's config and the one given with --resume.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "epochs",
+        "workers",
+        "threads",
+        "progress",
+        "tensorboard",
+        "device",
+        "data_root",
+        "name",
+        "pretrained",
+    }
+)
+
+
+def code_revision() -> str | None:
+    """``git describe --always --dirty`` of the dassdp source tree, or None outside git."""
+    src = Path(dassdp.__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(src), "describe", "--always", "--dirty", "--tags"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _all_finite(loss: Tensor) -> bool:
+    """Whether the loss is finite on every rank (so all ranks skip a bad step together)."""
+    flag = torch.isfinite(loss.detach()).all().double().reshape(1)
+    return bool(D.all_reduce_(flag, "min").item())
+
+
+def _mix(mixup: Any, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """timm Mixup on ``[B, C, H, W]`` or event frames ``[B, T, C, H, W]`` (T folded into C)."""
+    if x.dim() == 5:
+        B, T, C, H, W = x.shape
+        x, target = mixup(x.reshape(B, T * C, H, W), y)
+        return x.reshape(B, T, C, H, W), target
+    return mixup(x, y)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp: bool = False,
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, float]:
+    """Test loss (cross entropy), acc@1, acc@5 (percent) over ``loader``, summed over ranks.
+
+    ``transform``: applied to each input batch on the device before the model (e.g. a
+    robustness perturbation from :mod:`dassdp.experiments.robustness`).
+    """
+    model.eval()
+    meter = LossMeter(device)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if transform is not None:
+            x = transform(x)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            logits = model(x)  # [B, K]
+        meter.update(F.cross_entropy(logits.float(), y), logits, y)
+        dassdp.reset(model)
+    return meter.result()
+
+
+class Trainer:
+    """Builds everything for ``cfg`` and trains it in ``run_dir``.
+
+    Args:
+        cfg: a validated config.
+        run_dir: the run folder (created; rank 0 writes into it).
+        resume: ``False``, ``True`` (``run_dir/last.pt``) or a checkpoint path.
+
+    After construction the parts are plain attributes (``model``, ``optimizer``,
+    ``scheduler``, ``learner``, ``train_loader`` ...) and ``start_epoch`` is where
+    :meth:`fit` begins.
+    """
+
+    def __init__(
+        self, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool | str = False
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.dist = init_distributed(cfg.device)
+        self.device = self.dist.device
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        self.amp = cfg.amp and self.device.type == "cuda"  # CPU: fp32 (autocast is slower)
+        if cfg.amp and not self.amp:
+            log.info("amp: mixed precision is used on CUDA only; training in float32")
+        seed_everything(cfg.seed)
+        self.info = data_info(cfg)
+        train_set, test_set = build_datasets(cfg)
+        self.model = build_model(cfg, self.info)
+        if cfg.pretrained:
+            load_pretrained(self.model, cfg.pretrained)
+        if cfg.sync_bn and self.dist.distributed:
+            if self.device.type == "cuda":
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            else:
+                log.warning("sync_bn: SyncBatchNorm needs CUDA; plain BatchNorm on CPU")
+        self.model.to(self.device)
+        self.learner = build_learner(cfg, self.model)  # hooks on the unwrapped model
+        self.net = self.model
+        if self.dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        self.mixup = build_mixup(cfg, self.info)
+        self.criterion = build_criterion(cfg)
+        seed_everything(cfg.seed + self.dist.rank)  # augmentation differs across ranks
+        self.train_loader, self.test_loader, self.loader_gen = build_loaders(
+            cfg, train_set, test_set, self.dist
+        )
+        self.firing = FiringRates(self.model)
+        self.start_epoch, self.best_acc1 = 0, -math.inf
+        self.writer: MetricsWriter | None = None
+        if self.dist.main:
+            self._prepare_run_dir()
+        if resume:
+            path = self.run_dir / "last.pt" if resume is True else Path(resume)
+            try:
+                self.load_state_dict(load_checkpoint(path, map_location="cpu"))
+            except BaseException:
+                self.close()  # hooks and log files must not outlive a failed start
+                raise
+            log.info("resumed from %s at epoch %d", path, self.start_epoch)
+
+    # ----------------------------------------------------------------- run folder
+    def _prepare_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        revision = code_revision()
+        handler = logging.FileHandler(self.run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+        self._log_handler = handler
+        header = f"dassdp train (revision {revision or 'unknown'}): resolved config"
+        save_config(self.cfg, self.run_dir / "config.yaml", header=header)
+        meta = {
+            "revision": revision,
+            "dassdp": dassdp.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "host": platform.node(),
+            "argv": sys.argv,
+            "world_size": self.dist.world_size,
+            "device": str(self.device),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (self.run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    # ----------------------------------------------------------------- the loop
+    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Train from ``start_epoch`` to ``cfg.epochs``; ``stop_after``: stop once that many
+        epochs are complete (a planned interruption). Returns the last metrics row."""
+        cfg, row = self.cfg, {}
+        if self.start_epoch >= cfg.epochs:
+            log.info("all %d epochs are already complete in %s", cfg.epochs, self.run_dir)
+        if self.dist.main and self.writer is None:
+            self.writer = MetricsWriter(self.run_dir, self.cfg.tensorboard, self.start_epoch)
+        for epoch in range(self.start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            self.scheduler.step(epoch)  # timm: per-epoch cosine with warm-up
+            if self.learner is not None:
+                self.learner.set_epoch(epoch)  # warm-up: record only; then fit the gate once
+            if self.dist.distributed:
+                self.train_loader.sampler.set_epoch(epoch)
+            train = self.train_epoch(epoch)
+            test = evaluate(self.model, self.test_loader, self.device, self.amp)
+            row = {
+                "epoch": epoch,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                **train,
+                "test": test,
+                "epoch_time_s": time.perf_counter() - t0,
+            }
+            self.start_epoch = epoch + 1
+            self._save(is_best=test["acc1"] > self.best_acc1, acc1=test["acc1"])
+            self._report(row)
+            if stop_after is not None and epoch + 1 >= stop_after:
+                break
+        return row
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over the training data; returns the epoch's train/plasticity metrics."""
+        model, opt = self.net, self.optimizer
+        model.train()
+        meter = LossMeter(self.device)
+        plast = PlasticityMeter(self.learner) if self.learner is not None else None
+        nonfinite = 0
+        for x, y in self._batches(epoch):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            # x: [B, C, H, W] images (repeated over T by the model) or [B, T, C, H, W] frames
+            target = y if self.mixup is None else None
+            if self.mixup is not None:
+                x, target = _mix(self.mixup, x, y)  # target: soft labels [B, K]
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                logits = model(x)  # [B, K]
+                loss = self.criterion(logits, target)
+            stepped = False
+            if _all_finite(loss):
+                opt.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                stepped = self._optimizer_step()
+            else:
+                nonfinite += 1  # no backward, no update; DA-SSDP skips and counts it too
+            if self.learner is not None:
+                # warm-up: record (S, L); afterwards dW (all-reduced), then W += dW
+                self.learner.step(loss.detach(), optimizer_stepped=stepped)
+                plast.update()
+            dassdp.reset(self.model)  # neuron states and DA-SSDP recorder buffers
+            meter.update(loss.detach(), logits.detach(), y)
+        out: dict[str, Any] = {"train": meter.result(), "nonfinite_steps": nonfinite}
+        out["firing_rate"] = self.firing.pop()
+        if plast is not None:
+            out["plasticity"] = plast.result()
+        return out
+
+    def _optimizer_step(self) -> bool:
+        """Step through the grad scaler; False when the scaler skipped it (inf/NaN grads)."""
+        if self.cfg.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        # the scaler lowers its scale exactly when it skipped the step
+        return not self.amp or self.scaler.get_scale() >= scale
+
+    def _batches(self, epoch: int) -> Iterable[tuple[Tensor, Tensor]]:
+        """The epoch's training batches (at most ``limit_train_batches``), with a progress bar
+        on rank 0 when ``progress`` is set and stderr is a terminal."""
+        limit = self.cfg.limit_train_batches
+        batches = self.train_loader if limit is None else itertools.islice(self.train_loader, limit)
+        if not (self.dist.main and self.cfg.progress):
+            return batches
+        from tqdm import tqdm
+
+        total = len(self.train_loader) if limit is None else min(limit, len(self.train_loader))
+        desc = f"epoch {epoch + 1}/{self.cfg.epochs}"
+        return tqdm(batches, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None)
+
+    # ----------------------------------------------------------------- reporting
+    def _report(self, row: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        self.writer.write(row)
+        tr, te = row["train"], row["test"]
+        line = (
+            f"epoch {row['epoch'] + 1}/{self.cfg.epochs}  lr {row['lr']:.2e}  "
+            f"train loss {tr['loss']:.4f} acc {tr['acc1']:.2f}  "
+            f"test loss {te['loss']:.4f} acc {te['acc1']:.2f} (best {self.best_acc1:.2f})  "
+            f"{row['epoch_time_s']:.1f} s"
+        )
+        if row["nonfinite_steps"]:
+            line += f"  non-finite steps {row['nonfinite_steps']}"
+        if "plasticity" in row:
+            line += "  " + _plasticity_line(row["plasticity"])
+        log.info(line)
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly (a collective under DDP: call on all ranks)."""
+        rng = get_rng_state()
+        if self.dist.distributed:
+            all_rng: list[Any] = [None] * self.dist.world_size
+            torch_dist.all_gather_object(all_rng, rng)
+            rng = all_rng
+        else:
+            rng = [rng]
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "plasticity": self.learner.state_dict() if self.learner is not None else None,
+            "rng": rng,
+            "loader": self.loader_gen.get_state(),
+            "epoch": self.start_epoch,
+            "best_acc1": self.best_acc1,
+            "config": dataclasses.asdict(self.cfg),
+            "revision": code_revision(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (model, optimizer, ..., RNG states, epoch)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.learner is not None:
+            if state["plasticity"] is None:
+                raise ConfigError("the checkpoint has no DA-SSDP state but the config has one")
+            self.learner.load_state_dict(state["plasticity"])
+        rngs = state["rng"]
+        set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
+        self.loader_gen.set_state(state["loader"])
+        self.start_epoch = int(state["epoch"])
+        self.best_acc1 = float(state["best_acc1"])
+
+    def _save(self, is_best: bool, acc1: float) -> None:
+        if is_best:
+            self.best_acc1 = acc1
+        state = self.state_dict()  # collective: every rank
+        if self.dist.main:
+            save_checkpoint(state, self.run_dir / "last.pt")
+            if is_best:
+                save_checkpoint(state, self.run_dir / "best.pt")
+
+    def close(self) -> None:
+        """Remove hooks and close the log files."""
+        self.firing.close()
+        if self.learner is not None:
+            self.learner.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.dist.main:
+            log.removeHandler(self._log_handler)
+            self._log_handler.close()
+
+
+def _plasticity_line(p: dict[str, Any]) -> str:
+    parts = [f"DA-SSDP {p['phase']}"]
+    if p["phase"] == "off":
+        return parts[0]
+    for site, m in p["sites"].items():
+        part = f"{site}: S {m.get('synchrony', math.nan):.3f}"
+        if p["phase"] == "active":
+            part += f" G {m.get('gate_mean', math.nan):.3f} |dW| {m.get('dw_abs_mean', 0):.1e}"
+        parts.append(part)
+    skipped = sum(v for k, v in p["counters"].items() if k.startswith("skipped"))
+    if skipped:
+        parts.append(f"skipped {skipped}")
+    return "  ".join(parts)
+
+
+def resume_config(saved: dict[str, Any], given: TrainConfig | None) -> TrainConfig:
+    """The config to resume with: the checkpoint's, or ``given`` if it differs only in
+    :data:`RESUMABLE_CHANGES` (anything else would not continue the same run)."""
+    if given is None:
+        return config_from_dict(saved)
+    new = dataclasses.asdict(given)
+    changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
+    bad = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if bad:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in bad)
+        raise ConfigError(
+            f"--resume: the config differs from the checkpoint's in {detail}; only "
+            f"{', '.join(sorted(RESUMABLE_CHANGES))} may change (or start a new run folder)"
+        )
+    return given
+
+
+def evaluate_checkpoint(
+    path: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    transform: Callable[[Tensor, int], Tensor] | None = None,
+) -> dict[str, Any]:
+    """Test metrics of a checkpoint, with its stored config (plus ``key=value`` overrides).
+
+    ``transform(x, T)``: applied to every test batch (``x`` images ``[B, C, H, W]`` or frames
+    ``[B, T, C, H, W]`` on the device, ``T`` the config's time steps) before the model; see
+    :class:`dassdp.experiments.robustness.Perturber`.
+
+    Returns ``{"epoch", "model", "dataset", "test": {loss, acc1, acc5, samples}, "gate"}``;
+    ``gate`` maps each DA-SSDP site to its fit (``k: None`` while still in warm-up).
+    """
+    state = load_checkpoint(path)
+    saved = {**state["config"], "pretrained": None}  # the weights come from the checkpoint
+    cfg = config_from_dict(apply_overrides(saved, overrides))
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    info = data_info(cfg)
+    _, test_set = build_datasets(cfg)
+    model = build_model(cfg, info)
+    model.load_state_dict(state["model"])
+    loader = DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.workers or 0)
+    bound = None if transform is None else (lambda x: transform(x, cfg.T))
+    test = evaluate(model.to(device), loader, device, cfg.amp and device.type == "cuda", bound)
+    plast = state.get("plasticity")
+    gate = None
+    if plast is not None:
+        fits = plast.get("fits") or {}
+        gate = {site: fits.get(site, {"k": None}) for site in plast["sites"]}
+    return {
+        "epoch": int(state["epoch"]),
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "test": test,
+        "gate": gate,
+    }
+
+
+def fit(
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike,
+    *,
+    resume: bool | str = False,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` in ``run_dir`` (see :class:`Trainer`); returns the last metrics row."""
+    trainer = Trainer(cfg, run_dir, resume=resume)
+    try:
+        return trainer.fit(stop_after=stop_after)
+    finally:
+        trainer.close()
