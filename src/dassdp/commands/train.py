@@ -33,6 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", default=None, help="run folder (default: runs/<name>)")
     parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="launch N processes with torchrun (DDP; gloo on CPU, NCCL on CUDA)",
+    )
+    parser.add_argument(
         "--stop-after",
         type=int,
         default=None,
@@ -88,8 +95,49 @@ def setup_logging(main: bool) -> None:
     )
 
 
+def launch(nproc: int, argv: list[str]) -> int:
+    """``torchrun --standalone --nproc_per_node N -m dassdp train ARGV``; its exit status.
+
+    torchrun's agent watches the workers: if any rank fails, the others are stopped and
+    the launcher exits non-zero with the failing rank's error shown.
+    """
+    import subprocess
+
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "dassdp",
+        "train",
+        *argv,
+    ]
+    return subprocess.call(cmd)
+
+
+def _forwarded(args: argparse.Namespace) -> list[str]:
+    """The ``train`` arguments of ``args`` without ``--nproc``, for each torchrun worker."""
+    argv = list(args.overrides)
+    if args.config:
+        argv += ["--config", str(args.config)]
+    if args.out:
+        argv += ["--out", str(args.out)]
+    if args.stop_after is not None:
+        argv += ["--stop-after", str(args.stop_after)]
+    if args.resume:
+        argv += ["--resume"] if args.resume is True else ["--resume", str(args.resume)]
+    return argv
+
+
 def run(args: argparse.Namespace) -> int:
     import os
+
+    if args.nproc is not None and "LOCAL_RANK" not in os.environ:
+        return launch(args.nproc, _forwarded(args))
 
     from dassdp.engine.distributed import cleanup_distributed
     from dassdp.engine.train import fit

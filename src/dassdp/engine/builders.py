@@ -131,11 +131,13 @@ def _subset(dataset: Dataset, n: int | None, seed: int) -> Dataset:
 def build_loaders(
     cfg: TrainConfig, train_set: Dataset, test_set: Dataset, dist: DistInfo
 ) -> tuple[DataLoader, DataLoader, torch.Generator]:
-    """Loaders and the generator that fixes the training order (its state is checkpointed).
+    """Loaders and the generator that seeds loader workers (its state is checkpointed).
 
-    Single process: a shuffled loader driven by the generator. DDP: a
-    ``DistributedSampler`` (``set_epoch`` each epoch) for training and a strided shard of
-    the test set (no padding, so reduced test metrics count every sample once).
+    The training order is a ``DistributedSampler`` for any world size (``set_epoch`` each
+    epoch): a permutation fixed by ``(seed, epoch)`` alone, rank ``r`` of ``N`` taking every
+    N-th index. So ``N`` ranks with batch ``B`` see, step for step, the same global batches
+    as one process with batch ``N*B``, and resuming needs no sampler state. The test set is
+    a strided shard (no padding, so reduced test metrics count every sample once).
     """
     workers = cfg.workers if cfg.workers is not None else (4 if dist.device.type == "cuda" else 0)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -146,14 +148,12 @@ def build_loaders(
         persistent_workers=False,  # workers re-seed from `gen` each epoch: exact resume
     )
     drop_last = cfg.mixup  # timm Mixup needs an even batch
+    sampler = DistributedSampler(
+        train_set, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=drop_last
+    )
+    train = DataLoader(train_set, sampler=sampler, drop_last=drop_last, generator=gen, **common)
     if dist.distributed:
-        sampler = DistributedSampler(
-            train_set, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=drop_last
-        )
-        train = DataLoader(train_set, sampler=sampler, drop_last=drop_last, generator=gen, **common)
         test_set = Subset(test_set, list(range(dist.rank, len(test_set), dist.world_size)))
-    else:
-        train = DataLoader(train_set, shuffle=True, drop_last=drop_last, generator=gen, **common)
     test = DataLoader(test_set, shuffle=False, **common)
     return train, test, gen
 

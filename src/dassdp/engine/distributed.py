@@ -7,13 +7,21 @@ and picks this rank's device. Without those variables nothing is initialised.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "cleanup_distributed", "init_distributed", "pick_device"]
+__all__ = [
+    "DistInfo",
+    "cleanup_distributed",
+    "init_distributed",
+    "pick_device",
+    "replicas_identical",
+    "state_digest",
+]
 
 
 @dataclass(frozen=True)
@@ -63,3 +71,24 @@ def cleanup_distributed() -> None:
     """Leave the process group (if one was joined)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def state_digest(model: torch.nn.Module, extra: bytes = b"") -> str:
+    """SHA-256 over every parameter and buffer (names, dtypes, shapes and raw bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(extra)
+    return h.hexdigest()
+
+
+def replicas_identical(model: torch.nn.Module, extra: bytes = b"") -> bool | None:
+    """Under DDP: whether every rank holds bit-identical weights and buffers (and ``extra``,
+    e.g. the fitted DA-SSDP gate); ``None`` for a single process. A collective."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    digests: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, state_digest(model, extra))
+    return len(set(digests)) == 1

@@ -63,7 +63,7 @@ from dassdp.engine.config import (
     config_from_dict,
     save_config,
 )
-from dassdp.engine.distributed import init_distributed, pick_device
+from dassdp.engine.distributed import init_distributed, pick_device, replicas_identical
 from dassdp.engine.metrics import FiringRates, LossMeter, MetricsWriter, PlasticityMeter
 from dassdp.engine.seed import get_rng_state, seed_everything, set_rng_state
 from dassdp.plasticity import distributed as D
@@ -255,8 +255,7 @@ class Trainer:
             self.scheduler.step(epoch)  # timm: per-epoch cosine with warm-up
             if self.learner is not None:
                 self.learner.set_epoch(epoch)  # warm-up: record only; then fit the gate once
-            if self.dist.distributed:
-                self.train_loader.sampler.set_epoch(epoch)
+            self.train_loader.sampler.set_epoch(epoch)  # the order is f(seed, epoch)
             train = self.train_epoch(epoch)
             test = evaluate(self.model, self.test_loader, self.device, self.amp)
             row = {
@@ -266,12 +265,23 @@ class Trainer:
                 "test": test,
                 "epoch_time_s": time.perf_counter() - t0,
             }
+            if self.dist.distributed:
+                row["replicas_identical"] = self._check_replicas()
             self.start_epoch = epoch + 1
             self._save(is_best=test["acc1"] > self.best_acc1, acc1=test["acc1"])
             self._report(row)
             if stop_after is not None and epoch + 1 >= stop_after:
                 break
         return row
+
+    def _check_replicas(self) -> bool:
+        """DDP: do all ranks hold bit-identical weights, buffers and DA-SSDP gate? (collective)"""
+        fits = getattr(self.learner, "fits", None) or {}  # warm-up sums are per rank: not here
+        gate = {site: fit.to_dict() for site, fit in fits.items()}
+        same = bool(replicas_identical(self.model, json.dumps(gate, sort_keys=True).encode()))
+        if not same and self.dist.main:
+            log.warning("replicas differ across ranks: weights, buffers or gate are not in sync")
+        return same
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training data; returns the epoch's train/plasticity metrics."""

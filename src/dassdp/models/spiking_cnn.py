@@ -27,7 +27,11 @@ __all__ = ["SpikingCNN", "spiking_cnn"]
 
 
 class SpikingCNN(nn.Module):
-    """Two conv layers and a spiking MLP head; input ``[B, C, H, W]`` or ``[B, T, C, H, W]``."""
+    """Two conv layers and a spiking MLP head; input ``[B, C, H, W]`` or ``[B, T, C, H, W]``.
+
+    ``norm=False`` removes the three BatchNorms (batch statistics are per rank under DDP on
+    CPU); ``v_threshold`` is passed to every neuron (lower it to keep a norm-free net firing).
+    """
 
     def __init__(
         self,
@@ -36,23 +40,27 @@ class SpikingCNN(nn.Module):
         in_channels: int = 1,
         channels: tuple[int, int] = (16, 32),
         hidden: int = 128,
+        norm: bool = True,
+        v_threshold: float = 1.0,
         neuron_layer: NeuronLayer = LIF,
     ) -> None:
         super().__init__()
         c1, c2 = channels
         self.T = int(T)
         self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c1)
-        self.lif1 = neuron_layer()
+        self.bn1 = nn.BatchNorm2d(c1) if norm else nn.Identity()
+        self.lif1 = neuron_layer(v_threshold=v_threshold)
         self.pool1 = nn.MaxPool2d(2)
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c2)
-        self.lif2 = neuron_layer()
+        self.bn2 = nn.BatchNorm2d(c2) if norm else nn.Identity()
+        self.lif2 = neuron_layer(v_threshold=v_threshold)
         self.pool2 = nn.MaxPool2d(2)
         self.pool3 = nn.AdaptiveMaxPool2d((4, 4))
         self.fc1 = nn.Linear(c2 * 16, hidden)
-        self.bn3 = nn.BatchNorm1d(hidden)  # keeps lif3 firing at init, so the head trains
-        self.lif3 = neuron_layer()
+        # BatchNorm keeps lif3 firing at init, so the head trains; norm=False drops all three
+        # (batch statistics are per rank under DDP on CPU, where SyncBatchNorm is unavailable)
+        self.bn3 = nn.BatchNorm1d(hidden) if norm else nn.Identity()
+        self.lif3 = neuron_layer(v_threshold=v_threshold)
         self.classifier = nn.Linear(hidden, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:

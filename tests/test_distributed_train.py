@@ -1,0 +1,130 @@
+"""`dassdp train --nproc 2` (torchrun, gloo on CPU) with DA-SSDP: replicas stay identical,
+2 ranks x B ~ 1 rank x 2B, resume on 2 and on 1 rank, and a failing rank ends the job."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.distributed
+
+CONFIG = {
+    "name": "ddp",
+    "dataset": "synthetic",
+    "model": "spiking_cnn",
+    # no BatchNorm: batch statistics are per rank (SyncBatchNorm needs CUDA), which would
+    # make 2 ranks x B differ from 1 rank x 2B by more than summation order; a lower
+    # threshold keeps the BatchNorm-free network firing
+    "model_args": {"channels": [4, 8], "hidden": 16, "norm": False, "v_threshold": 0.2},
+    "epochs": 3,
+    "batch_size": 16,
+    "T": 2,
+    "lr": 5e-3,
+    "lr_warmup_epochs": 0,
+    "subset": 128,
+    "test_subset": 64,
+    "progress": False,
+    "tensorboard": False,
+    "plasticity": {"warmup_epochs": 1, "A_plus": 1e-2, "A_minus": 2e-3},
+}
+
+
+def train(*args: str, env: dict | None = None, timeout: float = 300):
+    cmd = [sys.executable, "-m", "dassdp", "train", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def ckpt(run: Path) -> dict:
+    return torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp-train")
+    cfg = tmp / "ddp.yaml"
+    cfg.write_text(yaml.safe_dump(CONFIG))
+    c = str(cfg)
+    ok(train("--config", c, "--out", str(tmp / "two"), "--nproc", "2"))
+    ok(train("batch_size=32", "--config", c, "--out", str(tmp / "one")))
+    ok(train("--config", c, "--out", str(tmp / "res2"), "--nproc", "2", "--stop-after", "1"))
+    shutil.copytree(tmp / "res2", tmp / "res1")
+    ok(train("--out", str(tmp / "res2"), "--nproc", "2", "--resume"))
+    ok(train("--out", str(tmp / "res1"), "--resume"))  # the 2-rank checkpoint on 1 rank
+    return tmp
+
+
+def test_replicas_are_bit_identical_every_epoch(runs):
+    rows = metrics(runs / "two")
+    assert [r["replicas_identical"] for r in rows] == [True, True, True]
+    state = ckpt(runs / "two")["plasticity"]
+    assert state["counters"]["applied"] > 0 and all(f["valid"] for f in state["fits"].values())
+
+
+def test_two_ranks_match_one_rank_with_twice_the_batch(runs):
+    # Equal up to float summation order: the gradient and dW all-reduce add two half-batch
+    # means where one process sums the whole batch, and the per-rank GEMMs block differently.
+    two, one = ckpt(runs / "two"), ckpt(runs / "one")
+    for key, value in two["model"].items():
+        torch.testing.assert_close(value, one["model"][key], rtol=1e-4, atol=1e-5, msg=key)
+    for site, fit in two["plasticity"]["fits"].items():
+        ref = one["plasticity"]["fits"][site]
+        assert fit["n"] == ref["n"]
+        assert fit["k"] == pytest.approx(ref["k"], abs=1e-5)
+    acc_two, acc_one = metrics(runs / "two")[-1]["test"], metrics(runs / "one")[-1]["test"]
+    assert acc_two["samples"] == acc_one["samples"] == 64  # the whole test set, once
+
+
+def test_resume_on_two_ranks_equals_uninterrupted(runs):
+    full, resumed = ckpt(runs / "two"), ckpt(runs / "res2")
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert full["plasticity"]["fits"] == resumed["plasticity"]["fits"]
+    assert full["optimizer"]["state"].keys() == resumed["optimizer"]["state"].keys()
+
+
+def test_resume_on_one_rank_keeps_both_ranks_warmup_records(runs):
+    two, one = ckpt(runs / "two")["plasticity"], ckpt(runs / "res1")["plasticity"]
+    for site, fit in two["fits"].items():
+        assert one["fits"][site]["n"] == fit["n"] == 128  # every sample of the warm-up epoch
+        assert one["fits"][site]["k"] == pytest.approx(fit["k"], abs=1e-12)
+
+
+def test_a_failing_rank_ends_the_job_quickly(tmp_path):
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import dassdp.engine.train as t\n"
+        "    def boom(self, epoch):\n"
+        "        raise RuntimeError('injected failure on rank 1')\n"
+        "    t.Trainer.train_epoch = boom\n"
+    )
+    cfg = tmp_path / "ddp.yaml"
+    cfg.write_text(yaml.safe_dump({**CONFIG, "epochs": 50}))
+    env = {"PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])}
+    start = time.monotonic()
+    proc = train(
+        "--config", str(cfg), "--out", str(tmp_path / "run"), "--nproc", "2", env=env, timeout=120
+    )
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "injected failure on rank 1" in proc.stdout + proc.stderr
+    assert elapsed < 60, elapsed  # process start-up included; no hang
