@@ -62,6 +62,20 @@ def runs(tmp_path_factory):
     cfg.write_text(yaml.safe_dump(CONFIG))
     c = str(cfg)
     ok(train("--config", c, "--out", str(tmp / "two"), "--nproc", "2"))
+    # with BatchNorm: its running statistics must be in sync too (broadcast after each epoch)
+    ok(
+        train(
+            "model_args.norm=true",
+            "model_args.v_threshold=1.0",
+            "epochs=2",
+            "--config",
+            c,
+            "--out",
+            str(tmp / "bn"),
+            "--nproc",
+            "2",
+        )
+    )
     ok(train("batch_size=32", "--config", c, "--out", str(tmp / "one")))
     ok(train("--config", c, "--out", str(tmp / "res2"), "--nproc", "2", "--stop-after", "1"))
     shutil.copytree(tmp / "res2", tmp / "res1")
@@ -73,6 +87,7 @@ def runs(tmp_path_factory):
 def test_replicas_are_bit_identical_every_epoch(runs):
     rows = metrics(runs / "two")
     assert [r["replicas_identical"] for r in rows] == [True, True, True]
+    assert [r["replicas_identical"] for r in metrics(runs / "bn")] == [True, True]
     state = ckpt(runs / "two")["plasticity"]
     assert state["counters"]["applied"] > 0 and all(f["valid"] for f in state["fits"].values())
 

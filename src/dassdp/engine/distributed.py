@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 __all__ = [
     "DistInfo",
+    "broadcast_buffers",
     "cleanup_distributed",
     "init_distributed",
     "pick_device",
@@ -73,11 +74,21 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Under DDP: copy every buffer (BatchNorm running statistics, firing-rate estimates) from
+    rank ``src`` to all ranks, as DDP itself does at the start of each forward. Called after a
+    training epoch so that evaluation and checkpoints see one model, not one per rank."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for buf in model.buffers():
+        dist.broadcast(buf, src)
+
+
 def state_digest(model: torch.nn.Module, extra: bytes = b"") -> str:
     """SHA-256 over every parameter and buffer (names, dtypes, shapes and raw bytes)."""
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
+        t = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d buffers too
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     h.update(extra)

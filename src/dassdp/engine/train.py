@@ -63,7 +63,12 @@ from dassdp.engine.config import (
     config_from_dict,
     save_config,
 )
-from dassdp.engine.distributed import init_distributed, pick_device, replicas_identical
+from dassdp.engine.distributed import (
+    broadcast_buffers,
+    init_distributed,
+    pick_device,
+    replicas_identical,
+)
 from dassdp.engine.metrics import FiringRates, LossMeter, MetricsWriter, PlasticityMeter
 from dassdp.engine.seed import get_rng_state, seed_everything, set_rng_state
 from dassdp.plasticity import distributed as D
@@ -312,6 +317,7 @@ class Trainer:
                 plast.update()
             dassdp.reset(self.model)  # neuron states and DA-SSDP recorder buffers
             meter.update(loss.detach(), logits.detach(), y)
+        broadcast_buffers(self.model)  # DDP: rank 0's BN statistics for eval and checkpoints
         out: dict[str, Any] = {"train": meter.result(), "nonfinite_steps": nonfinite}
         out["firing_rate"] = self.firing.pop()
         if plast is not None:
