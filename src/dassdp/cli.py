@@ -15,8 +15,13 @@ from collections.abc import Sequence
 # command name -> module under dassdp.commands
 COMMANDS: dict[str, str] = {
     "demo": "demo",
+    "train": "train",
+    "eval": "eval",
     "ls": "ls",
     "bench": "bench",
+    "data": "data",
+    "compare": "compare",
+    "report": "report",
 }
 
 

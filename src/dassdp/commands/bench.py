@@ -16,6 +16,9 @@ HELP = "run a benchmark and record it in docs/benchmarks.md"
 BENCHMARKS: dict[str, str] = {
     "models": "models",
     "rule": "rule",
+    "overhead": "overhead",
+    "throughput": "throughput",
+    "ddp": "ddp",
 }
 
 

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dassdp.experiments.robustness import Perturbation
 
 HELP = "evaluate a checkpoint on its dataset's test split"
 
@@ -37,14 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="write the robustness JSON here")
 
 
-def _conditions(args: argparse.Namespace) -> list:
+def _conditions(args: argparse.Namespace) -> list[Perturbation]:
+    """One perturbation per value of ``--jitter``, ``--drop`` and ``--noise`` (in that order)."""
     from dassdp.experiments.robustness import Perturbation
 
     kinds = ("jitter", "drop", "noise")
     return [Perturbation(k, v) for k in kinds for v in (getattr(args, k, None) or [])]
 
 
-def run_robustness(args: argparse.Namespace, conditions: list) -> int:
+def run_robustness(args: argparse.Namespace, conditions: list[Perturbation]) -> int:
     """Clean + one evaluation per perturbation; print a table, optionally write JSON."""
     from pathlib import Path
 

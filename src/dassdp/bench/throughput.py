@@ -1,0 +1,348 @@
+"""``dassdp bench throughput``: training images/s of our model against SpikingJelly neurons.
+
+The same architecture is built twice through the model's injectable ``neuron_layer``:
+
+* ``dassdp``: our multi-step :class:`dassdp.neurons.LIF` (the default);
+* ``spikingjelly``: ``spikingjelly.activation_based.neuron.LIFNode(tau=2., v_threshold=1.,
+  v_reset=0., detach_reset=True, step_mode='m', surrogate_function=surrogate.ATan())``, the
+  same neuron (tau 2, threshold 1, hard reset to 0, ATan surrogate with alpha 2, detached
+  reset, decayed input) from SpikingJelly 2.0.
+
+Both copies start from the same weights (the neurons have no parameters) and see the same
+random batch. One training step = forward, cross-entropy, ``zero_grad``, backward, AdamW
+step, ``dassdp.reset`` (which calls SpikingJelly's ``reset()`` on its stateful neurons). The
+two run interleaved (alternating who goes first) after untimed warm-up steps; images/s =
+batch / median step time, and the ratio is ours / SpikingJelly's (target >= 1.0). As a check
+that the two are the same network, the logits of the first (untimed) forward are compared.
+
+SpikingJelly is not a dependency of dassdp. Install it for this benchmark only::
+
+    pip install --no-deps spikingjelly==2.0.0 'loguru>=0.7,<1'
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HELP = "training images/s of spikingresformer_cifar: our LIF vs SpikingJelly 2.0's LIFNode"
+
+TARGET_RATIO = 1.0
+BACKENDS = ("dassdp", "spikingjelly")
+INSTALL_HINT = "pip install --no-deps spikingjelly==2.0.0 'loguru>=0.7,<1'"
+
+
+def spikingjelly_lif() -> Callable[[], Any]:
+    """A ``neuron_layer`` factory for SpikingJelly's multi-step ``LIFNode`` with our LIF's
+    settings; a clear ``RuntimeError`` when SpikingJelly (or its ``loguru``) is missing."""
+    try:
+        from spikingjelly.activation_based import neuron, surrogate
+    except ImportError as err:
+        raise RuntimeError(
+            f"bench throughput needs SpikingJelly 2.0 (not a dassdp dependency): {err}. "
+            f"Install it for the benchmark only: {INSTALL_HINT}"
+        ) from err
+
+    def make() -> Any:
+        return neuron.LIFNode(
+            tau=2.0,
+            v_threshold=1.0,
+            v_reset=0.0,
+            detach_reset=True,
+            step_mode="m",
+            surrogate_function=surrogate.ATan(),
+        )
+
+    return make
+
+
+def spikingjelly_version() -> str:
+    """The installed SpikingJelly version (``"absent"`` when not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("spikingjelly")
+    except PackageNotFoundError:
+        return "absent"
+
+
+def build(model_name: str, backend: str, *, T: int, seed: int, device: Any) -> Any:
+    """Model ``model_name`` with our neurons or SpikingJelly's, weights seeded by ``seed``."""
+    import torch
+
+    from dassdp import create_model
+
+    kwargs: dict[str, Any] = {"num_classes": 10, "T": T}
+    if backend == "spikingjelly":
+        kwargs["neuron_layer"] = spikingjelly_lif()
+    elif backend != "dassdp":
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    torch.manual_seed(seed)
+    return create_model(model_name, **kwargs).to(device).train()
+
+
+def bench_throughput(
+    model_name: str = "spikingresformer_cifar",
+    *,
+    batch: int = 8,
+    size: int = 32,
+    T: int = 4,
+    reps: int = 3,
+    warmup: int = 1,
+    device: str = "cpu",
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Measure both backends at one batch size; returns one row per backend."""
+    import torch
+    import torch.nn.functional as F
+
+    import dassdp
+    from dassdp.bench.timing import median, sync
+
+    if warmup < 1 or reps < 1:
+        raise ValueError("throughput needs >= 1 warm-up step and >= 1 timed step")
+    dev = torch.device(device)
+    models = {b: build(model_name, b, T=T, seed=seed, device=dev) for b in BACKENDS}
+    # Identical weights whatever the neuron class did to the RNG stream.
+    models["spikingjelly"].load_state_dict(copy.deepcopy(models["dassdp"].state_dict()))
+    in_ch = next(m for m in models["dassdp"].modules() if isinstance(m, torch.nn.Conv2d))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, in_ch.in_channels, size, size, generator=gen).to(dev)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(dev)
+    opts = {
+        b: torch.optim.AdamW(m.parameters(), lr=5e-4, weight_decay=0.01) for b, m in models.items()
+    }
+    times: dict[str, list[float]] = {b: [] for b in BACKENDS}
+    logits: dict[str, Any] = {}
+    for r in range(warmup + reps):
+        order = BACKENDS if r % 2 == 0 else BACKENDS[::-1]
+        for b in order:
+            model, opt = models[b], opts[b]
+            sync(dev)
+            start = time.perf_counter()
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            dassdp.reset(model)
+            sync(dev)
+            sec = time.perf_counter() - start
+            if r == 0:
+                logits[b] = out.detach().float().cpu()
+            if r >= warmup:
+                times[b].append(sec)
+            if log:
+                tag = "warm-up" if r < warmup else f"step {r - warmup + 1}/{reps}"
+                log(f"  batch {batch} {tag:<9} {b:<12} {sec:8.3f} s")
+    diff = float((logits["dassdp"] - logits["spikingjelly"]).abs().max())
+    ips = {b: batch / median(times[b]) for b in BACKENDS}
+    ratio = ips["dassdp"] / ips["spikingjelly"]
+    rows = []
+    for b in BACKENDS:
+        rows.append(
+            {
+                "model": model_name,
+                "backend": b,
+                "neuron": "dassdp.neurons.LIF" if b == "dassdp" else "LIFNode (step_mode=m)",
+                "batch": batch,
+                "input": f"{in_ch.in_channels}x{size}x{size}",
+                "T": T,
+                "device": device,
+                "reps": reps,
+                "step_s": round(median(times[b]), 4),
+                "step_s_min": round(min(times[b]), 4),
+                "step_s_max": round(max(times[b]), 4),
+                "images_per_s": round(ips[b], 3),
+                "ratio_ours_over_sj": round(ratio, 3),
+                "ratio_by_min_step": round(min(times["spikingjelly"]) / min(times["dassdp"]), 3),
+                "first_logits_max_abs_diff": f"{diff:.3g}",
+                "target_met": "yes" if ratio >= TARGET_RATIO else "no",
+            }
+        )
+    return rows
+
+
+def bench_neuron(
+    shape: tuple[int, ...],
+    *,
+    reps: int = 20,
+    warmup: int = 2,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict[str, float]:
+    """Forward + backward of the neuron alone on ``x [T, B, C, H, W]`` = ``shape``, both
+    backends interleaved; returns the median milliseconds per call for each.
+
+    The model around the neurons is identical in both builds, so this isolates the one part
+    that differs (less noisy than whole training steps on a shared machine).
+    """
+    import torch
+
+    from dassdp.bench.timing import median, timed
+    from dassdp.neurons import LIF
+
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    x = (1.5 * torch.randn(shape, generator=gen)).to(dev).requires_grad_(True)
+    grad = torch.randn(shape, generator=gen).to(dev)
+    neurons = {"dassdp": LIF(), "spikingjelly": spikingjelly_lif()()}
+    times: dict[str, list[float]] = {b: [] for b in BACKENDS}
+
+    def call(neuron: Any) -> None:
+        out = neuron(x)
+        out.backward(grad)
+        x.grad = None
+        if hasattr(neuron, "reset"):
+            neuron.reset()
+
+    for r in range(warmup + reps):
+        for b in BACKENDS if r % 2 == 0 else BACKENDS[::-1]:
+            sec, _ = timed(lambda b=b: call(neurons[b]), dev)
+            if r >= warmup:
+                times[b].append(sec)
+    return {b: median(times[b]) * 1e3 for b in BACKENDS}
+
+
+def markdown(
+    rows: list[dict[str, Any]],
+    env: dict[str, Any],
+    csv_path: Path,
+    load: tuple[str, str],
+    sj_version: str,
+) -> str:
+    """The ``## throughput`` section body."""
+    lines = [
+        "Training images/s of the same architecture with our multi-step LIF and with",
+        f"SpikingJelly {sj_version}'s `LIFNode(tau=2., v_threshold=1., v_reset=0., "
+        "detach_reset=True, step_mode='m', surrogate_function=surrogate.ATan())`, injected",
+        "through the model's `neuron_layer`. One step = forward, cross-entropy, backward, AdamW",
+        "step, `dassdp.reset`; same weights and batch; the two interleaved; images/s = batch /",
+        "median step time over the timed steps after the warm-up step(s). *ratio* = ours /",
+        "SpikingJelly's (target >= 1.0). *logit diff*: max |difference| of the two models'",
+        "first-step logits (same network: 0 up to float rounding). *ratio by min step*: the",
+        "same ratio from the fastest step of each (less sensitive to other jobs' load).",
+        "*LIF op*: the neuron alone, forward + backward on `[T, B, C, H, W]` (shape in the CSV;",
+        "C = 256, the widest neuron input of the first stage), median of 20 interleaved calls;",
+        "*LIF op ratio* = SpikingJelly ms / ours (> 1: ours faster).",
+        "SpikingJelly is installed for this benchmark only (`pip install --no-deps",
+        "spikingjelly==2.0.0 'loguru>=0.7,<1'`); it is not a dependency of dassdp.",
+        "",
+        f"- command: `{env['command']}`",
+        f"- torch {env['torch']}, {env['threads']} thread(s), CPU: {env['cpu']} "
+        f"({env['cores']} cores), Python {env['python']}",
+        f"- date: {env['date']}; load average (1, 5, 15 min) before: {load[0]}, after: "
+        f"{load[1]} (a shared machine); CSV: `{csv_path}`",
+        "",
+        "| model | neurons | batch | input | T | step s (median) | min-max s | images / s "
+        "| ratio ours / SJ | ratio by min step | LIF op ms | LIF op ratio | logit diff "
+        "| target met |",
+        "|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['backend']} | {r['batch']} | {r['input']} | {r['T']} | "
+            f"{r['step_s']:.3f} | {r['step_s_min']:.3f}-{r['step_s_max']:.3f} | "
+            f"{r['images_per_s']:.2f} | {r['ratio_ours_over_sj']:.3f} | "
+            f"{r['ratio_by_min_step']:.3f} | {r['lif_op_ms']:.1f} | {r['lif_op_ratio']:.3f} | "
+            f"{r['first_logits_max_abs_diff']} | {r['target_met']} |"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="spikingresformer_cifar",
+        help="registered model taking neuron_layer= (default spikingresformer_cifar)",
+    )
+    parser.add_argument("--batch", type=int, nargs="+", default=[8], help="batch sizes (default 8)")
+    parser.add_argument("--size", type=int, default=32, help="input height = width (default 32)")
+    parser.add_argument("--T", type=int, default=4, help="time steps (default 4)")
+    parser.add_argument("--reps", type=int, default=3, help="timed steps per backend (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    parser.add_argument(
+        "--neuron-channels",
+        type=int,
+        default=256,
+        help="channels C of the neuron-alone timing on [T, B, C, size, size] (default 256, "
+        "the widest neuron input of spikingresformer_cifar's first stage)",
+    )
+    parser.add_argument(
+        "--neuron-reps", type=int, default=20, help="timed neuron-alone calls (default 20)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="CSV output (default docs/bench/throughput.csv, or throughput-cuda.csv on a GPU)",
+    )
+    parser.add_argument(
+        "--doc",
+        type=Path,
+        default=Path("docs/benchmarks.md"),
+        help="Markdown file whose '## throughput' (or '## throughput (cuda)') section is replaced",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    import torch
+
+    from dassdp.bench.report import environment, replace_section, write_csv
+    from dassdp.bench.timing import default_csv, device_of, load_average, section_name
+
+    sizes = [*args.batch, args.size, args.T, args.reps, args.threads, args.warmup]
+    if min([*sizes, args.neuron_channels, args.neuron_reps]) < 1:
+        raise ValueError(
+            "--batch, --size, --T, --reps, --warmup, --threads, --neuron-channels and "
+            "--neuron-reps must be >= 1"
+        )
+    try:
+        spikingjelly_lif()
+    except RuntimeError as err:
+        print(f"dassdp bench throughput: {err}", file=sys.stderr)
+        return 3
+    device = str(device_of(args.device))
+    out = args.out if args.out is not None else default_csv("throughput", device)
+    torch.set_num_threads(args.threads)
+    load_before = load_average()
+    rows: list[dict[str, Any]] = []
+    for batch in args.batch:
+        print(f"{args.model}: batch {batch}, {args.size}x{args.size}, T={args.T}", flush=True)
+        got = bench_throughput(
+            args.model, batch=batch, size=args.size, T=args.T, reps=args.reps,
+            warmup=args.warmup, device=device, seed=args.seed,
+            log=lambda s: print(s, flush=True),
+        )  # fmt: skip
+        shape = (args.T, batch, args.neuron_channels, args.size, args.size)
+        lif = bench_neuron(shape, reps=args.neuron_reps, device=device, seed=args.seed)
+        for r in got:
+            r["lif_op_shape"] = "x".join(str(d) for d in shape)
+            r["lif_op_ms"] = round(lif[r["backend"]], 3)
+            r["lif_op_ratio"] = round(lif["spikingjelly"] / lif["dassdp"], 3)
+        for r in got:
+            print(
+                f"batch {batch:<4} {r['backend']:<12} LIF op {r['lif_op_ms']:8.2f} ms  "
+                f"{r['images_per_s']:8.2f} images/s  "
+                f"ratio ours/SJ {r['ratio_ours_over_sj']:.3f}  "
+                f"logit diff {r['first_logits_max_abs_diff']}",
+                flush=True,
+            )
+        rows += got
+    write_csv(out, rows)
+    section = markdown(
+        rows, environment(), out, (load_before, load_average()), spikingjelly_version()
+    )
+    replace_section(args.doc, section_name("throughput", device), section)
+    print(f"wrote {out} and the '## {section_name('throughput', device)}' section of {args.doc}")
+    return 0

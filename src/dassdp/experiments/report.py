@@ -1,0 +1,526 @@
+"""``dassdp report DIR``: tables, CSV files and plots of a paired comparison folder.
+
+Reads only result files (``DIR/<variant>/seed<k>/{metrics.jsonl, config.yaml, run.json,
+done.json, robustness.json}`` and ``DIR/compare.json``) and writes into ``DIR``:
+
+- ``report.md``: the headline table (n, mean ± std of the final test acc@1, the paired
+  difference to ``baseline`` with its bootstrap 95% CI, paired-t and Wilcoxon p, and the
+  Holm-adjusted t p over the variants), per-seed values, the fitted gates, plasticity and
+  firing-rate summaries and, when ``robustness.json`` files exist, a robustness table;
+- CSV tables: ``runs.csv``, ``summary.csv``, ``curves.csv``, ``gate.csv``,
+  ``plasticity.csv``, ``firing.csv`` (and ``robustness.csv``, ``robustness_summary.csv``);
+- PNG plots (matplotlib, Agg): ``accuracy_curves.png``, ``final_paired.png``,
+  ``delta_vs_baseline.png``, ``warmup_sync_loss.png``, ``plasticity.png``,
+  ``firing_rates.png`` (and ``robustness.png``).
+
+The unit of analysis is the seed: only finished runs (``done.json``) enter the statistics,
+and a variant is compared with the baseline on the seeds both have. "Final" is the last
+epoch's test accuracy (the best epoch would be selected on the test set).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from dassdp.experiments.stats import PairedComparison, compare_paired
+
+__all__ = ["Run", "load_runs", "summarize", "write_report"]
+
+BASELINE = "baseline"
+ALPHA = 0.05
+
+
+@dataclass
+class Run:
+    """One run folder's results: metrics rows (one per epoch), config, markers."""
+
+    variant: str
+    seed: int
+    path: Path
+    rows: list[dict[str, Any]]
+    config: dict[str, Any]
+    done: dict[str, Any] | None
+    robustness: dict[str, Any] | None
+
+    @property
+    def final_acc1(self) -> float:
+        return float(self.rows[-1]["test"]["acc1"]) if self.rows else math.nan
+
+    @property
+    def revision(self) -> str:
+        meta = _read_json(self.path / "run.json") or {}
+        return str((self.done or {}).get("revision") or meta.get("revision") or "unknown")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _read_json(path: Path) -> Any:
+    """The file's JSON, or None when it is missing or unreadable (a run killed mid-write)."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        return None
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl`` (as :func:`dassdp.engine.read_metrics`, without torch)."""
+    file = path / "metrics.jsonl"
+    if not file.is_file():
+        return []
+    rows = []
+    for line in filter(str.strip, file.read_text().splitlines()):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a row cut short by a kill: the rows before it are complete
+    return rows
+
+
+def load_runs(root: str | os.PathLike) -> list[Run]:
+    """Every ``<variant>/seed<k>`` folder under ``root`` that has metrics."""
+    runs = []
+    for folder in sorted(Path(root).glob("*/seed*")):
+        seed = folder.name[4:]
+        if not (folder.is_dir() and seed.isdigit()):
+            continue
+        rows = _read_rows(folder)
+        if not rows:
+            continue
+        cfg_path = folder / "config.yaml"
+        config = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+        done, robust = _read_json(folder / "done.json"), _read_json(folder / "robustness.json")
+        runs.append(Run(folder.parent.name, int(seed), folder, rows, config or {}, done, robust))
+    return runs
+
+
+def variant_order(root: Path, runs: Sequence[Run]) -> list[str]:
+    """The variants in ``compare.json`` order (baseline first), then any others found."""
+    manifest = _read_json(root / "compare.json") or {}
+    found = {r.variant for r in runs}
+    order = [v for v in manifest.get("variants", []) if v in found]
+    order += sorted(found - set(order))
+    return sorted(order, key=lambda v: v != BASELINE)  # stable: baseline first
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def _finals(runs: Iterable[Run], variant: str) -> dict[int, float]:
+    return {r.seed: r.final_acc1 for r in runs if r.variant == variant and r.done}
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (NaN stays NaN and is not counted)."""
+    idx = [i for i, p in enumerate(pvalues) if not math.isnan(p)]
+    out = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: pvalues[i])):
+        running = max(running, min(1.0, (len(idx) - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+def summarize(runs: Sequence[Run], variants: Sequence[str], ref: str) -> list[dict[str, Any]]:
+    """One row per variant: n, mean, std, and the paired comparison with ``ref``."""
+    base = _finals(runs, ref)
+    rows = []
+    for v in variants:
+        finals = _finals(runs, v)
+        values = np.array(list(finals.values()), dtype=np.float64)
+        std = float(values.std(ddof=1)) if values.size > 1 else math.nan
+        row: dict[str, Any] = {"variant": v, "n": values.size, "mean": _mean(values), "std": std}
+        if v != ref:
+            row.update(_paired(compare_paired(base, finals)))
+        rows.append(row)
+    others = [r for r in rows if r["variant"] != ref]
+    for row, p in zip(others, holm([r["p_ttest"] for r in others])):
+        row["p_holm"] = p
+    return rows
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if values.size else math.nan
+
+
+def _paired(c: PairedComparison) -> dict[str, Any]:
+    keys = ("delta", "ci_low", "ci_high", "p_ttest", "p_wilcoxon")
+    return {"n_paired": c.n, **{k: getattr(c, k) for k in keys}}
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _num(x: Any, fmt: str = ".2f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return format(x, fmt)
+
+
+def _p(x: Any) -> str:
+    return _num(x, ".3g")
+
+
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _summary_md(rows: Sequence[dict[str, Any]], ref: str) -> str:
+    header = ["variant", "n", "final acc@1 (%)", f"Δ vs {ref}", "95% CI", "p (t)", "p (Wilcoxon)"]
+    header.append("p (t, Holm)")
+    body = []
+    for r in rows:
+        cells = [r["variant"], r["n"], f"{_num(r['mean'])} ± {_num(r['std'])}"]
+        if r["variant"] == ref:
+            cells += ["–"] * 5
+        else:
+            ci = f"[{_num(r['ci_low'], '+.2f')}, {_num(r['ci_high'], '+.2f')}]"
+            cells += [_num(r["delta"], "+.2f"), ci, _p(r["p_ttest"]), _p(r["p_wilcoxon"])]
+            cells.append(_p(r.get("p_holm")))
+        body.append(cells)
+    return _md_table(header, body)
+
+
+def _verdict(rows: Sequence[dict[str, Any]], ref: str) -> str:
+    """Plain sentences: which differences are significant at ALPHA (Holm-adjusted t-test)."""
+    lines = []
+    for r in rows:
+        if r["variant"] == ref:
+            continue
+        if r.get("n_paired", 0) < 2:
+            lines.append(f"- **{r['variant']}**: fewer than 2 paired seeds, no test.")
+            continue
+        sig = r["p_holm"] < ALPHA and not (r["ci_low"] <= 0 <= r["ci_high"])
+        word = "**significant**" if sig else "not significant"
+        lines.append(
+            f"- **{r['variant']}** vs {ref}: Δ {r['delta']:+.2f} points "
+            f"(95% CI [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}], n = {r['n_paired']}, "
+            f"paired t p = {_p(r['p_ttest'])}, Holm p = {_p(r['p_holm'])}): {word} "
+            f"at α = {ALPHA}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _per_seed(runs: Sequence[Run], variants: Sequence[str]) -> str:
+    seeds = sorted({r.seed for r in runs if r.done})
+    finals = {v: _finals(runs, v) for v in variants}
+    body = [[s, *[_num(finals[v].get(s)) for v in variants]] for s in seeds]
+    return _md_table(["seed", *variants], body)
+
+
+# ---------------------------------------------------------------- long-form rows
+
+
+def curve_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """One row per (run, epoch): train/test loss and accuracy, learning rate."""
+    out = []
+    for r in runs:
+        for row in r.rows:
+            tr, te = row.get("train", {}), row.get("test", {})
+            out.append(
+                {
+                    "variant": r.variant,
+                    "seed": r.seed,
+                    "epoch": row["epoch"],
+                    "lr": row.get("lr"),
+                    "train_loss": tr.get("loss"),
+                    "train_acc1": tr.get("acc1"),
+                    "test_loss": te.get("loss"),
+                    "test_acc1": te.get("acc1"),
+                }
+            )
+    return out
+
+
+def plasticity_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """One row per (run, epoch, site): phase, synchrony, gate mean, |dW|, train loss."""
+    keys = ("synchrony", "gate_mean", "dw_abs_mean", "dw_abs_max", "pre_fired", "post_fired")
+    out = []
+    for r in runs:
+        for row in r.rows:
+            plast = row.get("plasticity") or {}
+            if plast.get("phase") == "off":
+                continue
+            for site, m in (plast.get("sites") or {}).items():
+                base = {"variant": r.variant, "seed": r.seed, "epoch": row["epoch"], "site": site}
+                base["phase"] = plast.get("phase")
+                base["train_loss"] = row.get("train", {}).get("loss")
+                out.append({**base, **{k: m.get(k) for k in keys}})
+    return out
+
+
+def gate_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """The gate fit of each run and site (from the last epoch's metrics)."""
+    out = []
+    for r in runs:
+        plast = r.rows[-1].get("plasticity") or {}
+        if plast.get("phase") == "off":
+            continue
+        for site, m in (plast.get("sites") or {}).items():
+            fit = {k: m.get(f"gate_{k}") for k in ("k", "mu", "sd", "valid", "reason")}
+            out.append({"variant": r.variant, "seed": r.seed, "site": site, **fit})
+    return out
+
+
+def firing_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """One row per (run, epoch, neuron layer): mean spikes per neuron per time step."""
+    out = []
+    for r in runs:
+        for row in r.rows:
+            for layer, rate in (row.get("firing_rate") or {}).items():
+                out.append(
+                    {"variant": r.variant, "seed": r.seed, "epoch": row["epoch"], "layer": layer}
+                    | {"rate": rate}
+                )
+    return out
+
+
+def robustness_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """One row per (finished run, condition) of the ``robustness.json`` files."""
+    out = []
+    for r in runs:
+        for c in (r.robustness or {}).get("conditions", []) if r.done else []:
+            out.append(
+                {"variant": r.variant, "seed": r.seed, "condition": c["name"], "acc1": c["acc1"]}
+            )
+    return out
+
+
+# ---------------------------------------------------------------- grouped summaries
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    v = np.array([x for x in values if x is not None], dtype=np.float64)
+    if not v.size:
+        return "–"
+    if v.size == 1:
+        return f"{v.mean():.4g}"
+    std = v.std(ddof=1)
+    std = 0.0 if std <= 1e-12 * abs(v.mean()) else std  # float noise of equal values
+    return f"{v.mean():.4g} ± {std:.2g}"
+
+
+def _gate_md(rows: Sequence[dict[str, Any]], variants: Sequence[str]) -> str:
+    sites = list(dict.fromkeys(r["site"] for r in rows))
+    body = []
+    for v in variants:
+        for s in sites:
+            sel = [r for r in rows if r["variant"] == v and r["site"] == s]
+            fitted = [r for r in sel if r["valid"]]
+            if not sel:
+                continue
+            cells = [_mean_std([r[k] for r in fitted]) for k in ("k", "mu", "sd")]
+            body.append([v, s, f"{len(fitted)}/{len(sel)}", *cells])
+    header = ["variant", "site", "fitted", "k = -corr(S, L)", "mu (mean S)", "sd (S)"]
+    return _md_table(header, body) if body else "No DA-SSDP sites in these runs.\n"
+
+
+def _plasticity_md(rows: Sequence[dict[str, Any]], variants: Sequence[str]) -> str:
+    body = []
+    for v in variants:
+        for s in dict.fromkeys(r["site"] for r in rows if r["variant"] == v):
+            act = [r for r in rows if r["variant"] == v and r["site"] == s]
+            act = [r for r in act if r["phase"] == "active"]
+            if not act:
+                continue
+            cells = [_mean_std([r[k] for r in act]) for k in ("synchrony", "gate_mean")]
+            cells.append(_mean_std([r["dw_abs_mean"] for r in act]))
+            body.append([v, s, len(act), *cells])
+    header = ["variant", "site", "active epochs × seeds", "synchrony S", "gate G", "|dW| mean"]
+    return _md_table(header, body) if body else "No active DA-SSDP epochs in these runs.\n"
+
+
+def _firing_md(rows: Sequence[dict[str, Any]], variants: Sequence[str]) -> str:
+    if not rows:
+        return "No firing rates recorded.\n"
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    last = {}
+    for r in rows:  # the final epoch's rate of each run and layer
+        last[(r["variant"], r["seed"], r["layer"])] = r["rate"]
+
+    def cell(v: str, layer: str) -> str:
+        return _mean_std([x for (vv, _, ly), x in last.items() if vv == v and ly == layer])
+
+    body = [[v, *[cell(v, layer) for layer in layers]] for v in variants]
+    return _md_table(["variant", *layers], body)
+
+
+def robustness_summary(
+    rows: Sequence[dict[str, Any]], variants: Sequence[str], ref: str
+) -> list[dict[str, Any]]:
+    """Per (condition, variant): n, mean ± std acc@1, paired Δ vs ``ref`` with CI and p."""
+    out = []
+    for cond in dict.fromkeys(r["condition"] for r in rows):
+        per = {
+            v: {r["seed"]: r["acc1"] for r in rows if r["condition"] == cond and r["variant"] == v}
+            for v in variants
+        }
+        for v in variants:
+            if not per[v]:
+                continue
+            values = np.array(list(per[v].values()))
+            std = float(values.std(ddof=1)) if values.size > 1 else math.nan
+            row = {"condition": cond, "variant": v, "n": values.size, "mean": values.mean()}
+            row["std"] = std
+            if v != ref and per.get(ref):
+                row.update(_paired(compare_paired(per[ref], per[v])))
+            out.append(row)
+    return out
+
+
+def _robustness_md(rows: Sequence[dict[str, Any]], ref: str) -> str:
+    body = []
+    for r in rows:
+        delta = "–"
+        if "delta" in r:
+            delta = f"{r['delta']:+.2f} [{_num(r['ci_low'], '+.2f')}, {_num(r['ci_high'], '+.2f')}]"
+        p = f"{_p(r.get('p_ttest'))} / {_p(r.get('p_wilcoxon'))}" if "delta" in r else "–"
+        body.append([r["condition"], r["variant"], r["n"], f"{_num(r['mean'])} ± {_num(r['std'])}"])
+        body[-1] += [delta, p]
+    header = ["condition", "variant", "n", "acc@1 (%)", f"Δ vs {ref} [95% CI]", "p (t / Wilcoxon)"]
+    return _md_table(header, body)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _context(root: Path, runs: Sequence[Run]) -> str:
+    manifest = _read_json(root / "compare.json") or {}
+    cfg = runs[0].config if runs else {}
+    plast = cfg.get("plasticity") or {}
+    revisions = sorted({r.revision for r in runs})
+    lines = [
+        f"- config: `{manifest.get('config', 'unknown')}`; model `{cfg.get('model')}` on "
+        f"`{cfg.get('dataset')}`, {cfg.get('epochs')} epochs, T = {cfg.get('T')}, "
+        f"DA-SSDP warm-up {plast.get('warmup_epochs')} epoch(s)",
+        f"- code revision(s): {', '.join(f'`{r}`' for r in revisions)}",
+    ]
+    invocations = manifest.get("invocations") or []
+    if invocations:
+        lines.append(f"- command: `{' '.join(invocations[-1].get('argv', []))}`")
+    unfinished = [f"{r.variant} seed{r.seed} ({len(r.rows)} epochs)" for r in runs if not r.done]
+    if unfinished:
+        lines.append(f"- unfinished, left out of the statistics: {', '.join(unfinished)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(root: str | os.PathLike) -> Path:
+    """Write ``report.md``, the CSV tables and the plots into ``root``; returns the report."""
+    from dassdp.experiments import plots
+
+    root = Path(root)
+    runs = load_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"no run folders with metrics under {root} (<variant>/seed<k>/)")
+    variants = variant_order(root, runs)
+    ref = BASELINE if BASELINE in variants else variants[0]
+    done = [r for r in runs if r.done]  # curves and summaries: finished runs only
+    tables = {
+        "runs": [_run_row(r) for r in runs],
+        "summary": summarize(runs, variants, ref),
+        "curves": curve_rows(done),
+        "gate": gate_rows(done),
+        "plasticity": plasticity_rows(done),
+        "firing": firing_rows(done),
+    }
+    robust = robustness_rows(runs)
+    if robust:
+        tables["robustness"] = robust
+        tables["robustness_summary"] = robustness_summary(robust, variants, ref)
+    for name, rows in tables.items():
+        if rows:
+            _write_csv(root / f"{name}.csv", rows)
+    figures = plots.write_all(root, runs, variants, ref, tables)
+    text = _markdown(root, runs, variants, ref, tables, figures)
+    (root / "report.md").write_text(text)
+    return root / "report.md"
+
+
+def _run_row(r: Run) -> dict[str, Any]:
+    best = max((row["test"]["acc1"] for row in r.rows), default=math.nan)
+    return {
+        "variant": r.variant,
+        "seed": r.seed,
+        "epochs": len(r.rows),
+        "finished": bool(r.done),
+        "final_acc1": r.final_acc1,
+        "best_acc1": best,
+        "final_test_loss": r.rows[-1]["test"]["loss"],
+        "revision": r.revision,
+    }
+
+
+def _markdown(
+    root: Path,
+    runs: Sequence[Run],
+    variants: Sequence[str],
+    ref: str,
+    tables: dict[str, list[dict[str, Any]]],
+    figures: dict[str, str],
+) -> str:
+    def fig(name: str, caption: str) -> str:
+        return f"![{caption}]({figures[name]})\n\n*{caption}*\n\n" if name in figures else ""
+
+    parts = [
+        f"# Paired comparison: {root.name}\n\n",
+        _context(root, runs),
+        "\n## Final test accuracy\n\n",
+        "Seeds are paired (same seed: same initial weights and data order). Δ is the mean "
+        f"per-seed difference to `{ref}`, with a percentile bootstrap 95% CI; p from the "
+        "two-sided paired t-test and the Wilcoxon signed-rank test; Holm adjusts the t p over "
+        "the variants shown.\n\n",
+        _summary_md(tables["summary"], ref),
+        "\n",
+        _verdict(tables["summary"], ref),
+        "\n",
+        fig("final_paired", "Final test accuracy per seed; lines join the same seed."),
+        fig("delta_vs_baseline", f"Per-seed difference to {ref}, mean and bootstrap 95% CI."),
+        fig("accuracy_curves", "Test accuracy over epochs (mean ± std over seeds)."),
+        "### Per seed (final test acc@1, %)\n\n",
+        _per_seed(runs, variants),
+        "\n## The dopamine gate\n\n",
+        "Fitted once after warm-up from all warm-up records (S[b], L): "
+        "k = -corr(S, L), G = clip(1 + k (S - mu) / sd, 0, 2). The metrics hold per-epoch "
+        "means, so the scatter shows each warm-up epoch's mean synchrony against its mean "
+        "training loss; k itself comes from the per-sample records.\n\n",
+        _gate_md(tables["gate"], variants),
+        "\n",
+        fig("warmup_sync_loss", "Warm-up synchrony vs loss and the fitted gate G(S)."),
+        "## Plasticity after warm-up\n\n",
+        _plasticity_md(tables["plasticity"], variants),
+        "\n",
+        fig("plasticity", "Gate mean and |dW| per site over training."),
+        "## Firing rates (final epoch, spikes per neuron per step)\n\n",
+        _firing_md(tables["firing"], variants),
+        "\n",
+        fig("firing_rates", "Firing rate per neuron layer over training."),
+    ]
+    if "robustness_summary" in tables:
+        parts += [
+            "## Robustness (input perturbations, final checkpoint)\n\n",
+            _robustness_md(tables["robustness_summary"], ref),
+            "\n",
+            fig("robustness", "Test accuracy under input perturbations (mean ± std)."),
+        ]
+    parts.append(f"CSV tables: {', '.join(f'`{n}.csv`' for n, rows in tables.items() if rows)}.\n")
+    return "".join(parts)

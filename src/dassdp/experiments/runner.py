@@ -1,0 +1,325 @@
+"""Paired multi-seed sweeps: one training run per (variant, seed), resumable, 1 or N processes.
+
+Layout of a comparison folder ``DIR``::
+
+    DIR/compare.json                    what was asked (config, seeds, variants, overrides)
+    DIR/<variant>/seed<k>/config.yaml   the resolved config (code revision in its header)
+    DIR/<variant>/seed<k>/run.json      revision, versions, start time (the engine's)
+    DIR/<variant>/seed<k>/metrics.jsonl one row per epoch
+    DIR/<variant>/seed<k>/last.pt       the latest checkpoint (resume point)
+    DIR/<variant>/seed<k>/done.json     written atomically, last: the run is finished
+    DIR/<variant>/seed<k>/robustness.json   (optional) accuracy under input perturbations
+
+Pairing: the config's ``seed`` is the only source of randomness (initial weights, data
+order, augmentation) and DA-SSDP never draws from the global generators, so runs with the
+same seed differ only by the variant's knobs.
+
+Resuming: a folder with ``done.json`` is skipped; one with ``last.pt`` continues from it
+(the engine restores everything, so an interrupted run ends exactly as an uninterrupted
+one); one without is started. A folder whose config differs from the requested one is an
+error, never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dassdp.engine import config_to_dict, fit, load_checkpoint, load_config, read_metrics
+from dassdp.engine.config import ConfigError, TrainConfig
+from dassdp.engine.train import RESUMABLE_CHANGES, code_revision, evaluate_checkpoint
+from dassdp.experiments.robustness import Perturbation, Perturber
+from dassdp.experiments.variants import variant_overrides
+
+__all__ = [
+    "DONE",
+    "RunSpec",
+    "SweepResult",
+    "evaluate_robustness",
+    "parse_seeds",
+    "plan",
+    "run_one",
+    "run_sweep",
+    "write_json_atomic",
+]
+
+DONE = "done.json"
+ROBUSTNESS = "robustness.json"
+log = logging.getLogger("dassdp.compare")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep: where, which variant and seed, and the overrides that make it."""
+
+    config: str
+    variant: str
+    seed: int
+    run_dir: str
+    overrides: tuple[str, ...]
+    robustness: tuple[Perturbation, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant} seed{self.seed}"
+
+    def resolve(self) -> TrainConfig:
+        """The run's validated config: file, then user overrides, variant, seed."""
+        return load_config(self.config, self.overrides)
+
+
+@dataclass
+class SweepResult:
+    """What a sweep did, per run label: ``done`` (skipped), ``trained``, ``failed``."""
+
+    status: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def parse_seeds(spec: str | Sequence[int]) -> list[int]:
+    """``"0-4"`` -> [0, 1, 2, 3, 4]; ``"0,2,5-6"`` -> [0, 2, 5, 6] (order kept, no duplicates)."""
+    if not isinstance(spec, str):
+        return list(dict.fromkeys(int(s) for s in spec))
+    seeds: list[int] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        lo, sep, hi = part.partition("-")
+        try:
+            seeds += range(int(lo), int(hi) + 1) if sep else [int(part)]
+        except ValueError:
+            raise ValueError(f"--seeds: {part!r} is not N or N-M (e.g. 0-4 or 0,3,7)") from None
+    if not seeds or min(seeds) < 0:
+        raise ValueError(f"--seeds {spec!r}: give seeds >= 0, e.g. 0-4")
+    return list(dict.fromkeys(seeds))
+
+
+def plan(
+    config: str | os.PathLike,
+    seeds: Sequence[int],
+    variants: Sequence[str],
+    out: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    robustness: Sequence[Perturbation] = (),
+) -> list[RunSpec]:
+    """Every (variant, seed) run, seed-major (so a stopped sweep has whole pairs done)."""
+    specs = []
+    for seed in seeds:
+        for variant in variants:
+            ov = (*overrides, *variant_overrides(variant), f"seed={seed}")
+            run_dir = Path(out) / variant / f"seed{seed}"
+            specs.append(RunSpec(str(config), variant, seed, str(run_dir), ov, tuple(robustness)))
+    return specs
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to a temporary file, flush it to disk, then rename it over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2, allow_nan=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- one run
+
+
+# What may differ between a run folder and the requested run: where and how it runs, not
+# what it computes. Unlike `dassdp train --resume`, `epochs` may not change: the cosine
+# schedule depends on it, and a sweep must not mix runs of different lengths.
+MAY_DIFFER = RESUMABLE_CHANGES - {"epochs"}
+
+
+def _config_conflict(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """Keys (other than :data:`MAY_DIFFER`) where a folder's config differs from ``cfg``."""
+    new = config_to_dict(cfg)
+    keys = set(saved) | set(new)
+    return sorted(k for k in keys if saved.get(k) != new.get(k) and k not in MAY_DIFFER)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping, or ``{}`` for an empty, truncated or foreign file."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _check_folder(run_dir: Path, cfg: TrainConfig) -> bool:
+    """Whether to resume (``last.pt`` exists); raises if the folder holds a different run."""
+    last, saved_yaml = run_dir / "last.pt", run_dir / "config.yaml"
+    if last.is_file() and not (run_dir / DONE).is_file():  # resume: the checkpoint's config
+        saved = load_checkpoint(last)["config"]
+    elif saved_yaml.is_file():
+        saved = _read_yaml(saved_yaml)
+        if not set(config_to_dict(cfg)) <= set(saved):
+            return False  # killed while the engine wrote config.yaml: nothing to keep
+    else:
+        return False
+    conflict = _config_conflict(saved, cfg)
+    if conflict:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k, None)!r}" for k in conflict)
+        raise ConfigError(
+            f"{run_dir} holds a run with a different config ({detail}); it is not overwritten: "
+            "use another --out or remove that folder"
+        )
+    return last.is_file()
+
+
+def _finish(spec: RunSpec, run_dir: Path, wall_s: float) -> dict[str, Any]:
+    rows = read_metrics(run_dir)
+    last = rows[-1] if rows else {}
+    done = {
+        "variant": spec.variant,
+        "seed": spec.seed,
+        "config": spec.config,
+        "overrides": list(spec.overrides),
+        "revision": code_revision(),
+        "epochs": len(rows),
+        "final_test_acc1": last.get("test", {}).get("acc1"),
+        "best_test_acc1": max((r["test"]["acc1"] for r in rows), default=None),
+        "wall_s": wall_s,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json_atomic(run_dir / DONE, done)  # last: marks the run as finished
+    return done
+
+
+def run_one(spec: RunSpec) -> str:
+    """Train (or resume, or skip) one run; then its robustness evaluation if asked.
+
+    Returns ``"done"`` (already finished: nothing is touched) or ``"trained"``.
+    """
+    run_dir = Path(spec.run_dir)
+    cfg = spec.resolve()
+    resume = _check_folder(run_dir, cfg)  # also for finished runs: one config per folder
+    status = "done"
+    if not (run_dir / DONE).is_file():
+        print(f"[compare] {spec.label}: {'resuming' if resume else 'training'} in {run_dir}")
+        start = time.perf_counter()
+        fit(cfg, run_dir, resume=resume)
+        done = _finish(spec, run_dir, time.perf_counter() - start)
+        print(
+            f"[compare] {spec.label}: finished, final test acc@1 {done['final_test_acc1']:.2f}% "
+            f"({done['wall_s'] / 60:.1f} min)"
+        )
+        status = "trained"
+    if spec.robustness and not (run_dir / ROBUSTNESS).is_file():
+        result = evaluate_robustness(run_dir / "last.pt", spec.robustness, seed=spec.seed)
+        write_json_atomic(run_dir / ROBUSTNESS, result)
+    return status
+
+
+def evaluate_robustness(
+    checkpoint: str | os.PathLike,
+    conditions: Sequence[Perturbation],
+    seed: int = 0,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Test metrics of ``checkpoint`` clean and under each perturbation (one at a time).
+
+    Returns ``{"checkpoint", "epoch", "seed", "overrides", "conditions": [{name, kind, value,
+    loss, acc1, acc5, samples}, ...]}`` with ``clean`` first. ``seed`` seeds every perturbation's
+    generator, so runs with the same seed see the same perturbed inputs.
+    """
+    rows = []
+    result: dict[str, Any] = {}
+    for cond in (Perturbation("clean"), *[c for c in conditions if c.kind != "clean"]):
+        transform = None if cond.kind == "clean" else Perturber(cond, seed=seed)
+        result = evaluate_checkpoint(checkpoint, overrides, transform=transform)
+        rows.append({"name": cond.name, "kind": cond.kind, "value": cond.value, **result["test"]})
+    return {
+        "checkpoint": str(checkpoint),
+        "epoch": result.get("epoch"),
+        "seed": seed,
+        "overrides": list(overrides),
+        "conditions": rows,
+    }
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def _write_manifest(out: Path, specs: Sequence[RunSpec], argv: Sequence[str]) -> None:
+    """Record every invocation in ``compare.json`` (seeds and variants accumulate)."""
+    path = out / "compare.json"
+    data = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
+    variants = list(dict.fromkeys([*data.get("variants", []), *(s.variant for s in specs)]))
+    seeds = sorted({*data.get("seeds", []), *(s.seed for s in specs)})
+    entry = {
+        "argv": list(argv),
+        "config": specs[0].config if specs else None,
+        "revision": code_revision(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    data.update(variants=variants, seeds=seeds, config=entry["config"])
+    data["invocations"].append(entry)
+    write_json_atomic(path, data)
+
+
+def _run_safely(spec: RunSpec) -> tuple[str, str | None]:
+    """For worker processes: one run, its status and error text (never raises Exception)."""
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        return run_one(spec), None
+    except Exception as err:  # one failed run must not stop the others
+        return "failed", f"{type(err).__name__}: {err}"
+
+
+def run_sweep(
+    specs: Sequence[RunSpec],
+    out: str | os.PathLike,
+    workers: int = 1,
+    argv: Sequence[str] | None = None,
+) -> SweepResult:
+    """Run every spec (skipping finished ones), sequentially or in ``workers`` processes.
+
+    Failures are collected, not raised (a ``KeyboardInterrupt`` stops the sweep; rerunning
+    it continues where it stopped). Each run first checks that its config is valid.
+    """
+    for spec in specs:
+        spec.resolve()  # every config error before any training starts (or any folder)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_manifest(out, specs, argv if argv is not None else sys.argv)
+    result = SweepResult()
+    if workers <= 1:
+        for spec in specs:
+            result.status[spec.label], error = _run_safely(spec)
+            if error:
+                result.errors[spec.label] = error
+                print(f"[compare] {spec.label}: FAILED: {error}", file=sys.stderr)
+        return result
+    return _run_parallel(specs, workers, result)
+
+
+def _run_parallel(specs: Sequence[RunSpec], workers: int, result: SweepResult) -> SweepResult:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = {pool.submit(_run_safely, spec): spec for spec in specs}
+        for future in as_completed(futures):
+            spec = futures[future]
+            result.status[spec.label], error = future.result()
+            if error:
+                result.errors[spec.label] = error
+                print(f"[compare] {spec.label}: FAILED: {error}", file=sys.stderr)
+    return result

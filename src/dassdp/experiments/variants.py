@@ -1,0 +1,113 @@
+"""Named, composable experiment variants: each is a set of dotted config overrides.
+
+A variant name is one entry of :data:`VARIANTS` or several joined by ``+``
+(``dassdp+no-kernel``). Every variant except ``baseline`` starts from the ``dassdp``
+overrides (plasticity on, fitted gate, no control) and then applies its own knob(s), so
+its resolved config differs from ``dassdp``'s only there; ``baseline`` is ``dassdp`` with
+``plasticity.enabled=false`` (the learner stays attached but inert, so a baseline run is
+bit-identical to a run without DA-SSDP). The parts of a composed name are applied left
+to right; later parts win on a shared key.
+
+=================  ==========================================================================
+name               overrides (on top of ``dassdp``)
+=================  ==========================================================================
+baseline           plasticity.enabled=false
+dassdp             plasticity.enabled=true, gate=fitted, control=none (the paper's rule)
+ssdp               plasticity.gate=one (two-factor SSDP, G = 1)
+compat             preset=compat, latency=last, A_minus=5e-4, sites=compat (released code)
+no-kernel          plasticity.sigma=.inf (no latency kernel)
+classifier-only    plasticity.sites=classifier
+projection-only    plasticity.sites=projection
+shuffled-latency   plasticity.control=shuffled_latency
+random-update      plasticity.control=random_update
+uniform-drift      plasticity.control=uniform_drift
+=================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["BASELINE", "VARIANTS", "Variant", "parse_variants", "variant_overrides"]
+
+BASELINE = "baseline"
+_BASE = "dassdp"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One named variant: its own overrides and a one-line description."""
+
+    overrides: tuple[str, ...]
+    doc: str
+
+
+VARIANTS: dict[str, Variant] = {
+    BASELINE: Variant(("plasticity.enabled=false",), "plasticity off (learner inert)"),
+    _BASE: Variant(
+        ("plasticity.enabled=true", "plasticity.gate=fitted", "plasticity.control=none"),
+        "DA-SSDP: fitted dopamine gate",
+    ),
+    "ssdp": Variant(("plasticity.gate=one",), "two-factor SSDP (gate G = 1)"),
+    "compat": Variant(
+        (
+            "plasticity.preset=compat",
+            "plasticity.latency=last",
+            "plasticity.A_minus=5.0e-4",
+            "plasticity.sites=compat",
+        ),
+        "the released code's semantics",
+    ),
+    "no-kernel": Variant(("plasticity.sigma=.inf",), "ablation: no latency kernel"),
+    "classifier-only": Variant(("plasticity.sites=classifier",), "ablation: classifier site"),
+    "projection-only": Variant(("plasticity.sites=projection",), "ablation: projection site"),
+    "shuffled-latency": Variant(
+        ("plasticity.control=shuffled_latency",), "control: latencies permuted across units"
+    ),
+    "random-update": Variant(
+        ("plasticity.control=random_update",), "control: random-sign dW of the same norm"
+    ),
+    "uniform-drift": Variant(
+        ("plasticity.control=uniform_drift",), "control: constant A_plus * mean(G) drift"
+    ),
+}
+
+
+def _check_name(name: str) -> list[str]:
+    parts = [p.strip() for p in name.split("+")]
+    unknown = [p for p in parts if p not in VARIANTS]
+    if unknown or not all(parts):
+        raise ValueError(
+            f"unknown variant {name!r}; allowed: {', '.join(VARIANTS)} (compose with '+')"
+        )
+    if BASELINE in parts and len(parts) > 1:
+        raise ValueError(f"variant {name!r}: 'baseline' cannot be combined with another variant")
+    return parts
+
+
+def variant_overrides(name: str) -> list[str]:
+    """The dotted overrides of a (composed) variant name, ``dassdp``'s first.
+
+    >>> variant_overrides("ssdp+no-kernel")[-2:]
+    ['plasticity.gate=one', 'plasticity.sigma=.inf']
+    """
+    out = list(VARIANTS[_BASE].overrides)
+    for part in _check_name(name):
+        if part != _BASE:
+            out += VARIANTS[part].overrides
+    return out
+
+
+def parse_variants(spec: str | Sequence[str]) -> list[str]:
+    """``"baseline,dassdp,ssdp+no-kernel"`` -> checked names (order kept, duplicates dropped)."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    names: list[str] = []
+    for item in (i.strip() for i in items):
+        if item:
+            _check_name(item)
+            if item not in names:
+                names.append(item)
+    if not names:
+        raise ValueError("no variants given (e.g. --variants baseline,dassdp)")
+    return names

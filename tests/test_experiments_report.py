@@ -1,0 +1,79 @@
+"""``dassdp report`` on a small fabricated results folder (tests/golden/compare/) with
+hand-checkable numbers (see tests/golden/make_compare_golden.py)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dassdp.cli import main
+
+GOLDEN = Path(__file__).parent / "golden" / "compare"
+FIGURES = (
+    "accuracy_curves",
+    "final_paired",
+    "delta_vs_baseline",
+    "warmup_sync_loss",
+    "plasticity",
+    "firing_rates",
+    "robustness",
+)
+TABLES = ("runs", "summary", "curves", "gate", "plasticity", "firing", "robustness")
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "compare"
+    shutil.copytree(GOLDEN, out)
+    assert main(["report", str(out)]) == 0
+    return out
+
+
+def test_files_are_written(report_dir: Path) -> None:
+    for name in FIGURES:
+        png = report_dir / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    for name in (*TABLES, "robustness_summary"):
+        assert (report_dir / f"{name}.csv").stat().st_size > 0, name
+    text = (report_dir / "report.md").read_text()
+    for name in FIGURES:
+        assert f"({name}.png)" in text
+
+
+def test_headline_table_numbers(report_dir: Path) -> None:
+    text = (report_dir / "report.md").read_text()
+    # dassdp - baseline per seed = 0.5, 0.7, 0.3: mean +0.50, t = 4.33 (df 2) -> p = 0.0494,
+    # exact Wilcoxon with 3 positive differences -> 0.25; Holm over 2 variants -> 0.0988
+    assert "| baseline | 3 | 81.00 ± 1.00 | – |" in text
+    assert "| dassdp | 3 | 81.50 ± 0.92 | +0.50 | [+0.30, +0.70] | 0.0494 | 0.25 | 0.0988 |" in text
+    assert "| shuffled-latency | 3 | 80.97 ± 0.97 | -0.03 |" in text
+    assert "not significant at α = 0.05" in text
+    assert "unfinished, left out of the statistics: baseline seed3" in text
+
+
+def test_tables_per_seed_gate_robustness(report_dir: Path) -> None:
+    text = (report_dir / "report.md").read_text()
+    assert "| 1 | 81.00 | 81.70 | 81.20 |" in text  # per-seed finals
+    assert "| dassdp | classifier | 3/3 | 0.2 ± 0.1 | 0.3 ± 0 | 0.05 ± 0 |" in text
+    assert "| drop=0.1 | baseline | 3 | 76.00 ± 1.00 | – | – |" in text
+    assert "| drop=0.1 | dassdp | 3 | 77.50 ± 0.92 | +1.50 [+1.30, +1.70] |" in text
+    with open(report_dir / "summary.csv") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert float(rows["dassdp"]["delta"]) == pytest.approx(0.5)
+    assert float(rows["dassdp"]["p_ttest"]) == pytest.approx(0.049414, abs=1e-6)
+    with open(report_dir / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert len(runs) == 10 and sum(r["finished"] == "False" for r in runs) == 1
+
+
+def test_report_reads_only_results(report_dir: Path) -> None:
+    """No checkpoint exists in the golden folder: the report never needs one."""
+    assert not list(report_dir.rglob("*.pt"))
+
+
+def test_empty_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no run folders" in capsys.readouterr().err

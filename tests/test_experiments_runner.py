@@ -1,0 +1,143 @@
+"""The sweep runner: pairing by seed, resume after a kill without redoing finished runs,
+no overwrite of a folder that holds a different run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dassdp.engine import fit as engine_fit
+from dassdp.engine import read_metrics
+from dassdp.experiments import runner
+from dassdp.experiments.runner import DONE, parse_seeds, plan, run_sweep
+from engine_fixtures import tiny_dict
+
+VARIANTS = ["baseline", "dassdp"]
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_dict(epochs=3)))
+    return path
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in read_metrics(run_dir)]
+
+
+def _stamps(run_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+
+
+def test_parse_seeds() -> None:
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert parse_seeds("3,0-1,3") == [3, 0, 1]
+    for bad in ("a", "", "2-x"):
+        with pytest.raises(ValueError):
+            parse_seeds(bad)
+
+
+def test_resume_after_kill_skips_finished_runs(
+    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "cmp"
+    specs = plan(config_file, [0], VARIANTS, out)
+    calls: list[tuple[str, Any]] = []
+
+    def killed_in_second_run(cfg: Any, run_dir: Any, resume: Any = False) -> Any:
+        calls.append((Path(run_dir).parent.name, resume))
+        if len(calls) == 2:  # the 2nd run dies after its first epoch (checkpoint written)
+            engine_fit(cfg, run_dir, resume=resume, stop_after=1)
+            raise KeyboardInterrupt
+        return engine_fit(cfg, run_dir, resume=resume)
+
+    monkeypatch.setattr(runner, "fit", killed_in_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(specs, out, argv=[])
+    first, second = out / "baseline" / "seed0", out / "dassdp" / "seed0"
+    assert (first / DONE).is_file() and not (second / DONE).is_file()
+    assert (second / "last.pt").is_file() and len(read_metrics(second)) == 1
+    before, epoch0 = _stamps(first), _rows(second)[0]
+
+    calls.clear()
+    result = run_sweep(specs, out, argv=[])
+    assert result.ok and result.status == {"baseline seed0": "done", "dassdp seed0": "trained"}
+    assert calls == [("dassdp", True)]  # only the interrupted run, resumed from last.pt
+    assert _stamps(first) == before  # the finished run was not touched
+    assert (second / DONE).is_file() and _rows(second)[0] == epoch0
+
+    # the resumed run ends exactly as an uninterrupted one
+    ref = tmp_path / "ref"
+    engine_fit(specs[1].resolve(), ref)
+    assert _rows(second) == _rows(ref)
+
+    # pairing: same seed -> same init and data; the warm-up epoch only records (no change)
+    base = _rows(first)
+    assert base[0]["train"] == epoch0["train"] and base[0]["test"] == epoch0["test"]
+    assert base[0]["firing_rate"] == epoch0["firing_rate"]
+    assert base[-1]["train"] != _rows(second)[-1]["train"]  # DA-SSDP acted afterwards
+
+    calls.clear()
+    assert run_sweep(specs, out, argv=[]).status == {
+        "baseline seed0": "done",
+        "dassdp seed0": "done",
+    }
+    assert calls == []
+
+
+def test_a_folder_with_another_config_is_not_overwritten(config_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    specs = plan(config_file, [1], ["baseline"], out, ["epochs=1"])
+    assert run_sweep(specs, out, argv=[]).ok
+    run_dir = out / "baseline" / "seed1"
+    before = _stamps(run_dir)
+    other = plan(config_file, [1], ["baseline"], out, ["epochs=1", "lr=0.1"])
+    result = run_sweep(other, out, argv=[])
+    assert not result.ok and "different config (lr" in result.errors["baseline seed1"]
+    longer = plan(config_file, [1], ["baseline"], out, ["epochs=2"])  # finished, but shorter
+    assert "different config (epochs" in run_sweep(longer, out, argv=[]).errors["baseline seed1"]
+    assert _stamps(run_dir) == before
+
+
+def test_sigkill_mid_sweep_then_continue(config_file: Path, tmp_path: Path) -> None:
+    """A real kill (SIGKILL of the CLI process) at an arbitrary moment after the first run."""
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "dassdp", "compare", "--config", str(config_file)]
+    cmd += ["--seeds", "0", "--variants", ",".join(VARIANTS), "--out", str(out), "--no-report"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "baseline" / "seed0"
+    deadline = time.monotonic() + 120
+    while not (first / DONE).is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (first / DONE).is_file()
+    before = _stamps(first)
+    specs = plan(config_file, [0], VARIANTS, out)
+    result = run_sweep(specs, out, argv=[])
+    assert result.ok and result.status["baseline seed0"] == "done"
+    assert _stamps(first) == before
+    assert len(read_metrics(out / "dassdp" / "seed0")) == 3
+
+
+def test_a_truncated_config_from_a_kill_during_setup_starts_afresh(
+    config_file: Path, tmp_path: Path
+) -> None:
+    """Regression: a kill while the engine wrote config.yaml left it empty; that folder holds
+    nothing to keep (no checkpoint), so the run starts, instead of a config-mismatch error."""
+    out = tmp_path / "cmp"
+    run_dir = out / "baseline" / "seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("# dassdp train (revision x): resolved config\nna")
+    specs = plan(config_file, [0], ["baseline"], out, ["epochs=1"])
+    assert run_sweep(specs, out, argv=[]).status == {"baseline seed0": "trained"}
