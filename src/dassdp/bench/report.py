@@ -13,10 +13,11 @@ import platform
 import re
 import shlex
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from dassdp._io import atomic_write_text
 
 __all__ = ["atomic_write_text", "cpu_model", "environment", "replace_section", "write_csv"]
 
@@ -50,19 +51,6 @@ def environment(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
     }
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def replace_section(path: Path, name: str, body: str) -> None:

@@ -53,8 +53,9 @@ def run_robustness(args: argparse.Namespace, conditions: list[Perturbation]) -> 
     """Clean + one evaluation per perturbation; print a table, optionally write JSON."""
     from pathlib import Path
 
+    from dassdp._io import atomic_write_json
     from dassdp.engine import load_checkpoint
-    from dassdp.experiments.runner import evaluate_robustness, write_json_atomic
+    from dassdp.experiments.runner import evaluate_robustness
 
     seed = args.perturb_seed
     if seed is None:
@@ -63,7 +64,7 @@ def run_robustness(args: argparse.Namespace, conditions: list[Perturbation]) -> 
     if args.out:
         out = Path(args.out)
         out = out / "robustness.json" if out.is_dir() else out
-        write_json_atomic(out, result)
+        atomic_write_json(out, result)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from dassdp._io import atomic_write_text
+
 __all__ = [
     "SYNTHETIC",
     "ConfigError",
@@ -290,7 +292,7 @@ def save_config(cfg: TrainConfig, path: str | Path, header: str = "") -> None:
     """Write the resolved config as YAML (``header`` lines become comments)."""
     lines = "".join(f"# {line}\n" for line in header.splitlines())
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
-    Path(path).write_text(lines + text)
+    atomic_write_text(path, lines + text)
 
 
 # ---------------------------------------------------------------- rules

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dassdp._io import atomic_write_text
 from dassdp.plasticity import distributed as D
 
 __all__ = [
@@ -185,9 +186,8 @@ class MetricsWriter:
         """Drop rows with ``epoch >= from_epoch`` (a resumed run rewrites them)."""
         if not self.path.is_file():
             return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        keep = [r for r in rows if json.loads(r).get("epoch", -1) < from_epoch]
-        self.path.write_text("".join(r + "\n" for r in keep))
+        keep = [row for row in _json_lines(self.path) if row.get("epoch", -1) < from_epoch]
+        atomic_write_text(self.path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in keep))
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -206,4 +206,17 @@ class MetricsWriter:
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows of a run's ``metrics.jsonl``."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _json_lines(path)
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON rows of a ``.jsonl`` file; a torn last line (a kill mid-append) is dropped."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+    return rows

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import dassdp
+from dassdp._io import atomic_write_json
 from dassdp.engine.builders import (
     build_criterion,
     build_datasets,
@@ -244,7 +245,7 @@ class Trainer:
             "device": str(self.device),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        (self.run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
+        atomic_write_json(self.run_dir / "run.json", meta)
 
     # ----------------------------------------------------------------- the loop
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
@@ -273,8 +274,12 @@ class Trainer:
             if self.dist.distributed:
                 row["replicas_identical"] = self._check_replicas()
             self.start_epoch = epoch + 1
-            self._save(is_best=test["acc1"] > self.best_acc1, acc1=test["acc1"])
+            is_best = test["acc1"] > self.best_acc1
+            self.best_acc1 = max(self.best_acc1, test["acc1"])
+            # the row first: a run killed between the two resumes from the previous
+            # checkpoint and rewrites this epoch's row, never loses it
             self._report(row)
+            self._save(is_best=is_best)
             if stop_after is not None and epoch + 1 >= stop_after:
                 break
         return row
@@ -407,9 +412,7 @@ class Trainer:
         self.start_epoch = int(state["epoch"])
         self.best_acc1 = float(state["best_acc1"])
 
-    def _save(self, is_best: bool, acc1: float) -> None:
-        if is_best:
-            self.best_acc1 = acc1
+    def _save(self, is_best: bool) -> None:
         state = self.state_dict()  # collective: every rank
         if self.dist.main:
             save_checkpoint(state, self.run_dir / "last.pt")

@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from dassdp._io import atomic_write_json
 from dassdp.engine import config_to_dict, fit, load_checkpoint, load_config, read_metrics
 from dassdp.engine.config import ConfigError, TrainConfig
 from dassdp.engine.train import RESUMABLE_CHANGES, code_revision, evaluate_checkpoint
@@ -49,7 +50,6 @@ __all__ = [
     "plan",
     "run_one",
     "run_sweep",
-    "write_json_atomic",
 ]
 
 DONE = "done.json"
@@ -123,17 +123,6 @@ def plan(
     return specs
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to a temporary file, flush it to disk, then rename it over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2, allow_nan=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- one run
 
 
@@ -195,7 +184,7 @@ def _finish(spec: RunSpec, run_dir: Path, wall_s: float) -> dict[str, Any]:
         "wall_s": wall_s,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_json_atomic(run_dir / DONE, done)  # last: marks the run as finished
+    atomic_write_json(run_dir / DONE, done)  # last: marks the run as finished
     return done
 
 
@@ -220,7 +209,7 @@ def run_one(spec: RunSpec) -> str:
         status = "trained"
     if spec.robustness and not (run_dir / ROBUSTNESS).is_file():
         result = evaluate_robustness(run_dir / "last.pt", spec.robustness, seed=spec.seed)
-        write_json_atomic(run_dir / ROBUSTNESS, result)
+        atomic_write_json(run_dir / ROBUSTNESS, result)
     return status
 
 
@@ -268,7 +257,7 @@ def _write_manifest(out: Path, specs: Sequence[RunSpec], argv: Sequence[str]) ->
     }
     data.update(variants=variants, seeds=seeds, config=entry["config"])
     data["invocations"].append(entry)
-    write_json_atomic(path, data)
+    atomic_write_json(path, data)
 
 
 def _run_safely(spec: RunSpec) -> tuple[str, str | None]:
