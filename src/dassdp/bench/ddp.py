@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dassdp.bench.report import add_output_arguments
+
 HELP = "training images/s with 1 vs N DDP ranks (torchrun, gloo on CPU)"
 
 
@@ -108,18 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=512,
         help="training images per epoch (default 512: all synthetic ones)",
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("docs/bench/ddp.csv"),
-        help="CSV output (default docs/bench/ddp.csv)",
-    )
-    parser.add_argument(
-        "--doc",
-        type=Path,
-        default=Path("docs/benchmarks.md"),
-        help="Markdown file whose '## ddp' section is replaced",
-    )
+    add_output_arguments(parser, "ddp", per_device=False)
 
 
 def run(args: argparse.Namespace) -> int:

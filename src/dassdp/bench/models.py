@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dassdp.bench.report import add_output_arguments
+
 HELP = "forward+backward images/s per model at T=4 on this CPU"
 
 _IMAGENET_STEM = (
@@ -131,18 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="smoke-size run: batch 2, 1 timed iteration, ImageNet variants at 32x32",
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("docs/bench/models.csv"),
-        help="CSV output (default docs/bench/models.csv)",
-    )
-    parser.add_argument(
-        "--doc",
-        type=Path,
-        default=Path("docs/benchmarks.md"),
-        help="Markdown file whose '## models' section is replaced",
-    )
+    add_output_arguments(parser, "models", per_device=False)
 
 
 def _selected(patterns: list[str]) -> list[str]:

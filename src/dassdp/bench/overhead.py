@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dassdp.bench.report import add_output_arguments, add_run_arguments
+
 HELP = "training-step overhead of DA-SSDP (warm-up and active) on spikingresformer_cifar"
 
 CONDITIONS = ("off", "warmup", "active")
@@ -276,21 +278,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--T", type=int, default=4, help="time steps (default 4)")
     parser.add_argument("--reps", type=int, default=3, help="timed rounds (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="CSV output (default docs/bench/overhead.csv, or overhead-cuda.csv on a GPU)",
-    )
-    parser.add_argument(
-        "--doc",
-        type=Path,
-        default=Path("docs/benchmarks.md"),
-        help="Markdown file whose '## overhead' (or '## overhead (cuda)') section is replaced",
-    )
+    add_run_arguments(parser, "seed of weights and inputs")
+    add_output_arguments(parser, "overhead", per_device=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,7 +19,14 @@ from typing import Any
 
 from dassdp._io import atomic_write_text
 
-__all__ = ["atomic_write_text", "cpu_model", "environment", "replace_section", "write_csv"]
+__all__ = [
+    "add_output_arguments",
+    "add_run_arguments",
+    "cpu_model",
+    "environment",
+    "replace_section",
+    "write_csv",
+]
 
 DEFAULT_HEADER = (
     "# Benchmarks\n\nEach section is written by `dassdp bench <name>`; rerun it to refresh.\n"
@@ -79,3 +86,25 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(Path(path), buf.getvalue())
+
+
+def add_run_arguments(parser: Any, seed_help: str = "seed of weights and inputs") -> None:
+    """``--device``, ``--threads`` and ``--seed``, shared by the device-aware benchmarks."""
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default 0)")
+
+
+def add_output_arguments(parser: Any, name: str, *, per_device: bool = True) -> None:
+    """``--out`` (the CSV) and ``--doc`` (the Markdown file whose ``## name`` section is
+    replaced). With ``per_device`` the CSV defaults by device (``docs/bench/name[-cuda].csv``,
+    resolved at run time from ``None``)."""
+    default = None if per_device else Path(f"docs/bench/{name}.csv")
+    where = f"docs/bench/{name}.csv" + (f", or {name}-cuda.csv on a GPU" if per_device else "")
+    parser.add_argument("--out", type=Path, default=default, help=f"CSV output (default {where})")
+    parser.add_argument(
+        "--doc",
+        type=Path,
+        default=Path("docs/benchmarks.md"),
+        help=f"Markdown file whose '## {name}' section is replaced",
+    )

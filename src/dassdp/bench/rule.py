@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dassdp.bench.report import add_output_arguments, add_run_arguments
+
 HELP = "dW cost: the library's two-GEMM rule vs the published pairwise [B, Cout, Cin] form"
 
 TARGET_SPEEDUP = 100.0  # >= 100x faster ...
@@ -562,21 +564,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="timed calls of a chunked pairwise side (default 1)",
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="CSV output (default docs/bench/rule.csv, or rule-cuda.csv on a GPU)",
-    )
-    parser.add_argument(
-        "--doc",
-        type=Path,
-        default=Path("docs/benchmarks.md"),
-        help="Markdown file whose '## rule' (or '## rule (cuda)') section is replaced",
-    )
+    add_run_arguments(parser, "input seed")
+    add_output_arguments(parser, "rule", per_device=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dassdp.bench.report import add_output_arguments, add_run_arguments
+
 HELP = "training images/s of spikingresformer_cifar: our LIF vs SpikingJelly 2.0's LIFNode"
 
 TARGET_RATIO = 1.0
@@ -276,21 +278,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--neuron-reps", type=int, default=20, help="timed neuron-alone calls (default 20)"
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="CSV output (default docs/bench/throughput.csv, or throughput-cuda.csv on a GPU)",
-    )
-    parser.add_argument(
-        "--doc",
-        type=Path,
-        default=Path("docs/benchmarks.md"),
-        help="Markdown file whose '## throughput' (or '## throughput (cuda)') section is replaced",
-    )
+    add_run_arguments(parser, "seed of weights and inputs")
+    add_output_arguments(parser, "throughput", per_device=True)
 
 
 def run(args: argparse.Namespace) -> int:

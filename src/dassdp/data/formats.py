@@ -14,9 +14,6 @@ import hashlib
 import io
 import os
 import pickle
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -62,22 +59,6 @@ def verify_sha256(path: Path, expected: str) -> None:
         raise HashMismatchError(
             f"sha256 mismatch for {path}: expected {expected.lower()}, got {actual}"
         )
-
-
-@contextmanager
-def atomic_write(path: Path) -> Iterator[BinaryIO]:
-    """Open a temp file next to ``path``; rename it onto ``path`` only on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------- IDX (MNIST family)
