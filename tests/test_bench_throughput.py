@@ -67,3 +67,40 @@ def test_bench_throughput_bad_arguments(tmp_path):
         bench.run(_parse(["throughput", "--batch", "0", "--doc", str(tmp_path / "d.md")]))
     with pytest.raises(ValueError, match="backend"):
         bench_throughput.build("spiking_cnn", "nope", T=2, seed=0, device="cpu")
+
+
+def test_bench_throughput_loop_baseline_reports_before_after(tmp_path):
+    pytest.importorskip("spikingjelly.activation_based.neuron")
+    doc, out = tmp_path / "benchmarks.md", tmp_path / "throughput.csv"
+    args = _parse(
+        ["throughput", "--batch", "1", "--size", "8", "--T", "2", "--reps", "1",
+         "--neuron-channels", "4", "--neuron-reps", "2", "--loop-baseline",
+         "--out", str(out), "--doc", str(doc)]
+    )  # fmt: skip
+    assert bench.run(args) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["backend"] for r in rows] == list(bench_throughput.ALL_BACKENDS)
+    loop = rows[2]
+    assert loop["neuron"] == "dassdp.neurons.LIF(fused=False)"
+    assert float(loop["first_logits_max_abs_diff"]) < 1e-5  # the same network again
+    ips = {r["backend"]: float(r["images_per_s"]) for r in rows}
+    for r in rows:
+        assert float(r["loop_ratio_over_sj"]) == pytest.approx(
+            ips["dassdp-loop"] / ips["spikingjelly"], rel=1e-2
+        )
+        assert float(r["speedup_fused_over_loop"]) == pytest.approx(
+            ips["dassdp"] / ips["dassdp-loop"], rel=1e-2
+        )
+    text = doc.read_text()
+    assert "| spikingresformer_cifar | dassdp-loop | 1 |" in text
+    assert "- batch 1: ours / SJ " in text and "(autograd-loop LIF) -> " in text
+
+
+def test_build_loop_backend_uses_unfused_lif():
+    from dassdp.neurons import LIF
+
+    model = bench_throughput.build("spiking_cnn", "dassdp-loop", T=2, seed=0, device="cpu")
+    lifs = [m for m in model.modules() if isinstance(m, LIF)]
+    assert lifs and not any(m.fused for m in lifs)
+    fused = bench_throughput.build("spiking_cnn", "dassdp", T=2, seed=0, device="cpu")
+    assert all(m.fused for m in fused.modules() if isinstance(m, LIF))

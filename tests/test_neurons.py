@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
 
-from dassdp.neurons import LIF, PLIF, LIFParams, atan_spike, lif_multistep, lif_step, sigmoid_spike
+from dassdp.neurons import (
+    LIF,
+    PLIF,
+    LIFParams,
+    atan_spike,
+    fused_supported,
+    lif_multistep,
+    lif_multistep_fused,
+    lif_multistep_loop,
+    lif_step,
+    sigmoid_spike,
+)
 
 torch.set_num_threads(1)
 
@@ -137,3 +149,159 @@ def test_bad_arguments_are_errors():
         PLIF(init_tau=1.0)
     with pytest.raises(ValueError, match="time-major"):
         lif_multistep(torch.zeros(0, 2), LIFParams())
+
+
+# --- fused multi-step LIF == the autograd loop ---------------------------------------------
+
+_CONFIGS = [
+    dict(v_reset=v_reset, decay_input=decay, detach_reset=detach, surrogate=surrogate)
+    for v_reset in (0.0, -0.5, None)
+    for decay in (True, False)
+    for detach in (True, False)
+    for surrogate in ("atan", "sigmoid")
+]
+_TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
+
+
+def _config_id(cfg: dict) -> str:
+    reset = "soft" if cfg["v_reset"] is None else f"hard{cfg['v_reset']:+g}"
+    return (
+        f"{reset}-{'decay' if cfg['decay_input'] else 'nodecay'}-"
+        f"{'detach' if cfg['detach_reset'] else 'attached'}-{cfg['surrogate']}"
+    )
+
+
+def _input_hitting_threshold(
+    params: LIFParams, k: float, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``x`` ``[T, B, N]`` whose first step puts a quarter of the neurons exactly on the
+    threshold (``H[0] = V_th`` from ``V = 0``); returns ``(x, mask of those neurons)``."""
+    x = (1.5 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+    v_r = 0.0 if params.v_reset is None else params.v_reset
+    # H[0] = (X + V_r) k (decay_input) or X + V_r k (not), with V[-1] = 0.
+    x0 = params.v_threshold / k - v_r if params.decay_input else params.v_threshold - v_r * k
+    mask = torch.rand(shape[1:], generator=gen) < 0.25
+    x[0][mask] = x0
+    return x, mask
+
+
+def _run(fn, x, params, inv_tau, g_s, g_v):
+    """Spikes, membrane and the gradients of ``<S, g_s> + <V, g_v>`` w.r.t. ``x`` (and
+    ``inv_tau`` when it is a tensor)."""
+    x = x.detach().clone().requires_grad_(True)
+    leaves = [x]
+    if isinstance(inv_tau, torch.Tensor):
+        inv_tau = inv_tau.detach().clone().requires_grad_(True)
+        leaves.append(inv_tau)
+    s, v = fn(x, params, inv_tau, return_membrane=True)
+    grads = torch.autograd.grad((s * g_s).sum() + (v * g_v).sum(), leaves)
+    return s.detach(), v.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cfg", _CONFIGS, ids=_config_id)
+@pytest.mark.parametrize("learnable_k", [False, True], ids=["fixed-tau", "tensor-k"])
+def test_fused_equals_autograd_loop(cfg, dtype, learnable_k):
+    gen = torch.Generator().manual_seed(
+        zlib.crc32(f"{_config_id(cfg)}{dtype}{learnable_k}".encode())
+    )
+    tol = _TOL[dtype]
+    for _ in range(3):  # random shapes and T
+        T = int(torch.randint(1, 9, (1,), generator=gen))
+        shape = (T, *torch.randint(1, 6, (int(torch.randint(1, 4, (1,), generator=gen)),),
+                                   generator=gen).tolist())  # fmt: skip
+        params = LIFParams(tau=2.0, v_threshold=1.0, **cfg)
+        k = 0.5
+        inv_tau = torch.tensor(k, dtype=dtype) if learnable_k else None
+        assert fused_supported(torch.zeros(1, dtype=dtype), params, inv_tau)
+        x, on_threshold = _input_hitting_threshold(params, k, shape, dtype, gen)
+        g_s = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+        g_v = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+        for g_v_used in (torch.zeros_like(g_v), g_v):  # spikes only, then spikes + membrane
+            s_ref, v_ref, grads_ref = _run(lif_multistep_loop, x, params, inv_tau, g_s, g_v_used)
+            s, v, grads = _run(lif_multistep_fused, x, params, inv_tau, g_s, g_v_used)
+            # The loop fired exactly at threshold there (x >= V_th is a spike).
+            assert bool(s_ref[0][on_threshold].eq(1).all())
+            assert torch.equal(s, s_ref) and torch.equal(v, v_ref)
+            assert s.dtype == v.dtype == dtype
+            torch.testing.assert_close(grads[0], grads_ref[0], atol=tol, rtol=0)
+            if learnable_k:
+                # d/dk is one sum over every neuron and step, accumulated in another order
+                # than the loop's: in float32 allow 1e-5 relative on top of 1e-6.
+                rtol = 1e-5 if dtype == torch.float32 else 0.0
+                torch.testing.assert_close(grads[1], grads_ref[1], atol=tol, rtol=rtol)
+        # Spikes alone (no membrane output) take the same path.
+        xs = x.detach().clone().requires_grad_(True)
+        out = lif_multistep(xs, params, inv_tau)
+        assert torch.equal(out, s_ref)
+        (gx,) = torch.autograd.grad((out * g_s).sum(), xs)
+        ref = _run(lif_multistep_loop, x, params, inv_tau, g_s, torch.zeros_like(g_v))[2][0]
+        torch.testing.assert_close(gx, ref, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("neuron", [LIF, PLIF])
+@pytest.mark.parametrize("v_reset", [0.0, None])
+def test_modules_use_fused_path_with_loop_gradients(neuron, v_reset):
+    torch.manual_seed(1)
+    fused, loop = neuron(v_reset=v_reset), neuron(v_reset=v_reset, fused=False)
+    loop.load_state_dict(fused.state_dict())
+    x = 1.5 * torch.randn(4, 3, 8, 5, 5)
+    x[:, 0, 0] = 2.0  # H[0] = X / 2 = V_th exactly
+    outs, grads = [], []
+    for module in (fused, loop):
+        xi = x.clone().requires_grad_(True)
+        out = module(xi)
+        outs.append(out)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append([xi.grad, *[p.grad for p in module.parameters()]])
+    assert "Fused" in type(outs[0].grad_fn).__name__
+    assert "Fused" not in type(outs[1].grad_fn).__name__
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-6, rtol=0)
+    for g, g_ref in zip(grads[0][1:], grads[1][1:], strict=True):  # PLIF's w (a float32 sum)
+        torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
+    assert "fused=False" in repr(loop) and "fused" not in repr(fused)
+
+
+def test_plif_fused_trains_like_loop():
+    torch.manual_seed(0)
+    x = torch.rand(4, 8, 16) * 2
+    taus = []
+    for fused in (True, False):
+        plif = PLIF(fused=fused)
+        opt = torch.optim.SGD(plif.parameters(), lr=1.0)
+        for _ in range(5):
+            loss = (plif(x).mean() - 1.0) ** 2
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        taus.append(plif.tau)
+    assert taus[0] == pytest.approx(taus[1], rel=1e-5)
+
+
+def test_fused_falls_back_or_refuses_unsupported_calls(monkeypatch):
+    from dassdp.neurons import surrogate as surrogate_module
+
+    x = torch.rand(3, 2, 4) * 3
+    per_channel = torch.full((4,), 0.5, requires_grad=True)  # a broadcast inv_tau: loop only
+    assert not fused_supported(x, LIFParams(), per_channel)
+    assert not fused_supported(x.to(torch.int64), LIFParams())
+    out = lif_multistep(x, LIFParams(), per_channel)
+    assert torch.equal(out, lif_multistep_loop(x, LIFParams(), per_channel))
+    assert "Fused" not in type(out.grad_fn).__name__
+    with pytest.raises(ValueError, match="fused"):
+        lif_multistep_fused(x, LIFParams(), per_channel)
+    # A surrogate registered later has no fused backward: the loop runs it.
+    monkeypatch.setitem(surrogate_module.SURROGATES, "custom", surrogate_module.SURROGATES["atan"])
+    params = LIFParams(surrogate="custom")
+    assert not fused_supported(x, params)
+    assert torch.equal(lif_multistep(x, params), lif_multistep(x, LIFParams()))
+
+
+def test_fused_backward_is_not_differentiable_twice_but_loop_is():
+    x = (torch.rand(3, 4) * 3).requires_grad_(True)
+    (gx,) = torch.autograd.grad(lif_multistep_loop(x, LIFParams()).sum(), x, create_graph=True)
+    assert gx.requires_grad
+    (gx,) = torch.autograd.grad(lif_multistep_fused(x, LIFParams()).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()

@@ -13,7 +13,9 @@ def python_blocks() -> list[str]:
 def test_readme_opens_with_the_two_commands():
     first = re.search(r"```bash\n(.*?)```", README.read_text(), flags=re.S).group(1)
     assert [line.split("#")[0].strip() for line in first.strip().splitlines()] == [
-        "make demo", "make test"]
+        "make demo",
+        "make test",
+    ]
 
 
 def test_readme_library_example_runs_and_learns():

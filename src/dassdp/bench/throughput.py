@@ -15,6 +15,10 @@ two run interleaved (alternating who goes first) after untimed warm-up steps; im
 batch / median step time, and the ratio is ours / SpikingJelly's (target >= 1.0). As a check
 that the two are the same network, the logits of the first (untimed) forward are compared.
 
+With ``--loop-baseline`` a third copy, ``dassdp-loop``, runs our LIF with the fused kernel
+off (``LIF(fused=False)``: the autograd loop over time steps, the LIF before the fused
+kernel), interleaved with the other two, so the before/after ratio comes from one run.
+
 SpikingJelly is not a dependency of dassdp. Install it for this benchmark only::
 
     pip install --no-deps spikingjelly==2.0.0 'loguru>=0.7,<1'
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +40,13 @@ HELP = "training images/s of spikingresformer_cifar: our LIF vs SpikingJelly 2.0
 
 TARGET_RATIO = 1.0
 BACKENDS = ("dassdp", "spikingjelly")
+LOOP_BACKEND = "dassdp-loop"  # our LIF with the fused kernel off (--loop-baseline)
+ALL_BACKENDS = (*BACKENDS, LOOP_BACKEND)
+NEURON_NAMES = {
+    "dassdp": "dassdp.neurons.LIF",
+    "spikingjelly": "LIFNode (step_mode=m)",
+    LOOP_BACKEND: "dassdp.neurons.LIF(fused=False)",
+}
 INSTALL_HINT = "pip install --no-deps spikingjelly==2.0.0 'loguru>=0.7,<1'"
 
 
@@ -77,12 +89,15 @@ def build(model_name: str, backend: str, *, T: int, seed: int, device: Any) -> A
     import torch
 
     from dassdp import create_model
+    from dassdp.neurons import LIF
 
     kwargs: dict[str, Any] = {"num_classes": 10, "T": T}
     if backend == "spikingjelly":
         kwargs["neuron_layer"] = spikingjelly_lif()
+    elif backend == LOOP_BACKEND:
+        kwargs["neuron_layer"] = functools.partial(LIF, fused=False)
     elif backend != "dassdp":
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"backend must be one of {ALL_BACKENDS}, got {backend!r}")
     torch.manual_seed(seed)
     return create_model(model_name, **kwargs).to(device).train()
 
@@ -98,8 +113,10 @@ def bench_throughput(
     device: str = "cpu",
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    loop_baseline: bool = False,
 ) -> list[dict[str, Any]]:
-    """Measure both backends at one batch size; returns one row per backend."""
+    """Measure both backends (and ``dassdp-loop`` with ``loop_baseline``) at one batch size;
+    returns one row per backend."""
     import torch
     import torch.nn.functional as F
 
@@ -109,9 +126,11 @@ def bench_throughput(
     if warmup < 1 or reps < 1:
         raise ValueError("throughput needs >= 1 warm-up step and >= 1 timed step")
     dev = torch.device(device)
-    models = {b: build(model_name, b, T=T, seed=seed, device=dev) for b in BACKENDS}
+    backends = ALL_BACKENDS if loop_baseline else BACKENDS
+    models = {b: build(model_name, b, T=T, seed=seed, device=dev) for b in backends}
     # Identical weights whatever the neuron class did to the RNG stream.
-    models["spikingjelly"].load_state_dict(copy.deepcopy(models["dassdp"].state_dict()))
+    for b in backends[1:]:
+        models[b].load_state_dict(copy.deepcopy(models["dassdp"].state_dict()))
     in_ch = next(m for m in models["dassdp"].modules() if isinstance(m, torch.nn.Conv2d))
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, in_ch.in_channels, size, size, generator=gen).to(dev)
@@ -119,10 +138,10 @@ def bench_throughput(
     opts = {
         b: torch.optim.AdamW(m.parameters(), lr=5e-4, weight_decay=0.01) for b, m in models.items()
     }
-    times: dict[str, list[float]] = {b: [] for b in BACKENDS}
+    times: dict[str, list[float]] = {b: [] for b in backends}
     logits: dict[str, Any] = {}
     for r in range(warmup + reps):
-        order = BACKENDS if r % 2 == 0 else BACKENDS[::-1]
+        order = backends if r % 2 == 0 else backends[::-1]
         for b in order:
             model, opt = models[b], opts[b]
             sync(dev)
@@ -142,16 +161,22 @@ def bench_throughput(
             if log:
                 tag = "warm-up" if r < warmup else f"step {r - warmup + 1}/{reps}"
                 log(f"  batch {batch} {tag:<9} {b:<12} {sec:8.3f} s")
-    diff = float((logits["dassdp"] - logits["spikingjelly"]).abs().max())
-    ips = {b: batch / median(times[b]) for b in BACKENDS}
+    diff = max(float((logits[b] - logits["dassdp"]).abs().max()) for b in backends[1:])
+    ips = {b: batch / median(times[b]) for b in backends}
     ratio = ips["dassdp"] / ips["spikingjelly"]
+    before: dict[str, Any] = {"loop_ratio_over_sj": "", "speedup_fused_over_loop": ""}
+    if loop_baseline:
+        before = {
+            "loop_ratio_over_sj": round(ips[LOOP_BACKEND] / ips["spikingjelly"], 3),
+            "speedup_fused_over_loop": round(ips["dassdp"] / ips[LOOP_BACKEND], 3),
+        }
     rows = []
-    for b in BACKENDS:
+    for b in backends:
         rows.append(
             {
                 "model": model_name,
                 "backend": b,
-                "neuron": "dassdp.neurons.LIF" if b == "dassdp" else "LIFNode (step_mode=m)",
+                "neuron": NEURON_NAMES[b],
                 "batch": batch,
                 "input": f"{in_ch.in_channels}x{size}x{size}",
                 "T": T,
@@ -165,6 +190,7 @@ def bench_throughput(
                 "ratio_by_min_step": round(min(times["spikingjelly"]) / min(times["dassdp"]), 3),
                 "first_logits_max_abs_diff": f"{diff:.3g}",
                 "target_met": "yes" if ratio >= TARGET_RATIO else "no",
+                **before,
             }
         )
     return rows
@@ -177,9 +203,11 @@ def bench_neuron(
     warmup: int = 2,
     device: str = "cpu",
     seed: int = 0,
+    loop_baseline: bool = False,
 ) -> dict[str, float]:
-    """Forward + backward of the neuron alone on ``x [T, B, C, H, W]`` = ``shape``, both
-    backends interleaved; returns the median milliseconds per call for each.
+    """Forward + backward of the neuron alone on ``x [T, B, C, H, W]`` = ``shape``, the
+    backends (with ``loop_baseline`` also ``dassdp-loop``) interleaved; returns the median
+    milliseconds per call for each.
 
     The model around the neurons is identical in both builds, so this isolates the one part
     that differs (less noisy than whole training steps on a shared machine).
@@ -193,8 +221,13 @@ def bench_neuron(
     gen = torch.Generator().manual_seed(seed)
     x = (1.5 * torch.randn(shape, generator=gen)).to(dev).requires_grad_(True)
     grad = torch.randn(shape, generator=gen).to(dev)
-    neurons = {"dassdp": LIF(), "spikingjelly": spikingjelly_lif()()}
-    times: dict[str, list[float]] = {b: [] for b in BACKENDS}
+    backends = ALL_BACKENDS if loop_baseline else BACKENDS
+    neurons = {
+        "dassdp": LIF(),
+        "spikingjelly": spikingjelly_lif()(),
+        LOOP_BACKEND: LIF(fused=False),
+    }
+    times: dict[str, list[float]] = {b: [] for b in backends}
 
     def call(neuron: Any) -> None:
         out = neuron(x)
@@ -204,11 +237,11 @@ def bench_neuron(
             neuron.reset()
 
     for r in range(warmup + reps):
-        for b in BACKENDS if r % 2 == 0 else BACKENDS[::-1]:
+        for b in backends if r % 2 == 0 else backends[::-1]:
             sec, _ = timed(lambda b=b: call(neurons[b]), dev)
             if r >= warmup:
                 times[b].append(sec)
-    return {b: median(times[b]) * 1e3 for b in BACKENDS}
+    return {b: median(times[b]) * 1e3 for b in backends}
 
 
 def markdown(
@@ -231,7 +264,10 @@ def markdown(
         "same ratio from the fastest step of each (less sensitive to other jobs' load).",
         "*LIF op*: the neuron alone, forward + backward on `[T, B, C, H, W]` (shape in the CSV;",
         "C = 256, the widest neuron input of the first stage), median of 20 interleaved calls;",
-        "*LIF op ratio* = SpikingJelly ms / ours (> 1: ours faster).",
+        "*LIF op ratio* = SpikingJelly ms / ours (> 1: ours faster). Our LIF runs the fused",
+        "multi-step kernel (`lif_multistep_fused`); `dassdp-loop` rows (`--loop-baseline`) are",
+        "the same model with `LIF(fused=False)`, the autograd loop over time steps that was our",
+        "LIF before it, timed in the same interleaved run (*ratio* columns stay fused / SJ).",
         "SpikingJelly is installed for this benchmark only (`pip install --no-deps",
         "spikingjelly==2.0.0 'loguru>=0.7,<1'`); it is not a dependency of dassdp.",
         "",
@@ -253,6 +289,20 @@ def markdown(
             f"{r['images_per_s']:.2f} | {r['ratio_ours_over_sj']:.3f} | "
             f"{r['ratio_by_min_step']:.3f} | {r['lif_op_ms']:.1f} | {r['lif_op_ratio']:.3f} | "
             f"{r['first_logits_max_abs_diff']} | {r['target_met']} |"
+        )
+    before_after = [r for r in rows if r["backend"] == "dassdp" and r["loop_ratio_over_sj"] != ""]
+    if before_after:
+        lines += ["", "Before / after the fused LIF (same run, images/s ratios):", ""]
+    for r in before_after:
+        loop_ms = next(
+            x["lif_op_ms"] for x in rows
+            if x["backend"] == LOOP_BACKEND and x["batch"] == r["batch"]
+        )  # fmt: skip
+        lines.append(
+            f"- batch {r['batch']}: ours / SJ {r['loop_ratio_over_sj']:.3f} (autograd-loop LIF) "
+            f"-> {r['ratio_ours_over_sj']:.3f} (fused LIF); whole step fused / loop "
+            f"{r['speedup_fused_over_loop']:.3f}x; LIF op {loop_ms:.1f} ms -> "
+            f"{r['lif_op_ms']:.1f} ms ({loop_ms / r['lif_op_ms']:.2f}x)"
         )
     return "\n".join(lines)
 
@@ -277,6 +327,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--neuron-reps", type=int, default=20, help="timed neuron-alone calls (default 20)"
+    )
+    parser.add_argument(
+        "--loop-baseline",
+        action="store_true",
+        help="also time our model with the fused LIF off (LIF(fused=False), the autograd loop) "
+        "in the same interleaved run, and report the before/after ratio",
     )
     add_run_arguments(parser, "seed of weights and inputs")
     add_output_arguments(parser, "throughput", per_device=True)
@@ -311,10 +367,13 @@ def run(args: argparse.Namespace) -> int:
         got = bench_throughput(
             args.model, batch=batch, size=args.size, T=args.T, reps=args.reps,
             warmup=args.warmup, device=device, seed=args.seed,
-            log=lambda s: print(s, flush=True),
+            log=lambda s: print(s, flush=True), loop_baseline=args.loop_baseline,
         )  # fmt: skip
         shape = (args.T, batch, args.neuron_channels, args.size, args.size)
-        lif = bench_neuron(shape, reps=args.neuron_reps, device=device, seed=args.seed)
+        lif = bench_neuron(
+            shape, reps=args.neuron_reps, device=device, seed=args.seed,
+            loop_baseline=args.loop_baseline,
+        )  # fmt: skip
         for r in got:
             r["lif_op_shape"] = "x".join(str(d) for d in shape)
             r["lif_op_ms"] = round(lif[r["backend"]], 3)
@@ -325,6 +384,13 @@ def run(args: argparse.Namespace) -> int:
                 f"{r['images_per_s']:8.2f} images/s  "
                 f"ratio ours/SJ {r['ratio_ours_over_sj']:.3f}  "
                 f"logit diff {r['first_logits_max_abs_diff']}",
+                flush=True,
+            )
+        if args.loop_baseline:
+            print(
+                f"batch {batch:<4} before/after: ours/SJ {got[0]['loop_ratio_over_sj']:.3f} "
+                f"(loop) -> {got[0]['ratio_ours_over_sj']:.3f} (fused), fused/loop "
+                f"{got[0]['speedup_fused_over_loop']:.3f}x",
                 flush=True,
             )
         rows += got
