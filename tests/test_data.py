@@ -526,3 +526,30 @@ def test_unknown_dataset_is_a_clear_error():
         dataset_info("svhn")
     with pytest.raises(ValueError, match="cannot prepare 'cifar100'"):
         prepare("cifar100")
+
+
+def test_apt_fetch_refreshes_package_lists_once_as_root(tmp_path, monkeypatch):
+    prep = importlib.import_module("dassdp.data.prepare")
+    calls = []
+
+    def fake_run(cmd, cwd):
+        calls.append(cmd)
+        if cmd[:2] == ["apt-get", "download"] and len(calls) == 1:
+            raise prep.FetchError("E: Unable to locate package dataset-fashion-mnist")
+        if cmd[:2] == ["apt-get", "download"]:
+            (cwd / "dataset-fashion-mnist_1.0_all.deb").write_bytes(b"deb")
+
+    monkeypatch.setattr(prep, "_run", fake_run)
+    monkeypatch.setattr(prep.os, "geteuid", lambda: 0)
+    got = prep.fetch_apt("dataset-fashion-mnist", tmp_path)
+    assert got.name.endswith(".deb")
+    assert [c[:2] for c in calls] == [
+        ["apt-get", "download"],
+        ["apt-get", "update"],
+        ["apt-get", "download"],
+    ]
+    monkeypatch.setattr(prep.os, "geteuid", lambda: 1000)
+    calls.clear()
+    (tmp_path / "dataset-fashion-mnist_1.0_all.deb").unlink()
+    with pytest.raises(prep.FetchError, match="run `apt-get update` first"):
+        prep.fetch_apt("dataset-fashion-mnist", tmp_path)

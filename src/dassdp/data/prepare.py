@@ -396,7 +396,14 @@ def fetch_apt(spec: str, dest: Path) -> Path:
     try:
         _run(["apt-get", "download", spec], dest)
     except FetchError as err:
-        raise FetchError(f"{err}\n(if the package is unknown, run `apt-get update` first)") from err
+        # A fresh machine may have no package lists yet: as root, refresh them once and retry.
+        if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+            raise FetchError(
+                f"{err}\n(if the package is unknown, run `apt-get update` first)"
+            ) from err
+        log.info("apt-get download failed; refreshing the package lists (apt-get update)")
+        _run(["apt-get", "update", "-qq"], dest)
+        _run(["apt-get", "download", spec], dest)
     return _single(dest, "*.deb", "apt-get download")
 
 
