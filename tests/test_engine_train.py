@@ -213,3 +213,20 @@ def test_pretrained_loads_matching_tensors_and_keeps_the_rest(tmp_path):
     assert torch.equal(state["conv1.weight"], source["conv1.weight"])
     assert torch.equal(state["bn2.running_mean"], source["bn2.running_mean"])
     assert state["fc1.weight"].shape != source["fc1.weight"].shape
+
+
+def test_grad_apply_mode_goes_through_the_optimizer(tmp_path):
+    # apply="grad": the learner runs between backward() and optimizer.step(), so its dW is
+    # part of the gradient the optimizer uses (and is scaled by its learning rate).
+    base = tiny(epochs=2, plasticity=None)
+    grad = tiny(
+        epochs=2, plasticity={"warmup_epochs": 1, "apply": "grad", "A_plus": 0.05}, grad_clip=1.0
+    )
+    fit(base, tmp_path / "base")
+    fit(grad, tmp_path / "grad")
+    state = final_state(tmp_path / "grad")
+    assert state["plasticity"]["counters"]["applied"] > 0
+    assert not torch.equal(
+        state["model"]["classifier.weight"],
+        final_state(tmp_path / "base")["model"]["classifier.weight"],
+    )

@@ -197,6 +197,7 @@ class Trainer:
                 log.warning("sync_bn: SyncBatchNorm needs CUDA; plain BatchNorm on CPU")
         self.model.to(self.device)
         self.learner = build_learner(cfg, self.model)  # hooks on the unwrapped model
+        self._grad_mode = self.learner is not None and self.learner.config.apply == "grad"
         self.net = self.model
         if self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -309,16 +310,21 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 logits = model(x)  # [B, K]
                 loss = self.criterion(logits, target)
-            stepped = False
-            if _all_finite(loss):
+            stepped, finite = False, _all_finite(loss)
+            if finite:
                 opt.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
+                if self._grad_mode:
+                    # apply="grad": dW joins the (unscaled) gradients before the optimizer step
+                    self.scaler.unscale_(opt)
+                    self.learner.step(loss.detach())
                 stepped = self._optimizer_step()
             else:
                 nonfinite += 1  # no backward, no update; DA-SSDP skips and counts it too
             if self.learner is not None:
-                # warm-up: record (S, L); afterwards dW (all-reduced), then W += dW
-                self.learner.step(loss.detach(), optimizer_stepped=stepped)
+                if not (self._grad_mode and finite):
+                    # warm-up: record (S, L); afterwards dW (all-reduced), then W += dW
+                    self.learner.step(loss.detach(), optimizer_stepped=stepped)
                 plast.update()
             dassdp.reset(self.model)  # neuron states and DA-SSDP recorder buffers
             meter.update(loss.detach(), logits.detach(), y)
@@ -332,7 +338,8 @@ class Trainer:
     def _optimizer_step(self) -> bool:
         """Step through the grad scaler; False when the scaler skipped it (inf/NaN grads)."""
         if self.cfg.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
+            if not self._grad_mode:  # grad mode has unscaled already
+                self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
