@@ -47,3 +47,15 @@ def naive_gate(S_records: Tensor, L_records: Tensor, S: Tensor, eps: float = 1e-
     zl = (Lr - Lr.mean()) / Lr.std(unbiased=False)
     k = -(zs * zl).mean()
     return (1 + k * (S.double() - mu) / sd).clamp(0, 2)
+
+
+def naive_dw_from_activity(s_pre: Tensor, s_post: Tensor, G, *, latency="first", **kw) -> Tensor:
+    """The oracle from raw ``[T, B, C]`` activity: any-step fired, min/max latency, naive dW."""
+    return naive_dw(
+        s_pre.any(0),
+        s_post.any(0),
+        naive_latency(s_pre, latency),
+        naive_latency(s_post, latency),
+        G,
+        **kw,
+    )

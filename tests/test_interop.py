@@ -10,7 +10,7 @@ from torch import nn
 
 import dassdp
 from dassdp import DASSDP, DASSDPConfig
-from oracle import naive_dw, naive_latency
+from oracle import naive_dw_from_activity
 
 CFG = DASSDPConfig(warmup_epochs=0, gate="one", A_plus=0.05, A_minus=0.01)
 
@@ -48,11 +48,9 @@ def test_snntorch_model_per_step_calls():
     assert plast.step(loss)
     s_pre, s_post = torch.stack(seen["pre"]) > 0, torch.stack(seen["post"]) > 0
     assert s_pre.shape == (5, 8, 16) and s_pre.any() and s_post.any()
-    expected = naive_dw(
-        s_pre.any(0),
-        s_post.any(0),
-        naive_latency(s_pre, "first"),
-        naive_latency(s_post, "first"),
+    expected = naive_dw_from_activity(
+        s_pre,
+        s_post,
         None,
         A_plus=0.05,
         A_minus=0.01,
@@ -87,11 +85,9 @@ def test_spikingjelly_multistep_conv_site_and_reset():
     assert plast.step(loss)
     s_pre = seen["pre"].flatten(3).amax(3) > 0  # [T, B, C]: any position
     s_post = seen["post"].flatten(3).amax(3) > 0
-    expected = naive_dw(
-        s_pre.any(0),
-        s_post.any(0),
-        naive_latency(s_pre, "first"),
-        naive_latency(s_post, "first"),
+    expected = naive_dw_from_activity(
+        s_pre,
+        s_post,
         None,
         A_plus=0.05,
         A_minus=0.01,

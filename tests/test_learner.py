@@ -13,7 +13,7 @@ from torch import nn
 import dassdp
 from dassdp import DASSDP, DASSDPConfig, SiteSpec
 from dassdp.plasticity.gate import gate_values
-from oracle import naive_dw, naive_latency
+from oracle import naive_dw, naive_dw_from_activity, naive_latency
 from snn_fixtures import ConvSNN, StepSNN, TinySNN, spike
 
 B = 8
@@ -265,12 +265,11 @@ def test_conv_site_with_flattened_layout_matches_oracle():
         return (t > 0).view(model.T, B, *t.shape[1:]).flatten(3).any(3)
 
     s_pre, s_post = activity(seen["pre"]), activity(seen["post"])
-    expected = naive_dw(
-        s_pre.any(0),
-        s_post.any(0),
-        naive_latency(s_pre, "last"),
-        naive_latency(s_post, "last"),
+    expected = naive_dw_from_activity(
+        s_pre,
+        s_post,
         None,
+        latency="last",
         A_plus=0.1,
         A_minus=0.02,
         sigma=1.0,
@@ -293,11 +292,9 @@ def test_per_step_calls_accumulate_over_time():
     s_pre = torch.stack([s for s, _ in steps])
     s_post = torch.stack([o for _, o in steps])
     assert s_pre.shape == (3, B, 5)
-    expected = naive_dw(
-        s_pre.any(0),
-        s_post.any(0),
-        naive_latency(s_pre, "first"),
-        naive_latency(s_post, "first"),
+    expected = naive_dw_from_activity(
+        s_pre,
+        s_post,
         None,
         A_plus=0.1,
         A_minus=0.02,

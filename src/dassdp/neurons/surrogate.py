@@ -40,40 +40,31 @@ def sigmoid_grad(x: Tensor, alpha: float) -> Tensor:
     return alpha * sg * (1 - sg)
 
 
-class _ATanSpike(torch.autograd.Function):
+class _HeavisideSpike(torch.autograd.Function):
+    """``1[x >= 0]`` forward; backward ``grad * surrogate_grad(x, alpha)``."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, alpha: float) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, alpha: float, surrogate_grad: Callable[[Tensor, float], Tensor]
+    ) -> Tensor:
         ctx.save_for_backward(x)
-        ctx.alpha = alpha
+        ctx.alpha, ctx.surrogate_grad = alpha, surrogate_grad
         return (x >= 0).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        return grad * atan_grad(x, ctx.alpha), None
-
-
-class _SigmoidSpike(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, alpha: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
-        ctx.alpha = alpha
-        return (x >= 0).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return grad * sigmoid_grad(x, ctx.alpha), None
+        return grad * ctx.surrogate_grad(x, ctx.alpha), None, None
 
 
 def atan_spike(x: Tensor, alpha: float = 2.0) -> Tensor:
     """``1[x >= 0]`` forward, ATan surrogate backward. ``x``: any shape."""
-    return _ATanSpike.apply(x, float(alpha))
+    return _HeavisideSpike.apply(x, float(alpha), atan_grad)
 
 
 def sigmoid_spike(x: Tensor, alpha: float = 4.0) -> Tensor:
     """``1[x >= 0]`` forward, Sigmoid surrogate backward. ``x``: any shape."""
-    return _SigmoidSpike.apply(x, float(alpha))
+    return _HeavisideSpike.apply(x, float(alpha), sigmoid_grad)
 
 
 # name -> (spike function, default alpha)
