@@ -30,14 +30,27 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dassdp",
         description="DA-SSDP: dopamine-modulated spike-synchrony-dependent plasticity for SNNs.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_subcommands(parser, "command", "COMMAND", "dassdp.commands", COMMANDS, "_run")
+    return parser
+
+
+def add_subcommands(
+    parser: argparse.ArgumentParser,
+    dest: str,
+    metavar: str,
+    package: str,
+    modules: dict[str, str],
+    run_attr: str,
+) -> None:
+    """One required sub-command per ``{name: module}`` of ``package``; each module exposes
+    ``HELP``, ``add_arguments(parser)`` and ``run(args)``, stored as ``args.<run_attr>``."""
+    sub = parser.add_subparsers(dest=dest, metavar=metavar)
     sub.required = True
-    for name, module_name in COMMANDS.items():
-        module = importlib.import_module(f"dassdp.commands.{module_name}")
+    for name, module_name in modules.items():
+        module = importlib.import_module(f"{package}.{module_name}")
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
-    return parser
+        p.set_defaults(**{run_attr: module.run})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

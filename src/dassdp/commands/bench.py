@@ -8,7 +8,6 @@ writes its own ``## <name>`` section of ``docs/benchmarks.md``.
 from __future__ import annotations
 
 import argparse
-import importlib
 
 HELP = "run a benchmark and record it in docs/benchmarks.md"
 
@@ -23,13 +22,9 @@ BENCHMARKS: dict[str, str] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
-    sub.required = True
-    for name, module_name in BENCHMARKS.items():
-        module = importlib.import_module(f"dassdp.bench.{module_name}")
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(p)
-        p.set_defaults(_bench_run=module.run)
+    from dassdp.cli import add_subcommands
+
+    add_subcommands(parser, "benchmark", "BENCHMARK", "dassdp.bench", BENCHMARKS, "_bench_run")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -144,24 +144,25 @@ class _SourceHook:
     def finish(self, latency: str) -> tuple[Activity, int] | None:
         """The window's :class:`Activity` and T, or None if nothing was recorded; clears."""
         w, self.window = self.window, _Window()
-        silent = self.spec.silent_pre if self.role == "pre" else self.spec.silent_post
-        if w.run is not None:
+        if w.run is not None:  # per-step calls: running summaries over w.steps steps
             fired, first, last, vsum = w.run
             T = w.steps
             if self.recorder.T and T != self.recorder.T:
                 raise ValueError(
                     f"{self.label}: saw {T} per-step calls, the learner expects T={self.recorder.T}"
                 )
-            fired_ind = vsum / T > self.source.threshold if self.spec.fired == "mean" else fired
-            tau = finalize_latency(fired, first if latency == "first" else last, T, silent)
-            return Activity(fired_ind, tau), T
-        if not w.chunks:
+            mean = vsum / T
+        elif w.chunks:  # time-major calls: concatenated along the batch
+            Ts = set(w.chunk_T)
+            if len(Ts) > 1:
+                raise ValueError(
+                    f"{self.label}: calls within one step had different T: {sorted(Ts)}"
+                )
+            T = Ts.pop()
+            fired, first, last, mean = (torch.cat([c[i] for c in w.chunks]) for i in range(4))
+        else:
             return None
-        Ts = set(w.chunk_T)
-        if len(Ts) > 1:
-            raise ValueError(f"{self.label}: calls within one step had different T: {sorted(Ts)}")
-        T = Ts.pop()
-        fired, first, last, mean = (torch.cat([c[i] for c in w.chunks]) for i in range(4))
+        silent = self.spec.silent_pre if self.role == "pre" else self.spec.silent_post
         fired_ind = mean > self.source.threshold if self.spec.fired == "mean" else fired
         tau = finalize_latency(fired, first if latency == "first" else last, T, silent)
         return Activity(fired_ind, tau), T
