@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dassdp.plasticity.rule import Activity, delta_w, fired_latency, kernel_table, synchrony
+from dassdp.plasticity.rule import (
+    FACTOR_BUDGET,
+    Activity,
+    delta_w,
+    fired_latency,
+    first_last_active,
+    kernel_table,
+    synchrony,
+)
 from oracle import naive_dw, naive_latency, naive_synchrony
 
 
@@ -126,14 +134,14 @@ def test_synchrony_is_mean_of_pairwise_cofiring():
 
 
 class MaxNumel(TorchDispatchMode):
-    def __init__(self):
+    def __init__(self, skip: int | None = None):
         super().__init__()
-        self.max_numel = 0
+        self.max_numel, self.skip = 0, skip  # skip: the output's size
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, tuple | list) else [out]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.numel() != self.skip:
                 self.max_numel = max(self.max_numel, t.numel())
         return out
 
@@ -147,6 +155,86 @@ def test_no_pairwise_tensor_is_materialised():
         delta_w(pre, post, torch.rand(B), T=T, A_plus=1.0, A_minus=1.0, sigma=1.0)
     assert mode.max_numel <= 2 * B * (T + 1) * max(c_in, c_out)
     assert mode.max_numel < B * c_out * c_in / 4
+
+
+@pytest.mark.parametrize("T", [1, 4, 300])  # 300: past the uint8 step weights
+def test_latencies_match_the_oracle_for_any_T(T):
+    gen = torch.Generator().manual_seed(T)
+    s = torch.rand(T, 5, 7, generator=gen) < 2.0 / T
+    s[:, 0, 0] = False  # one silent unit at least
+    for mode in ("first", "last"):
+        for silent in (None, 0):
+            act = fired_latency(s, mode, silent)
+            assert act.latency.dtype == torch.int32
+            assert torch.equal(act.latency, naive_latency(s, mode, silent))
+            assert torch.equal(act.fired, s.any(0))
+    fired, first, last = first_last_active(s)
+    assert torch.equal(fired, s.any(0))
+    assert torch.equal(first, torch.where(fired, naive_latency(s, "first"), 0))
+    assert torch.equal(last, torch.where(fired, naive_latency(s, "last"), 0))
+    # a non-bool activity is read as != 0
+    assert torch.equal(fired_latency(s.float() * 0.5).latency, fired_latency(s).latency)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64, None])
+def test_dw_is_the_same_for_any_batch_chunk(chunk):
+    gen = torch.Generator().manual_seed(11)
+    B, c_in, c_out, T = 20, 13, 9, 3
+    pre = fired_latency(random_activity(T, B, c_in, 0.3, gen))
+    post = fired_latency(random_activity(T, B, c_out, 0.3, gen))
+    G = torch.rand(B, generator=gen, dtype=torch.float64)
+    kw = dict(A_plus=1.5e-3, A_minus=1e-4, sigma=1.0)
+    fast = delta_w(pre, post, G, T=T, dtype=torch.float64, chunk=chunk, **kw)
+    slow = naive_dw(pre.fired, post.fired, pre.latency, post.latency, G, **kw)
+    assert (fast - slow).abs().max().item() <= 1e-15
+
+
+class GemmInner(TorchDispatchMode):
+    """Sums the inner size of every matrix product (the rule's FLOPs are C_out C_in x that)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default):
+            self.inner += args[1].shape[1]
+        elif func in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default):
+            self.inner += args[0].shape[-1]
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_gemm_with_inner_size_B_times_the_states_that_occur():
+    gen = torch.Generator().manual_seed(5)
+    B, c_in, c_out, T = 24, 40, 30, 4
+    pre = fired_latency(random_activity(T, B, c_in, 0.3, gen))
+    post = fired_latency(random_activity(T, B, c_out, 0.3, gen))
+    kw = dict(T=T, A_plus=1.0, A_minus=1.0, sigma=1.0)
+    with GemmInner() as mode:
+        delta_w(pre, post, None, **kw)
+    assert mode.inner == B * (T + 1)  # fired <=> latency < T: T + 1 states
+    only_early = Activity(post.fired, torch.where(post.fired, 0, T))  # two states occur
+    with GemmInner() as mode:
+        delta_w(pre, only_early, None, **kw)
+    assert mode.inner == B * 2
+    unrelated = Activity(  # fired independent of latency: up to 2 (T + 1) states
+        torch.rand(B, c_out, generator=gen) < 0.5,
+        torch.randint(0, T + 1, (B, c_out), generator=gen),
+    )
+    with GemmInner() as mode:
+        delta_w(pre, unrelated, None, **kw)
+    assert mode.inner == B * 2 * (T + 1)
+
+
+def test_factors_stay_within_the_budget():
+    B, c_in, c_out, T = 256, 128, 96, 4  # unchunked factors: B (T+1) c_in = 163840 elements
+    gen = torch.Generator().manual_seed(0)
+    pre = fired_latency(random_activity(T, B, c_in, 0.3, gen))
+    post = fired_latency(random_activity(T, B, c_out, 0.3, gen))
+    with MaxNumel(skip=c_out * c_in) as mode:
+        delta_w(pre, post, torch.rand(B), T=T, A_plus=1.0, A_minus=1.0, sigma=1.0)
+    assert B * (T + 1) * c_in > FACTOR_BUDGET // 4
+    assert mode.max_numel <= FACTOR_BUDGET // 4
 
 
 def test_bad_inputs_are_named():
@@ -171,3 +259,5 @@ def test_bad_inputs_are_named():
         kernel_table(3, 0.0)
     with pytest.raises(ValueError, match="gate must have shape"):
         delta_w(pre, post, torch.ones(3), T=2, A_plus=1, A_minus=1, sigma=1)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        delta_w(pre, post, None, T=2, A_plus=1, A_minus=1, sigma=1, chunk=0)

@@ -132,7 +132,7 @@ class _SourceHook:
         w, t = self.window, self.window.steps
         active = v > self.source.threshold
         if w.run is None:
-            zero = torch.zeros_like(active, dtype=torch.long)
+            zero = torch.zeros_like(active, dtype=torch.int32)
             w.run = [active.clone(), zero, zero.clone(), torch.zeros_like(v, dtype=torch.float)]
         fired, first, last, vsum = w.run
         first.copy_(torch.where(fired, first, torch.full_like(first, t)))
