@@ -89,3 +89,27 @@ def test_parse_variants_checks_names() -> None:
         parse_variants("baseline+ssdp")
     with pytest.raises(ValueError, match="no variants"):
         parse_variants(" , ")
+
+
+def test_key_value_parts_change_one_key(config_file: Path) -> None:
+    ref = _resolved(config_file, "dassdp")
+    for variant, expected in [
+        ("A_plus=1.5e-4", {"plasticity.A_plus": 1.5e-4}),
+        ("ssdp+sigma=2", {"plasticity.gate": "one", "plasticity.sigma": 2.0}),
+        ("dassdp+plasticity.A_minus=3e-5+epochs=3", {"plasticity.A_minus": 3e-5, "epochs": 3}),
+    ]:
+        got = _resolved(config_file, variant)
+        changed = {k: got[k] for k in ref.keys() | got.keys() if ref.get(k) != got.get(k)}
+        assert changed == expected, variant
+    assert parse_variants("baseline,A_plus=1e-4, A_plus=1e-4") == ["baseline", "A_plus=1e-4"]
+
+
+def test_bad_key_value_parts_are_named(config_file: Path) -> None:
+    with pytest.raises(ValueError, match="must look like key=value"):
+        parse_variants("dassdp+A_plus=")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        parse_variants("baseline+A_plus=1e-4")
+    with pytest.raises(ValueError, match="folder name"):
+        parse_variants("dassdp+data_root=/tmp/x")
+    with pytest.raises(ValueError, match="no_such_key"):
+        load_config(config_file, variant_overrides("no_such_key=1"))

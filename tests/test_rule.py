@@ -243,6 +243,8 @@ def test_bad_inputs_are_named():
         fired_latency(torch.zeros(2, 1, 3, dtype=torch.bool), "middle")
     with pytest.raises(ValueError, match=r"must be \[T, B, C\]"):
         fired_latency(torch.zeros(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"T >= 1"):
+        fired_latency(torch.zeros(0, 2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="out of range"):  # T mismatch: latencies up to 2
         delta_w(pre, post, None, T=1, A_plus=1, A_minus=1, sigma=1)
     with pytest.raises(ValueError, match="batch sizes differ"):

@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--variants",
         default="baseline,dassdp",
-        help="comma-separated, composable with '+'; known: " + ", ".join(VARIANTS),
+        help="comma-separated, composable with '+'; known: "
+        + ", ".join(VARIANTS)
+        + "; a part may be key=value (e.g. dassdp+A_plus=1.5e-4)",
     )
     parser.add_argument("--out", required=True, help="comparison folder")
     parser.add_argument(

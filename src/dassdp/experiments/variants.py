@@ -6,7 +6,10 @@ overrides (plasticity on, fitted gate, no control) and then applies its own knob
 its resolved config differs from ``dassdp``'s only there; ``baseline`` is ``dassdp`` with
 ``plasticity.enabled=false`` (the learner stays attached but inert, so a baseline run is
 bit-identical to a run without DA-SSDP). The parts of a composed name are applied left
-to right; later parts win on a shared key.
+to right; later parts win on a shared key. A part may also be one override ``key=value``
+(``dassdp+A_plus=1.5e-4``, ``ssdp+sigma=2``): a bare key names a ``plasticity`` field when
+there is one (else a top-level key); a dotted key is used as given. This is how a
+sensitivity sweep is written: ``--variants baseline,dassdp,A_plus=1.5e-4,A_plus=1.5e-5``.
 
 =================  ==========================================================================
 name               overrides (on top of ``dassdp``)
@@ -27,7 +30,7 @@ uniform-drift      plasticity.control=uniform_drift
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 __all__ = ["BASELINE", "VARIANTS", "Variant", "parse_variants", "variant_overrides"]
 
@@ -76,10 +79,18 @@ VARIANTS: dict[str, Variant] = {
 
 def _check_name(name: str) -> list[str]:
     parts = [p.strip() for p in name.split("+")]
-    unknown = [p for p in parts if p not in VARIANTS]
+    unknown = [p for p in parts if p not in VARIANTS and "=" not in p]
     if unknown or not all(parts):
         raise ValueError(
-            f"unknown variant {name!r}; allowed: {', '.join(VARIANTS)} (compose with '+')"
+            f"unknown variant {name!r}; allowed: {', '.join(VARIANTS)} or key=value "
+            "(compose with '+')"
+        )
+    for part in parts:
+        if "=" in part:
+            _part_override(name, part)
+    if "/" in name or name.startswith("."):
+        raise ValueError(
+            f"variant {name!r}: a variant name is a folder name (no '/', no leading '.')"
         )
     if BASELINE in parts and len(parts) > 1:
         raise ValueError(f"variant {name!r}: 'baseline' cannot be combined with another variant")
@@ -94,9 +105,23 @@ def variant_overrides(name: str) -> list[str]:
     """
     out = list(VARIANTS[_BASE].overrides)
     for part in _check_name(name):
-        if part != _BASE:
+        if "=" in part:
+            out.append(_part_override(name, part))
+        elif part != _BASE:
             out += VARIANTS[part].overrides
     return out
+
+
+def _part_override(name: str, part: str) -> str:
+    """``A_plus=1e-4`` -> ``plasticity.A_plus=1e-4``; a dotted key is kept as given."""
+    from dassdp.engine.config import PlasticityConfig
+
+    key, _, value = (s.strip() for s in part.partition("="))
+    if not key or not value:
+        raise ValueError(f"variant {name!r}: part {part!r} must look like key=value")
+    if "." not in key and key in {f.name for f in fields(PlasticityConfig)}:
+        key = f"plasticity.{key}"
+    return f"{key}={value}"
 
 
 def parse_variants(spec: str | Sequence[str]) -> list[str]:

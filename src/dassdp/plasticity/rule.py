@@ -80,10 +80,10 @@ def _step_max(active: Tensor, latency: str) -> Tensor:
     return (active.view(torch.uint8) if wdtype == torch.uint8 else active.to(wdtype)).mul(w).amax(0)
 
 
-def _check_time_major(active: Tensor) -> None:
-    if active.dim() != 3:
-        raise ValueError(f"activity must be [T, B, C], got shape {tuple(active.shape)}")
-    if active.dtype != torch.bool:
+def _check_time_major(active: Tensor, any_dtype: bool = False) -> None:
+    if active.dim() != 3 or active.shape[0] == 0:
+        raise ValueError(f"activity must be [T, B, C] with T >= 1, got shape {tuple(active.shape)}")
+    if not any_dtype and active.dtype != torch.bool:
         raise ValueError(f"activity must be a bool tensor here, got {active.dtype}")
 
 
@@ -105,8 +105,7 @@ def fired_latency(
     """
     if latency not in LATENCY_MODES:
         raise ValueError(f"latency must be one of {LATENCY_MODES}, got {latency!r}")
-    if active.dim() != 3:
-        raise ValueError(f"activity must be [T, B, C], got shape {tuple(active.shape)}")
+    _check_time_major(active, any_dtype=True)
     active = active if active.dtype == torch.bool else active != 0
     T = active.shape[0]
     m = _step_max(active, latency)
