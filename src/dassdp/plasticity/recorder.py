@@ -125,7 +125,9 @@ class _SourceHook:
 
     def _add_chunk(self, v: Tensor) -> None:
         fired, first, last = first_last_active(v > self.source.threshold)
-        self.window.chunks.append((fired, first, last, v.float().mean(0)))
+        # The mean over time serves fired="mean" only; otherwise ``fired`` stands in for it.
+        mean = v.float().mean(0) if self.spec.fired == "mean" else fired
+        self.window.chunks.append((fired, first, last, mean))
         self.window.chunk_T.append(v.shape[0])
 
     def _accumulate_step(self, v: Tensor) -> None:  # v: [B, C], one time step
