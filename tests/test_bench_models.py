@@ -94,3 +94,18 @@ def test_input_shapes_and_bad_arguments(tmp_path):
         bench.run(_parse(["models", "--models", "nope*", "--doc", str(tmp_path / "d.md")]))
     with pytest.raises(ValueError, match="--batch"):
         bench.run(_parse(["models", "--batch", "0", "--doc", str(tmp_path / "d.md")]))
+
+
+def test_section_option_writes_a_second_section_and_keeps_the_default(tmp_path, capsys):
+    doc, out = tmp_path / "benchmarks.md", tmp_path / "models-b2.csv"
+    doc.write_text("# Benchmarks\n\n## models\n\nthe default run stays\n")
+    argv = ["models", "--models", "spiking_cnn", "--batch", "2", "--T", "2", "--size", "16"]
+    argv += ["--iters", "1", "--warmup", "0", "--out", str(out), "--doc", str(doc)]
+    assert bench.run(_parse([*argv, "--section", "models (batch 2)"])) == 0
+    text = doc.read_text()
+    assert "the default run stays" in text
+    assert text.index("## models\n") < text.index("## models (batch 2)")
+    assert "| spiking_cnn |" in text[text.index("## models (batch 2)") :]
+    assert "'## models (batch 2)' section" in capsys.readouterr().out
+    assert bench.run(_parse([*argv, "--section", "models (batch 2)"])) == 0  # replaced, not added
+    assert doc.read_text().count("## models (batch 2)") == 1

@@ -114,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dassdp.bench.report import environment, replace_section, write_csv
+    from dassdp.bench.report import environment, write_csv, write_section
 
     if min(args.nproc) < 1 or args.epochs < 2:
         raise ValueError("--nproc values must be >= 1 and --epochs >= 2 (warm-up + one)")
@@ -124,6 +124,5 @@ def run(args: argparse.Namespace) -> int:
             rows.append(run_setting(n, args.batch, args.epochs, args.subset, Path(tmp)))
             print(f"{n} rank(s): {rows[-1]['images_per_s']:.1f} images/s", flush=True)
     write_csv(args.out, rows)
-    replace_section(args.doc, "ddp", markdown(rows, environment(), args.out))
-    print(f"wrote {args.out} and the '## ddp' section of {args.doc}")
+    write_section(args, "ddp", markdown(rows, environment(), args.out), args.out)
     return 0

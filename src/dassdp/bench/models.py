@@ -148,7 +148,7 @@ def _selected(patterns: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dassdp.bench.report import environment, replace_section, write_csv
+    from dassdp.bench.report import environment, write_csv, write_section
 
     if args.quick:
         args.batch, args.iters, args.imagenet_size = 2, 1, 32
@@ -168,6 +168,5 @@ def run(args: argparse.Namespace) -> int:
         )
         rows.append(row)
     write_csv(args.out, rows)
-    replace_section(args.doc, "models", markdown(rows, environment(), args.out))
-    print(f"wrote {args.out} and the '## models' section of {args.doc}")
+    write_section(args, "models", markdown(rows, environment(), args.out), args.out)
     return 0

@@ -285,7 +285,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dassdp.bench.report import environment, replace_section, write_csv
+    from dassdp.bench.report import environment, write_csv, write_section
     from dassdp.bench.timing import default_csv, device_of, load_average, section_name
 
     if min([*args.batch, args.size, args.T, args.reps, args.threads, args.warmup]) < 1:
@@ -312,6 +312,5 @@ def run(args: argparse.Namespace) -> int:
         rows += got
     write_csv(out, rows)
     section = markdown(rows, environment(), out, (load_before, load_average()))
-    replace_section(args.doc, section_name("overhead", device), section)
-    print(f"wrote {out} and the '## {section_name('overhead', device)}' section of {args.doc}")
+    write_section(args, section_name("overhead", device), section, out)
     return 0

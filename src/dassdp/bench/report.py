@@ -26,6 +26,7 @@ __all__ = [
     "environment",
     "replace_section",
     "write_csv",
+    "write_section",
 ]
 
 DEFAULT_HEADER = (
@@ -77,6 +78,14 @@ def replace_section(path: Path, name: str, body: str) -> None:
     atomic_write_text(path, new)
 
 
+def write_section(args: Any, name: str, body: str, csv_path: Path) -> None:
+    """Write ``body`` as the ``args.section`` (default ``name``) section of ``args.doc`` and
+    say where the CSV and the section went."""
+    heading = args.section or name
+    replace_section(args.doc, heading, body)
+    print(f"wrote {csv_path} and the '## {heading}' section of {args.doc}")
+
+
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """Write ``rows`` (dicts with the same keys) as CSV, atomically."""
     import io
@@ -107,4 +116,11 @@ def add_output_arguments(parser: Any, name: str, *, per_device: bool = True) -> 
         type=Path,
         default=Path("docs/benchmarks.md"),
         help=f"Markdown file whose '## {name}' section is replaced",
+    )
+    parser.add_argument(
+        "--section",
+        default=None,
+        help=f"heading of the section to write instead (default '{name}'"
+        + (f", or '{name} (cuda)' on a GPU)" if per_device else ")")
+        + ": keeps the default section, e.g. for a run with other batch sizes",
     )

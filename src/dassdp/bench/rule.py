@@ -584,7 +584,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dassdp.bench.report import environment, replace_section, write_csv
+    from dassdp.bench.report import environment, write_csv, write_section
     from dassdp.bench.timing import default_csv, device_of, load_average, section_name
 
     if min(args.T, args.reps, args.threads, args.pairwise_limit, args.pairwise_reps) < 1:
@@ -620,8 +620,7 @@ def run(args: argparse.Namespace) -> int:
         rows, env, out, check64=check64, load=(load_before, load_average()),
         latency=args.latency, rate=args.rate,
     )  # fmt: skip
-    replace_section(args.doc, section_name("rule", device), section)
-    print(f"wrote {out} and the '## {section_name('rule', device)}' section of {args.doc}")
+    write_section(args, section_name("rule", device), section, out)
     return 0
 
 

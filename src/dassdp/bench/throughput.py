@@ -343,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from dassdp.bench.report import environment, replace_section, write_csv
+    from dassdp.bench.report import environment, write_csv, write_section
     from dassdp.bench.timing import default_csv, device_of, load_average, section_name
 
     sizes = [*args.batch, args.size, args.T, args.reps, args.threads, args.warmup]
@@ -398,6 +398,5 @@ def run(args: argparse.Namespace) -> int:
     section = markdown(
         rows, environment(), out, (load_before, load_average()), spikingjelly_version()
     )
-    replace_section(args.doc, section_name("throughput", device), section)
-    print(f"wrote {out} and the '## {section_name('throughput', device)}' section of {args.doc}")
+    write_section(args, section_name("throughput", device), section, out)
     return 0
