@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dassdp.bench.report import add_output_arguments
+from dassdp.bench.report import add_output_arguments, provenance
 
 HELP = "forward+backward images/s per model at T=4 on this CPU"
 
@@ -85,10 +85,7 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], csv_path: Path) ->
         "models built with 10 classes (params column); median over the timed iterations;",
         "images/s = batch / median seconds. Event-frame models get [B, T, C, H, W] frames.",
         "",
-        f"- command: `{env['command']}`",
-        f"- torch {env['torch']}, {env['threads']} thread(s), CPU: {env['cpu']} "
-        f"({env['cores']} cores), Python {env['python']}",
-        f"- date: {env['date']}; CSV: `{csv_path}`",
+        *provenance(env, csv_path),
         "",
         "| model | params | input (C x H x W) | batch | T | s / iter | images / s |",
         "|---|---:|---|---:|---:|---:|---:|",

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dassdp.bench.report import add_output_arguments, add_run_arguments
+from dassdp.bench.report import add_output_arguments, add_run_arguments, provenance
 
 HELP = "training-step overhead of DA-SSDP (warm-up and active) on spikingresformer_cifar"
 
@@ -239,11 +239,7 @@ def markdown(
         "timed directly) / median `off` step: the precise measure.",
         "",
         "- targets: <= 0.5 % in warm-up, <= 2 % after warm-up",
-        f"- command: `{env['command']}`",
-        f"- torch {env['torch']}, {env['threads']} thread(s), CPU: {env['cpu']} "
-        f"({env['cores']} cores), Python {env['python']}",
-        f"- date: {env['date']}; load average (1, 5, 15 min) before: {load[0]}, after: "
-        f"{load[1]} (a shared machine); CSV: `{csv_path}`",
+        *provenance(env, csv_path, load),
         "",
         "| model | batch | input | T | condition | step s (median) | min-max s | overhead "
         "| plast.step ms | hooks ms | own share | target | met (overhead / own share) |",

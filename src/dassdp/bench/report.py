@@ -24,6 +24,7 @@ __all__ = [
     "add_run_arguments",
     "cpu_model",
     "environment",
+    "provenance",
     "replace_section",
     "write_csv",
     "write_section",
@@ -76,6 +77,24 @@ def replace_section(path: Path, name: str, body: str) -> None:
     else:
         new = text.rstrip() + "\n\n" + section
     atomic_write_text(path, new)
+
+
+def provenance(
+    env: Mapping[str, Any], csv_path: Any, load: Sequence[str] | None = None
+) -> list[str]:
+    """The section's bullet lines for the exact command, the machine and the date (with the
+    load averages before and after the run when ``load`` is given) and the CSV path."""
+    when = f"- date: {env['date']}; "
+    if load is not None:
+        when += (
+            f"load average (1, 5, 15 min) before: {load[0]}, after: {load[1]} (a shared machine); "
+        )
+    return [
+        f"- command: `{env['command']}`",
+        f"- torch {env['torch']}, {env['threads']} thread(s), CPU: {env['cpu']} "
+        f"({env['cores']} cores), Python {env['python']}",
+        when + f"CSV: `{csv_path}`",
+    ]
 
 
 def write_section(args: Any, name: str, body: str, csv_path: Path) -> None:

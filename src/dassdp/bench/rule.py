@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dassdp.bench.report import add_output_arguments, add_run_arguments
+from dassdp.bench.report import add_output_arguments, add_run_arguments, provenance
 
 HELP = "dW cost: the library's one-GEMM rule vs the published pairwise [B, Cout, Cin] form"
 
@@ -498,11 +498,7 @@ def markdown(
         "- targets (rows marked *target*): >= 100x faster and >= 100x less peak memory",
         f"- float64 agreement (library vs pairwise, shapes {list(CHECK_SHAPES)}, latency first "
         f"and last, silent T and 0, gate and none): max |diff| = {check64:.3g}",
-        f"- command: `{env['command']}`",
-        f"- torch {env['torch']}, {env['threads']} thread(s), CPU: {env['cpu']} "
-        f"({env['cores']} cores), Python {env['python']}",
-        f"- date: {env['date']}; load average (1, 5, 15 min) before: {load[0]}, after: "
-        f"{load[1]} (a shared machine); CSV: `{csv_path}`",
+        *provenance(env, csv_path, load),
         "",
         "| size | B | C_out x C_in | library ms | pairwise ms | speed-up | library peak MB "
         "| pairwise peak MB | memory ratio | max abs diff (fp32) | pairwise ran as | target met |",

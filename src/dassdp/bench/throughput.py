@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dassdp.bench.report import add_output_arguments, add_run_arguments
+from dassdp.bench.report import add_output_arguments, add_run_arguments, provenance
 
 HELP = "training images/s of spikingresformer_cifar: our LIF vs SpikingJelly 2.0's LIFNode"
 
@@ -271,11 +271,7 @@ def markdown(
         "SpikingJelly is installed for this benchmark only (`pip install --no-deps",
         "spikingjelly==2.0.0 'loguru>=0.7,<1'`); it is not a dependency of dassdp.",
         "",
-        f"- command: `{env['command']}`",
-        f"- torch {env['torch']}, {env['threads']} thread(s), CPU: {env['cpu']} "
-        f"({env['cores']} cores), Python {env['python']}",
-        f"- date: {env['date']}; load average (1, 5, 15 min) before: {load[0]}, after: "
-        f"{load[1]} (a shared machine); CSV: `{csv_path}`",
+        *provenance(env, csv_path, load),
         "",
         "| model | neurons | batch | input | T | step s (median) | min-max s | images / s "
         "| ratio ours / SJ | ratio by min step | LIF op ms | LIF op ratio | logit diff "
