@@ -13,27 +13,20 @@ import pytest
 import torch
 import yaml
 
+from engine_fixtures import tiny_dict
+
 pytestmark = pytest.mark.distributed
 
-CONFIG = {
-    "name": "ddp",
-    "dataset": "synthetic",
-    "model": "spiking_cnn",
+CONFIG = tiny_dict(
+    name="ddp",
     # no BatchNorm: batch statistics are per rank (SyncBatchNorm needs CUDA), which would
     # make 2 ranks x B differ from 1 rank x 2B by more than summation order; a lower
     # threshold keeps the BatchNorm-free network firing
-    "model_args": {"channels": [4, 8], "hidden": 16, "norm": False, "v_threshold": 0.2},
-    "epochs": 3,
-    "batch_size": 16,
-    "T": 2,
-    "lr": 5e-3,
-    "lr_warmup_epochs": 0,
-    "subset": 128,
-    "test_subset": 64,
-    "progress": False,
-    "tensorboard": False,
-    "plasticity": {"warmup_epochs": 1, "A_plus": 1e-2, "A_minus": 2e-3},
-}
+    model_args={"channels": [4, 8], "hidden": 16, "norm": False, "v_threshold": 0.2},
+    epochs=3,
+    batch_size=16,
+    plasticity={"A_plus": 1e-2, "A_minus": 2e-3},
+)
 
 
 def train(*args: str, env: dict | None = None, timeout: float = 300):
