@@ -3,6 +3,7 @@
 import itertools
 import math
 
+import pytest
 import torch
 
 from dassdp.engine import Trainer, fit, load_checkpoint, read_metrics
@@ -151,11 +152,14 @@ class _InfGrad(torch.autograd.Function):
         return grad * float("inf")
 
 
-def test_a_step_the_grad_scaler_skips_is_skipped_by_dassdp_too(tmp_path):
-    trainer = Trainer(tiny(epochs=2, plasticity={"warmup_epochs": 1}), tmp_path)
+@pytest.mark.parametrize("apply", ["post_step", "grad"])
+def test_a_step_the_grad_scaler_skips_is_skipped_by_dassdp_too(tmp_path, apply):
+    # apply="grad" runs the learner between unscale_ and the optimizer step: it must learn
+    # about the skip from the scaler's found-inf flag (it used to count the step as applied)
+    trainer = Trainer(tiny(epochs=2, plasticity={"warmup_epochs": 1, "apply": apply}), tmp_path)
     trainer.fit(stop_after=1)  # warm-up in fp32
-    # AMP is a CUDA feature here; CPU autocast + a CPU grad scaler exercise the same path
-    trainer.amp, trainer.scaler = True, torch.amp.GradScaler("cpu")
+    # fp16 AMP is a CUDA feature here; CPU autocast + a CPU grad scaler exercise the same path
+    trainer.amp, trainer.scaler = torch.float16, torch.amp.GradScaler("cpu")
     criterion, calls = trainer.criterion, itertools.count()
 
     def overflowing(logits, target):

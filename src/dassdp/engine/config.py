@@ -32,10 +32,12 @@ import yaml
 from dassdp._io import atomic_write_text
 
 __all__ = [
+    "AMP_MODES",
     "SYNTHETIC",
     "ConfigError",
     "PlasticityConfig",
     "TrainConfig",
+    "amp_dtype",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
@@ -46,6 +48,8 @@ __all__ = [
 
 SYNTHETIC = "synthetic"  # in-memory test/smoke dataset (see dassdp.engine.builders)
 OPTIMIZERS = ("adamw", "sgd")
+AMP_MODES = ("fp16", "bf16")  # amp: false | true (= "fp16") | "fp16" | "bf16"
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PLASTICITY_PRESETS = ("default", "compat")
 
 
@@ -110,7 +114,20 @@ class TrainConfig:
         lr, weight_decay, momentum: optimizer settings (no decay on biases, norms, 1-D).
         lr_warmup_epochs, warmup_lr, min_lr: timm ``CosineLRScheduler`` (stepped per epoch).
         grad_clip: max gradient norm; ``None``: no clipping.
-        amp: mixed precision on CUDA (float16 + grad scaler); ignored on CPU.
+        amp: mixed precision: ``false`` (float32), ``"bf16"`` (bfloat16 autocast, no grad
+            scaler; CPU and CUDA), ``"fp16"`` (float16 autocast + grad scaler; CUDA only: on
+            CPU the run logs it and trains in float32) or ``true`` (= ``"fp16"``, the older
+            spelling). Evaluation uses the same autocast dtype.
+        compile: ``torch.compile`` the model for the training forward (DA-SSDP and firing-rate
+            hooks stay on the uncompiled modules and still fire); evaluation runs eager.
+        compile_mode: ``torch.compile`` mode (``"default"``, ``"reduce-overhead"``,
+            ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``; inductor only) or ``None``.
+        compile_backend: ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` and
+            ``"eager"`` compile fast and are what the tests use).
+        channels_last: convert the model's 4-D (conv) weights to channels-last memory format
+            (activations follow); pays off on CUDA tensor cores, runs on CPU too.
+        cudnn_benchmark: ``torch.backends.cudnn.benchmark`` (autotuned conv algorithms; CUDA
+            only, logged and ignored on CPU). Not bit-reproducible across runs.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``.
         workers: DataLoader worker processes (default: 0 on CPU, 4 on CUDA).
         threads: ``torch.set_num_threads`` (default 1: on small shared CPUs 2+ can be slower);
@@ -151,7 +168,12 @@ class TrainConfig:
     warmup_lr: float = 1e-5
     min_lr: float = 1e-5
     grad_clip: float | None = None
-    amp: bool = False
+    amp: bool | str = False
+    compile: bool = False
+    compile_mode: str | None = None
+    compile_backend: str = "inductor"
+    channels_last: bool = False
+    cudnn_benchmark: bool = False
     device: str = "auto"
     workers: int | None = None
     threads: int | None = 1
@@ -326,11 +348,47 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, key)
         low = 0 if key == "workers" else 1
         _require(value is None or value >= low, f"{key} must be null or >= {low}, got {value}")
+    _check_precision(cfg)
     _check_mixup(cfg)
     _check_dataset(cfg)
     _check_model(cfg)
     if cfg.plasticity is not None:
         _check_plasticity(cfg.plasticity, cfg.epochs)
+
+
+def amp_dtype(amp: bool | str) -> Any:
+    """The autocast dtype an ``amp`` value asks for: ``torch.float16``, ``torch.bfloat16`` or
+    ``None`` (float32). ``True`` is ``"fp16"``. Raises :class:`ConfigError` for other values."""
+    import torch
+
+    if amp is False:
+        return None
+    if amp is True or amp == "fp16":
+        return torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    raise ConfigError(f"amp must be false, true (= fp16), {' or '.join(AMP_MODES)}, got {amp!r}")
+
+
+def _check_precision(cfg: TrainConfig) -> None:
+    amp_dtype(cfg.amp)
+    mode, backend = cfg.compile_mode, cfg.compile_backend
+    _require(
+        mode is None or mode in COMPILE_MODES,
+        f"compile_mode must be null or one of {', '.join(COMPILE_MODES)}, got {mode!r}",
+    )
+    if backend != "inductor":  # importing dynamo costs ~1 s: only for another backend
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        _require(
+            backend in backends,
+            f"compile_backend must be one of {', '.join(backends)}, got {backend!r}",
+        )
+    _require(
+        mode is None or backend == "inductor",
+        f"compile_mode ({mode!r}) needs compile_backend inductor, got {backend!r}",
+    )
 
 
 def _check_mixup(cfg: TrainConfig) -> None:

@@ -6,7 +6,8 @@ when ``torch.utils.tensorboard`` imports): ``epoch``, ``lr``, ``train`` and ``te
 ``firing_rate`` (per neuron layer: mean spikes per neuron per time step over the training
 epoch), ``plasticity`` (phase, counters of this epoch, per-site synchrony / gate / |dW|
 averaged over the epoch's recorded steps, and the gate fit ``k``, ``mu``, ``sd``) and
-``epoch_time_s``. Meters keep running sums on the device and synchronise once per epoch.
+``epoch_time_s``. Meters keep running sums on the device and synchronise once per epoch:
+their per-step ``update`` reads nothing back to the host.
 """
 
 from __future__ import annotations
@@ -52,12 +53,18 @@ class LossMeter:
     @torch.no_grad()
     def update(self, loss: Tensor, logits: Tensor, target: Tensor) -> None:
         """``loss``: the batch mean; ``logits`` ``[B, K]``; ``target`` ``[B]`` class indices."""
+        # a non-finite loss (a skipped step, counted elsewhere) must not poison the mean: it
+        # is masked out on the device, as a Python `if` would read the flag to the host
+        finite = torch.isfinite(loss.detach()).all()
         n = target.shape[0]
-        if not torch.isfinite(loss):
-            return  # a skipped step is counted elsewhere; it must not poison the mean
-        self.sums[0] += loss.double() * n
-        self.sums[1:3] += accuracy_counts(logits.float(), target)
-        self.sums[3] += n
+        row = torch.cat([(loss.double() * n).reshape(1), accuracy_counts(logits.float(), target)])
+        row = torch.cat([row, row.new_full((1,), n)])  # [loss*n, c1, c5, n]
+        self.sums += torch.where(finite, row, 0.0)
+
+    def mean_loss(self) -> float:
+        """The running mean loss on this rank (one host read; for progress bars)."""
+        loss_n, n = self.sums[0::3].tolist()  # [loss*n, n]
+        return loss_n / n if n else math.nan
 
     def result(self, reduce: bool = True) -> dict[str, float]:
         """``loss``, ``acc1``, ``acc5`` (percent) and ``samples``; all-reduced over ranks."""
@@ -122,37 +129,56 @@ class FiringRates:
 
 
 class PlasticityMeter:
-    """Epoch view of a :class:`dassdp.DASSDP`: averaged site metrics and counter deltas."""
+    """Epoch view of a :class:`dassdp.DASSDP`: averaged site metrics and counter deltas.
+
+    Per-step sums stay on the device (no host read per step). A step counts when the
+    learner's ``recorded`` counter moved: a Python int, or a device tensor for a learner that
+    decides skips on the device (then the step's metrics are added times that 0/1 flag).
+    """
 
     def __init__(self, learner: Any) -> None:
         self.learner = learner
-        self.start = dict(learner.counters)
-        self.sums: dict[str, dict[str, float]] = {}
-        self.steps = 0
-        self._recorded = learner.counters["recorded"]
+        self.start = {k: _snapshot(v) for k, v in learner.counters.items()}
+        self.sums: dict[str, dict[str, Tensor]] = {}
+        self.steps: Tensor | int = 0
+        self._recorded = _snapshot(learner.counters["recorded"])
 
     def update(self) -> None:
         """Add the learner's last step (call after ``learner.step``; skipped steps add nothing)."""
-        if self.learner.counters["recorded"] == self._recorded:
-            return
-        self._recorded = self.learner.counters["recorded"]
-        for site, values in self.learner.last_metrics().items():
+        recorded = self.learner.counters["recorded"]
+        flag = recorded - self._recorded  # 1 if this step was recorded, else 0
+        if not isinstance(flag, Tensor) and flag == 0:
+            return  # a Python counter: the skip is known on the host
+        self._recorded = _snapshot(recorded)
+        # the metric tensors of the last step (last_metrics() would read each one to the host)
+        for site, values in self.learner._metrics.items():
             acc = self.sums.setdefault(site, {})
             for key, value in values.items():
-                acc[key] = acc.get(key, 0.0) + value
-        self.steps += 1
+                value = value.detach().double()
+                if isinstance(flag, Tensor):  # a skipped step's values may be stale or NaN
+                    value = torch.where(flag.to(value.device) > 0, value, 0.0)
+                acc[key] = acc[key] + value if key in acc else value
+        self.steps = self.steps + flag
 
     def result(self) -> dict[str, Any]:
         """Phase, this epoch's counters, per-site means and the gate fit (k, mu, sd, valid)."""
         learner = self.learner
-        counters = {k: v - self.start.get(k, 0) for k, v in learner.counters.items()}
+        counters = {k: int(v - self.start.get(k, 0)) for k, v in learner.counters.items()}
+        steps = max(int(self.steps), 1)
         sites = {}
         for site, fit in learner.gate_summary().items():
-            means = {k: v / max(self.steps, 1) for k, v in self.sums.get(site, {}).items()}
+            sums = self.sums.get(site, {})
+            values = torch.stack(list(sums.values())).tolist() if sums else []  # one read
+            means = {k: v / steps for k, v in zip(sums, values)}
             gate = {f"gate_{k}": fit[k] for k in ("k", "mu", "sd", "valid", "reason")}
             sites[site] = {**means, **gate, "records": fit["records"]}
         phase = "off" if not learner.enabled else "warmup" if learner.in_warmup else "active"
         return {"phase": phase, "counters": counters, "sites": sites}
+
+
+def _snapshot(value: Any) -> Any:
+    """A counter's value now (a tensor counter may be updated in place later)."""
+    return value.detach().clone() if isinstance(value, Tensor) else value
 
 
 def _flatten(row: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, float]]:

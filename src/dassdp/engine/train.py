@@ -18,6 +18,27 @@ all-reduces its own statistics and updates, test metrics are summed over ranks, 
 rank 0 logs and writes files. Resume is exact (bit-identical weights on CPU): the
 checkpoint holds model, optimizer, scheduler, grad scaler, DA-SSDP state, every global
 RNG state (per rank) and the data-order generator.
+
+Precision (``amp``): float32, bfloat16 autocast (no grad scaler) or float16 autocast with a
+``GradScaler`` (CUDA). ``compile`` wraps the training forward in ``torch.compile``;
+evaluation runs the eager model in the same autocast dtype. Resume is bit-exact only with
+the same device, precision and compile setting.
+
+Host reads per training step (``aten._local_scalar_dense`` on a device tensor; counted in
+``tests/test_engine_precision.py``), with the optimizer's own CPU step counters excluded:
+
+* float32 and bf16: **one**, ``_all_finite(loss)``: without a grad scaler nothing else can
+  skip the optimizer step on a non-finite loss (it is also the DDP agreement: an all-reduce).
+* fp16: **one**, inside ``GradScaler.step`` (torch reads its found-inf flag to decide whether
+  to call ``optimizer.step``). The engine adds none: a NaN/inf loss gives NaN gradients, which
+  the scaler skips; whether it skipped reaches DA-SSDP as a device tensor
+  (:func:`~dassdp.engine.precision.optimizer_stepped`), also in ``apply="grad"`` mode where
+  the learner runs between ``unscale_`` and the optimizer step.
+* plus whatever ``DASSDP.step`` reads (its own budget: none in warm-up, at most one after).
+
+The loss, accuracy, non-finite and DA-SSDP meters accumulate on the device and are read
+once per epoch; a progress bar (``progress``) shows the running loss every
+:data:`PROGRESS_EVERY` steps (one read each time).
 """
 
 from __future__ import annotations
@@ -60,6 +81,7 @@ from dassdp.engine.checkpoint import load_checkpoint, save_checkpoint
 from dassdp.engine.config import (
     ConfigError,
     TrainConfig,
+    amp_dtype,
     apply_overrides,
     config_from_dict,
     save_config,
@@ -71,10 +93,18 @@ from dassdp.engine.distributed import (
     replicas_identical,
 )
 from dassdp.engine.metrics import FiringRates, LossMeter, MetricsWriter, PlasticityMeter
+from dassdp.engine.precision import (
+    autocast,
+    compile_model,
+    optimizer_stepped,
+    prepare_model,
+    resolve_amp,
+)
 from dassdp.engine.seed import get_rng_state, seed_everything, set_rng_state
 from dassdp.plasticity import distributed as D
 
 __all__ = [
+    "PROGRESS_EVERY",
     "RESUMABLE_CHANGES",
     "Trainer",
     "code_revision",
@@ -98,8 +128,15 @@ RESUMABLE_CHANGES = frozenset(
         "data_root",
         "name",
         "pretrained",
+        # how fast, not what: float32 results may differ in rounding (see the module doc)
+        "compile",
+        "compile_mode",
+        "compile_backend",
+        "channels_last",
+        "cudnn_benchmark",
     }
 )
+PROGRESS_EVERY = 50  # steps between progress-bar loss updates (each is one host read)
 
 
 def code_revision() -> str | None:
@@ -138,21 +175,23 @@ def evaluate(
     model: nn.Module,
     loader: DataLoader,
     device: torch.device,
-    amp: bool = False,
+    amp: torch.dtype | bool | None = None,
     transform: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, float]:
     """Test loss (cross entropy), acc@1, acc@5 (percent) over ``loader``, summed over ranks.
 
+    ``amp``: the autocast dtype (``None``/``False``: float32; ``True``: float16).
     ``transform``: applied to each input batch on the device before the model (e.g. a
     robustness perturbation from :mod:`dassdp.experiments.robustness`).
     """
+    dtype = torch.float16 if amp is True else (amp or None)
     model.eval()
     meter = LossMeter(device)
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if transform is not None:
             x = transform(x)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        with autocast(device, dtype):
             logits = model(x)  # [B, K]
         meter.update(F.cross_entropy(logits.float(), y), logits, y)
         dassdp.reset(model)
@@ -181,9 +220,7 @@ class Trainer:
         self.device = self.dist.device
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        self.amp = cfg.amp and self.device.type == "cuda"  # CPU: fp32 (autocast is slower)
-        if cfg.amp and not self.amp:
-            log.info("amp: mixed precision is used on CUDA only; training in float32")
+        self.amp = resolve_amp(cfg.amp, self.device)  # autocast dtype; None: float32
         seed_everything(cfg.seed)
         self.info = data_info(cfg)
         train_set, test_set = build_datasets(cfg)
@@ -196,15 +233,20 @@ class Trainer:
             else:
                 log.warning("sync_bn: SyncBatchNorm needs CUDA; plain BatchNorm on CPU")
         self.model.to(self.device)
+        self._cudnn_benchmark = torch.backends.cudnn.benchmark  # restored by close()
+        prepare_model(self.model, cfg, self.device)  # channels_last, cudnn_benchmark
         self.learner = build_learner(cfg, self.model)  # hooks on the unwrapped model
         self._grad_mode = self.learner is not None and self.learner.config.apply == "grad"
         self.net = self.model
         if self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.compile:  # the training forward only; hooks on self.model are traced into it
+            self.net = compile_model(self.net, cfg)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        fp16 = self.amp == torch.float16  # bf16 has float32's range: no grad scaler
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.mixup = build_mixup(cfg, self.info)
         self.criterion = build_criterion(cfg)
         seed_everything(cfg.seed + self.dist.rank)  # augmentation differs across ranks
@@ -296,56 +338,74 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training data; returns the epoch's train/plasticity metrics."""
-        model, opt = self.net, self.optimizer
-        model.train()
+        self.net.train()
         meter = LossMeter(self.device)
         plast = PlasticityMeter(self.learner) if self.learner is not None else None
-        nonfinite = 0
-        for x, y in self._batches(epoch):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            # x: [B, C, H, W] images (repeated over T by the model) or [B, T, C, H, W] frames
-            target = y if self.mixup is None else None
-            if self.mixup is not None:
-                x, target = _mix(self.mixup, x, y)  # target: soft labels [B, K]
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                logits = model(x)  # [B, K]
-                loss = self.criterion(logits, target)
-            stepped, finite = False, _all_finite(loss)
-            if finite:
-                opt.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                if self._grad_mode:
-                    # apply="grad": dW joins the (unscaled) gradients before the optimizer step
-                    self.scaler.unscale_(opt)
-                    self.learner.step(loss.detach())
-                stepped = self._optimizer_step()
-            else:
-                nonfinite += 1  # no backward, no update; DA-SSDP skips and counts it too
-            if self.learner is not None:
-                if not (self._grad_mode and finite):
-                    # warm-up: record (S, L); afterwards dW (all-reduced), then W += dW
-                    self.learner.step(loss.detach(), optimizer_stepped=stepped)
-                plast.update()
-            dassdp.reset(self.model)  # neuron states and DA-SSDP recorder buffers
-            meter.update(loss.detach(), logits.detach(), y)
+        nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
+        batches = self._batches(epoch)
+        for i, (x, y) in enumerate(batches, 1):
+            nonfinite += self.train_step(x, y, meter, plast)
+            if i % PROGRESS_EVERY == 0 and hasattr(batches, "set_postfix"):
+                batches.set_postfix(loss=f"{meter.mean_loss():.4f}")  # one host read
         broadcast_buffers(self.model)  # DDP: rank 0's BN statistics for eval and checkpoints
-        out: dict[str, Any] = {"train": meter.result(), "nonfinite_steps": nonfinite}
+        out: dict[str, Any] = {"train": meter.result(), "nonfinite_steps": int(nonfinite)}
         out["firing_rate"] = self.firing.pop()
         if plast is not None:
             out["plasticity"] = plast.result()
         return out
 
-    def _optimizer_step(self) -> bool:
-        """Step through the grad scaler; False when the scaler skipped it (inf/NaN grads)."""
+    def train_step(
+        self, x: Tensor, y: Tensor, meter: LossMeter, plast: PlasticityMeter | None
+    ) -> Tensor:
+        """One step on a batch (x: ``[B, C, H, W]`` images, repeated over T by the model, or
+        ``[B, T, C, H, W]`` frames; y: ``[B]``); returns 1 if the loss was non-finite (a 0-d
+        device tensor). Host reads: see the module docstring."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        target = y
+        if self.mixup is not None:
+            x, target = _mix(self.mixup, x, y)  # target: soft labels [B, K]
+        with autocast(self.device, self.amp):
+            logits = self.net(x)  # [B, K]
+            loss = self.criterion(logits, target)
+        # fp16: a non-finite loss makes non-finite gradients, which the scaler skips, so no
+        # read here; float32/bf16: one host read decides (and all ranks agree on it)
+        finite = self.scaler.is_enabled() or _all_finite(loss)
+        stepped: Tensor | bool = False
+        if finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self._grad_mode:
+                # apply="grad": dW joins the (unscaled) gradients before the optimizer step;
+                # the scaler's skip decision is known after unscale_, so DA-SSDP skips with it
+                self.scaler.unscale_(self.optimizer)
+                self.learner.step(loss.detach(), optimizer_stepped=self._stepped())
+            stepped = self._optimizer_step()
+        if self.learner is not None:
+            if not (self._grad_mode and finite):
+                # warm-up: record (S, L); afterwards dW (all-reduced), then W += dW
+                self.learner.step(loss.detach(), optimizer_stepped=stepped)
+            plast.update()
+        dassdp.reset(self.model)  # neuron states and DA-SSDP recorder buffers
+        meter.update(loss.detach(), logits.detach(), y)
+        return ~torch.isfinite(loss.detach())
+
+    def _stepped(self) -> Tensor | bool:
+        """Whether the optimizer steps: a 0-d bool device tensor under a grad scaler (valid
+        from ``unscale_`` until ``update``), else True."""
+        if not self.scaler.is_enabled():
+            return True
+        return optimizer_stepped(self.scaler, self.optimizer)
+
+    def _optimizer_step(self) -> Tensor | bool:
+        """Step through the grad scaler; returns :meth:`_stepped` (False: the scaler skipped)."""
         if self.cfg.grad_clip is not None:
             if not self._grad_mode:  # grad mode has unscaled already
                 self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
+        stepped = self._stepped()  # before update(), which clears the scaler's flags
         self.scaler.update()
-        # the scaler lowers its scale exactly when it skipped the step
-        return not self.amp or self.scaler.get_scale() >= scale
+        return stepped
 
     def _batches(self, epoch: int) -> Iterable[tuple[Tensor, Tensor]]:
         """The epoch's training batches (at most ``limit_train_batches``), with a progress bar
@@ -431,6 +491,7 @@ class Trainer:
         self.firing.close()
         if self.learner is not None:
             self.learner.close()
+        torch.backends.cudnn.benchmark = self._cudnn_benchmark
         if self.writer is not None:
             self.writer.close()
         if self.dist.main:
@@ -459,7 +520,8 @@ def resume_config(saved: dict[str, Any], given: TrainConfig | None) -> TrainConf
     if given is None:
         return config_from_dict(saved)
     new = dataclasses.asdict(given)
-    changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
+    saved = {**_defaults(), **saved}  # keys added since that checkpoint: their defaults
+    changed = sorted(k for k in set(saved) | set(new) if not _same(k, saved.get(k), new.get(k)))
     bad = [k for k in changed if k not in RESUMABLE_CHANGES]
     if bad:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in bad)
@@ -468,6 +530,28 @@ def resume_config(saved: dict[str, Any], given: TrainConfig | None) -> TrainConf
             f"{', '.join(sorted(RESUMABLE_CHANGES))} may change (or start a new run folder)"
         )
     return given
+
+
+def _defaults() -> dict[str, Any]:
+    """The default value of every :class:`TrainConfig` field (``None`` if it has none)."""
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    """Equal config values; ``amp: true`` and ``amp: fp16`` are the same setting."""
+    if key == "amp":
+        try:
+            return amp_dtype(old) == amp_dtype(new)
+        except ConfigError:
+            return False
+    return old == new
 
 
 def evaluate_checkpoint(
@@ -496,7 +580,7 @@ def evaluate_checkpoint(
     model.load_state_dict(state["model"])
     loader = DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.workers or 0)
     bound = None if transform is None else (lambda x: transform(x, cfg.T))
-    test = evaluate(model.to(device), loader, device, cfg.amp and device.type == "cuda", bound)
+    test = evaluate(model.to(device), loader, device, resolve_amp(cfg.amp, device), bound)
     plast = state.get("plasticity")
     gate = None
     if plast is not None:
