@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dassdp.engine import ConfigError, Trainer, config_from_dict, read_metrics, resume_config
+from dassdp.engine import ConfigError, Trainer, config_from_dict, fit, read_metrics, resume_config
 from dassdp.engine.config import amp_dtype, apply_overrides, config_to_dict
 from dassdp.engine.metrics import LossMeter, PlasticityMeter
 from dassdp.engine.precision import optimizer_stepped, resolve_amp
@@ -115,6 +115,22 @@ def test_channels_last_weights_train(tmp_path, caplog):
     row = trainer.fit()
     trainer.close()
     assert math.isfinite(row["train"]["loss"]) and row["train"]["acc1"] > 10
+
+
+def test_spikingresformer_trains_in_bf16_with_channels_last_and_dassdp(tmp_path):
+    # the attention model: 5-D [T, B, C, H, W] activations, 2-D convs on [T*B, C, H, W] views
+    cfg = tiny(
+        model="spikingresformer_ti",
+        model_args={},
+        batch_size=8,
+        subset=16,
+        test_subset=8,
+        amp="bf16",
+        channels_last=True,
+    )
+    row = fit(cfg, tmp_path)
+    assert math.isfinite(row["train"]["loss"]) and math.isfinite(row["test"]["loss"])
+    assert row["plasticity"]["counters"]["applied"] == 2
 
 
 # ---------------------------------------------------------------- the scaler flag
@@ -261,8 +277,8 @@ class TensorCounterLearner:
         self._metrics = {"site": {"synchrony": torch.tensor(synchrony)}}
 
     def gate_summary(self):
-        fit = {"k": 0.5, "mu": 0.1, "sd": 0.2, "valid": True, "reason": None, "records": 3}
-        return {"site": fit}
+        gate = {"k": 0.5, "mu": 0.1, "sd": 0.2, "valid": True, "reason": None, "records": 3}
+        return {"site": gate}
 
 
 def test_plasticity_meter_counts_device_counters_without_host_reads():
