@@ -2,6 +2,7 @@
 channels_last, the grad-scaler skip flag, and how many host syncs one step makes."""
 
 import collections
+import itertools
 import logging
 import math
 
@@ -216,20 +217,25 @@ def test_one_engine_step_reads_the_host_once(tmp_path, amp):
     assert counts == [1, 1]
 
 
-@pytest.mark.parametrize("apply", ["post_step", "grad"])
-def test_plasticity_meter_adds_no_host_read(tmp_path, apply):
-    # the engine with a learner attached: its reads are the engine's plus the learner's
-    trainer = make_trainer(tmp_path, "fp16", epochs=2, plasticity={"apply": apply})
-    learner_reads = []
-    step = trainer.learner.step
+def count_learner_reads(trainer):
+    """Host reads of each ``learner.step`` (a list that fills as the trainer runs)."""
+    counts, step = [], trainer.learner.step
 
     def counted(*args, **kwargs):
         with HostReads() as reads:
             out = step(*args, **kwargs)
-        learner_reads.append(reads.count)
+        counts.append(reads.count)
         return out
 
     trainer.learner.step = counted
+    return counts
+
+
+@pytest.mark.parametrize("apply", ["post_step", "grad"])
+def test_plasticity_meter_adds_no_host_read(tmp_path, apply):
+    # the engine with a learner attached: its reads are the engine's plus the learner's
+    trainer = make_trainer(tmp_path, "fp16", epochs=2, plasticity={"apply": apply})
+    learner_reads = count_learner_reads(trainer)
     counts = count_step_reads(trainer, 2)
     trainer.close()
     assert [c - r for c, r in zip(counts, learner_reads)] == [1, 1, 1, 1]
@@ -245,6 +251,50 @@ def test_a_step_with_dassdp_reads_the_host_at_most_once_more_after_warmup(tmp_pa
     trainer.close()
     warmup, active = counts[:2], counts[3:]  # counts[2]: the gate fit, once per run
     assert warmup == [1, 1] and all(c <= 2 for c in active), counts
+
+
+@pytest.mark.filterwarnings("ignore:DA-SSDP gate set to G = 1")  # one warm-up batch
+def test_a_nan_loss_under_fp16_is_skipped_by_the_scaler_without_a_host_read(tmp_path):
+    trainer = make_trainer(tmp_path, "fp16", epochs=2, plasticity={"warmup_epochs": 1})
+    criterion, calls = trainer.criterion, itertools.count()
+
+    def poisoned(logits, target):
+        loss = criterion(logits, target)
+        return loss * float("nan") if next(calls) in (1, 3) else loss  # one per epoch
+
+    trainer.criterion = poisoned
+    learner_reads = count_learner_reads(trainer)
+    counts = count_step_reads(trainer, 2)
+    trainer.close()
+    assert [c - r for c, r in zip(counts, learner_reads)] == [1, 1, 1, 1]  # the scaler's
+    rows = read_metrics(tmp_path)
+    assert [r["nonfinite_steps"] for r in rows] == [1, 1]
+    assert [r["plasticity"]["counters"]["skipped_nonfinite"] for r in rows] == [1, 1]
+    assert rows[1]["plasticity"]["counters"]["applied"] == 1
+    assert all(r["train"]["samples"] == 32 and math.isfinite(r["train"]["loss"]) for r in rows)
+    assert trainer.scaler.get_scale() == 2.0**16 / 4  # backed off twice
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_the_progress_bar_reads_the_loss_every_progress_every_steps(tmp_path, monkeypatch):
+    import io
+
+    import tqdm
+
+    import dassdp.engine.train as train_module
+
+    class ShownBar(tqdm.tqdm):  # pytest's stderr is no terminal: force the bar on
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
+
+    monkeypatch.setattr(tqdm, "tqdm", ShownBar)
+    monkeypatch.setattr(train_module, "PROGRESS_EVERY", 2)
+    reads = []
+    monkeypatch.setattr(LossMeter, "mean_loss", lambda self: reads.append(1) or 1.0)
+    trainer = Trainer(tiny(epochs=1, progress=True, plasticity=None), tmp_path)
+    trainer.fit()
+    trainer.close()
+    assert len(reads) == 2  # 4 steps: after steps 2 and 4
 
 
 # ---------------------------------------------------------------- device-side meters

@@ -343,10 +343,11 @@ class Trainer:
         plast = PlasticityMeter(self.learner) if self.learner is not None else None
         nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
         batches = self._batches(epoch)
+        bar = batches if getattr(batches, "disable", True) is False else None  # a shown tqdm
         for i, (x, y) in enumerate(batches, 1):
             nonfinite += self.train_step(x, y, meter, plast)
-            if i % PROGRESS_EVERY == 0 and hasattr(batches, "set_postfix"):
-                batches.set_postfix(loss=f"{meter.mean_loss():.4f}")  # one host read
+            if bar is not None and i % PROGRESS_EVERY == 0:
+                bar.set_postfix(loss=f"{meter.mean_loss():.4f}")  # one host read
         broadcast_buffers(self.model)  # DDP: rank 0's BN statistics for eval and checkpoints
         out: dict[str, Any] = {"train": meter.result(), "nonfinite_steps": int(nonfinite)}
         out["firing_rate"] = self.firing.pop()
