@@ -11,7 +11,15 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dassdp.engine import ConfigError, Trainer, config_from_dict, fit, read_metrics, resume_config
+from dassdp.engine import (
+    ConfigError,
+    Trainer,
+    config_from_dict,
+    evaluate_checkpoint,
+    fit,
+    read_metrics,
+    resume_config,
+)
 from dassdp.engine.config import amp_dtype, apply_overrides, config_to_dict
 from dassdp.engine.metrics import LossMeter, PlasticityMeter
 from dassdp.engine.precision import optimizer_stepped, resolve_amp
@@ -90,6 +98,11 @@ def test_bf16_on_the_cpu_trains_with_bfloat16_activations(tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1]
     assert all(math.isfinite(r["train"]["loss"]) and r["train"]["samples"] == 128 for r in rows)
     assert rows[1]["plasticity"]["counters"]["applied"] == 4
+    # `dassdp eval` evaluates in the checkpoint's precision unless told otherwise
+    bf16 = evaluate_checkpoint(tmp_path / "last.pt")["test"]
+    fp32 = evaluate_checkpoint(tmp_path / "last.pt", ["amp=false"])["test"]
+    assert bf16 == rows[1]["test"] and bf16["loss"] != fp32["loss"]
+    assert abs(bf16["loss"] - fp32["loss"]) < 0.1 and fp32["samples"] == 64
 
 
 def test_a_compiled_run_records_and_applies_dassdp(tmp_path):

@@ -7,7 +7,7 @@ deletion, spurious events; defined in :mod:`dassdp.experiments.robustness`);
 run folder, where ``dassdp report`` finds it).
 
 The model and the test data come from the config stored in the checkpoint; overrides such
-as ``data_root=/data batch_size=256 device=cpu`` adjust where and how it runs. Prints
+as ``data_root=/data batch_size=256 device=cpu amp=bf16`` adjust where and how it runs. Prints
 test loss, acc@1 and acc@5 and, for a DA-SSDP run, the fitted gate of each site.
 """
 

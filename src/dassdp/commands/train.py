@@ -6,6 +6,9 @@ defaults to the config file's stem). A folder that already holds ``last.pt`` is 
 continued with ``--resume``, which restores everything and continues exactly; with
 ``--resume`` the config may be omitted (the checkpoint's is used). Under ``torchrun`` every
 rank runs this command; rank 0 alone logs and writes.
+
+On a GPU: ``amp=bf16`` (or ``fp16``, with a grad scaler), ``compile=true``,
+``channels_last=true``, ``cudnn_benchmark=true``; see :class:`dassdp.engine.TrainConfig`.
 """
 
 from __future__ import annotations
