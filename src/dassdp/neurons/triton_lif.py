@@ -37,6 +37,7 @@ the variable may be set before or after :mod:`dassdp` is imported.
 from __future__ import annotations
 
 import math
+import types
 from typing import Any
 
 import torch
@@ -145,7 +146,6 @@ def _lif_bwd(
     NEED_GK: tl.constexpr,
     CDT: tl.constexpr,
     BLOCK: tl.constexpr,
-    ADD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -226,27 +226,30 @@ def _lif_bwd(
         gvp -= N
         gxp -= N
     if NEED_GK:
-        tl.store(gk_ptr + pid, tl.reduce(gk_acc, 0, ADD))
+        tl.store(gk_ptr + pid, tl.reduce(gk_acc, 0, _ADD))  # noqa: F821 (see _kernels)
 
 
 def _add(a, b):
     return a + b
 
 
-_KERNELS: dict[bool, tuple[Any, Any, Any]] = {}
+_KERNELS: dict[bool, tuple[Any, Any]] = {}
 
 
-def _kernels() -> tuple[Any, Any, Any]:
-    """``(forward, backward, add)`` jitted for the current mode (compiled or interpreted).
+def _kernels() -> tuple[Any, Any]:
+    """``(forward, backward)`` jitted for the current mode (compiled or interpreted).
 
-    The kernels use only Triton builtins (``tl.full``, ``tl.reduce`` with our own ``add``
-    passed as a constexpr), never ``triton.language.standard``'s jitted helpers such as
-    ``tl.zeros`` / ``tl.sum``: those were jitted for the mode in force when ``triton`` was
-    imported, which may not be the mode now.
+    The kernels use only Triton builtins (``tl.full``, ``tl.reduce`` with our own ``_ADD``),
+    never ``triton.language.standard``'s jitted helpers such as ``tl.zeros`` / ``tl.sum``:
+    those were jitted for the mode in force when ``triton`` was imported, which may not be
+    the mode now. ``_ADD`` (the reduction's combine function, jitted for the current mode)
+    reaches the backward through a copy of the module globals made for that mode.
     """
     mode = interpret_mode()
     if mode not in _KERNELS:
-        _KERNELS[mode] = (triton.jit(_lif_fwd), triton.jit(_lif_bwd), triton.jit(_add))
+        scope = {**globals(), "_ADD": triton.jit(_add)}
+        bwd = types.FunctionType(_lif_bwd.__code__, scope, _lif_bwd.__name__)
+        _KERNELS[mode] = (triton.jit(_lif_fwd), triton.jit(bwd))
     return _KERNELS[mode]
 
 
@@ -288,7 +291,7 @@ class TritonLIF(torch.autograd.Function):
         sb = torch.empty(x.shape, dtype=torch.uint8, device=x.device) if needs_grad and half else s
         k_src = k_tensor.detach().reshape(1) if k_tensor is not None else x
         block = _block(N)
-        fwd, _, _ = _kernels()
+        fwd, _ = _kernels()
         fwd[(max(1, triton.cdiv(N, block)),)](
             x, k_src, s, v, h, sb, N, T,
             K=float(k), K_FROM_PTR=k_tensor is not None,
@@ -327,7 +330,7 @@ class TritonLIF(torch.autograd.Function):
         acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
         gk_part = torch.empty(grid, dtype=acc_dtype, device=h.device) if need_gk else h
         alpha = get_surrogate(p.surrogate)[1] if p.alpha is None else p.alpha
-        _, bwd, add = _kernels()
+        _, bwd = _kernels()
         bwd[(grid,)](
             g_s if g_s is not None else any_g, g_v if g_v is not None else any_g, h,
             sb if sb is not None else h, x_saved if x_saved is not None else h,
@@ -339,7 +342,7 @@ class TritonLIF(torch.autograd.Function):
             DETACH_RESET=p.detach_reset, SURROGATE=_SURROGATE_IDS[p.surrogate],
             ALPHA=float(alpha), HAS_GS=g_s is not None, HAS_GV=g_v is not None,
             LOAD_S=sb is not None, NEED_GX=need_gx, NEED_GK=need_gk,
-            CDT=_compute_dtype(h.dtype), BLOCK=block, ADD=add, enable_fp_fusion=False,
+            CDT=_compute_dtype(h.dtype), BLOCK=block, enable_fp_fusion=False,
         )  # fmt: skip
         g_k = None
         if need_gk:
