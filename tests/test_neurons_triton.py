@@ -306,3 +306,34 @@ def test_torch_backend_traces_without_graph_breaks(neuron):
     explain = torch._dynamo.explain(module)(torch.rand(4, 2, 8, requires_grad=True))
     torch._dynamo.reset()
     assert explain.graph_break_count == 0, explain.break_reasons
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_kernels_compile_for_a_cuda_gpu_without_fma(monkeypatch, dtype):
+    """The compiled (non-interpreted) path, checked without a GPU: both kernels build down to
+    an sm_90 binary, and the forward has no fused multiply-add (it would round differently
+    from the torch ops and move spikes at the threshold)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    fwd, bwd = triton_lif._kernels()
+    tl = triton_lif.tl
+    const = dict(K=1 / 3, K_FROM_PTR=True, V_TH=1.0, V_R=-0.5, HARD_RESET=True, DECAY_INPUT=True)
+    const.update(CDT=tl.float32, BLOCK=1024)
+    fwd_const = dict(const, STORE_V=True, STORE_H=True, STORE_S=True)
+    bwd_const = dict(const, DETACH_RESET=False, SURROGATE=1, ALPHA=4.0, HAS_GS=True, HAS_GV=True)
+    bwd_const.update(LOAD_S=True, NEED_GX=True, NEED_GK=True)
+    ptr = f"*{dtype}"
+    fwd_sig = dict(x_ptr=ptr, k_ptr="*fp32", s_ptr=ptr, v_ptr=ptr, h_ptr=ptr, sb_ptr="*u8")
+    fwd_sig.update(N="i32", T="i32", **dict.fromkeys(fwd_const, "constexpr"))
+    bwd_sig = dict(gs_ptr=ptr, gv_ptr=ptr, h_ptr=ptr, sb_ptr="*u8", x_ptr=ptr, k_ptr="*fp32")
+    bwd_sig.update(gx_ptr=ptr, gk_ptr="*fp32", N="i32", T="i32", LAST="i64")
+    bwd_sig.update(dict.fromkeys(bwd_const, "constexpr"))
+    target, options = GPUTarget("cuda", 90, 32), {"enable_fp_fusion": False}
+    built = [
+        triton_lif.triton.compile(ASTSource(fn, sig, const), target=target, options=options)
+        for fn, sig, const in ((fwd, fwd_sig, fwd_const), (bwd, bwd_sig, bwd_const))
+    ]
+    assert all(k.asm["cubin"] for k in built)
+    assert "fma" not in built[0].asm["ptx"]

@@ -14,8 +14,19 @@ where ``S' = S.detach()`` when ``detach_reset`` (the reset path carries no gradi
 ``S' = S`` otherwise. The multi-step form runs the step over a time-major ``[T, B, ...]``
 tensor inside one call, so no membrane state outlives that call.
 
-Fused multi-step (:func:`lif_multistep_fused`, what :func:`lif_multistep` runs by default)
-------------------------------------------------------------------------------------------
+Backends of :func:`lif_multistep`
+---------------------------------
+``"loop"`` (:func:`lif_multistep_loop`): the step above through autograd, the reference (any
+surrogate, any broadcastable ``inv_tau``, double backward). ``"torch"``
+(:func:`lif_multistep_fused`): the fused multi-step below, in torch ops. ``"triton"``
+(:func:`lif_multistep_triton`, :mod:`dassdp.neurons.triton_lif`): the same forward and
+backward math as one Triton kernel each over all ``T``. ``"auto"`` (default): triton for CUDA
+inputs when Triton is importable, torch elsewhere, the loop for what neither supports. The
+torch and triton backends read nothing back to the host and make no tensor from Python data:
+a learnable ``k`` (PLIF) stays a one-element device tensor throughout.
+
+Fused multi-step (:func:`lif_multistep_fused`, the ``"torch"`` backend)
+-----------------------------------------------------------------------
 The forward runs the same operations as the step above, in the same order (so spikes and
 membranes are bit-identical to the autograd loop), but without recording a graph: it keeps
 only ``H`` ``[T, ...]`` and the spikes as a bool mask (plus ``X`` when a learnable ``k``
@@ -36,7 +47,8 @@ returned membrane, else 0) and the reset derivative ``R[t] = dV[t] / dH[t]``::
 
 since ``dH[t] / dV[t-1] = 1 - k`` in both charge forms; ``V[t-1]`` for ``gk`` is rebuilt
 from ``H`` and ``S``. The surrogate and ``R`` are computed for all steps at once; only the
-recurrence (one multiply-add per step) runs over ``t``.
+recurrence (one multiply-add per step) runs over ``t``. The Triton kernels run the same
+recurrences per neuron in registers (forward ``t = 0 ... T-1``, backward ``T-1 ... 0``).
 """
 
 from __future__ import annotations
