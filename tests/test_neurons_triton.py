@@ -293,19 +293,36 @@ def test_forward_backward_without_host_syncs(neuron, backend, v_reset):
     assert x.grad is not None and all(p.grad is not None for p in module.parameters())
     assert {op: mode.counts[op] for op in _FORBIDDEN} == dict.fromkeys(_FORBIDDEN, 0)
     if backend == "triton":
-        # The kernels are no aten ops: what remains is the interpreter's host copies
-        # (copy_ / set_) and, for PLIF, sigmoid(w), its backward and the sum of the partials.
+        # One custom op per direction (one kernel each); besides them only the interpreter's
+        # host copies (copy_ / set_), and for PLIF sigmoid(w), its backward and the sum of
+        # the per-program partials of gk.
+        assert mode.counts["lif_triton_fwd"] == mode.counts["lif_triton_bwd"] == 1
         host_copies = {"copy_", "set_", "new_empty", "empty_strided"}
-        ours = {"empty", "empty_like", "view", "detach", "sigmoid", "sigmoid_backward", "sum"}
+        ours = {"lif_triton_fwd", "lif_triton_bwd", "empty", "empty_like", "view", "detach"}
+        ours |= {"sigmoid", "sigmoid_backward", "sum"}
         assert set(mode.counts) - host_copies <= ours
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("neuron", [LIF, PLIF])
-def test_torch_backend_traces_without_graph_breaks(neuron):
-    module = neuron(backend="torch")
-    explain = torch._dynamo.explain(module)(torch.rand(4, 2, 8, requires_grad=True))
+def test_compiles_without_graph_breaks(neuron, backend):
+    """torch.compile traces both fast backends whole (the Triton launches are custom ops) and
+    the compiled forward + backward (AOT autograd, fake tensors) equals eager."""
+    module = neuron(backend=backend, v_reset=None, detach_reset=False)
+    x = 2 * torch.rand(4, 2, 8)
+    explain = torch._dynamo.explain(module)(x.clone().requires_grad_(True))
     torch._dynamo.reset()
     assert explain.graph_break_count == 0, explain.break_reasons
+    results = []
+    for fn in (module, torch.compile(module, backend="aot_eager", fullgraph=True)):
+        xi = x.clone().requires_grad_(True)
+        out = fn(xi)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        results.append((out, xi.grad, *[p.grad.clone() for p in module.parameters()]))
+        module.zero_grad()
+    torch._dynamo.reset()
+    for got, ref in zip(*results, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

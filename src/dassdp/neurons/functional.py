@@ -53,8 +53,6 @@ recurrences per neuron in registers (forward ``t = 0 ... T-1``, backward ``T-1 .
 
 from __future__ import annotations
 
-import functools
-import importlib
 import math
 from dataclasses import dataclass
 
@@ -343,14 +341,20 @@ def lif_multistep_fused(
     return _FusedLIF.apply(x, k_tensor, k, params, return_membrane)  # type: ignore[no-any-return]
 
 
-@functools.cache
+_TRITON_OK: list[bool] = []  # filled on the first call of triton_available
+
+
+@torch.compiler.assume_constant_result  # torch.compile: a constant, not traced
 def triton_available() -> bool:
     """Whether the Triton backend can be imported (``triton`` installed and recent enough)."""
-    try:
-        importlib.import_module("dassdp.neurons.triton_lif")
-    except ImportError:
-        return False
-    return True
+    if not _TRITON_OK:
+        try:
+            import dassdp.neurons.triton_lif  # noqa: F401
+        except ImportError:
+            _TRITON_OK.append(False)
+        else:
+            _TRITON_OK.append(True)
+    return _TRITON_OK[0]
 
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -55,6 +55,7 @@ _SURROGATE_IDS = {"atan": 0, "sigmoid": 1}
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+@torch.compiler.assume_constant_result  # torch.compile: a constant, not traced
 def interpret_mode() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` now)."""
     return bool(triton.knobs.runtime.interpret)
@@ -261,6 +262,104 @@ def _block(n: int) -> int:
     return min(_BLOCK_MAX, max(16, triton.next_power_of_2(max(n, 1))))
 
 
+# The two launches are custom operators, so that torch.compile treats them as opaque ops (it
+# cannot trace a Triton launch made through the interpreter or a lazily jitted kernel) while
+# tracing TritonLIF itself. Outputs a call does not need come back as empty placeholders.
+
+
+@torch.library.custom_op("dassdp::lif_triton_fwd", mutates_args=())
+def _fwd_op(
+    x: Tensor,
+    k: Tensor | None,
+    k_num: float,
+    v_th: float,
+    v_r: float | None,
+    decay_input: bool,
+    return_membrane: bool,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(spikes, membrane | [], H | [], S as uint8 | [])`` of a contiguous ``x`` ``[T, ...]``."""
+    T = x.shape[0]
+    N = x.numel() // T
+    half = x.dtype in _HALF_DTYPES
+    s = torch.empty_like(x)
+    v = torch.empty_like(x) if return_membrane else x.new_empty(0)
+    h = torch.empty_like(x) if save else x.new_empty(0)  # H in the input dtype (see above)
+    sb = torch.empty(x.shape if save and half else 0, dtype=torch.uint8, device=x.device)
+    block = _block(N)
+    fwd, _ = _kernels()
+    fwd[(max(1, triton.cdiv(N, block)),)](
+        x, k if k is not None else x, s, v if return_membrane else s, h if save else s,
+        sb if save and half else s, N, T,
+        K=k_num, K_FROM_PTR=k is not None, V_TH=v_th, V_R=0.0 if v_r is None else v_r,
+        HARD_RESET=v_r is not None, DECAY_INPUT=decay_input, STORE_V=return_membrane,
+        STORE_H=save, STORE_S=save and half, CDT=_compute_dtype(x.dtype), BLOCK=block,
+        enable_fp_fusion=False,
+    )  # fmt: skip
+    return s, v, h, sb
+
+
+@_fwd_op.register_fake
+def _(x, k, k_num, v_th, v_r, decay_input, return_membrane, save):
+    half = x.dtype in _HALF_DTYPES
+    return (
+        torch.empty_like(x),
+        torch.empty_like(x) if return_membrane else x.new_empty(0),
+        torch.empty_like(x) if save else x.new_empty(0),
+        torch.empty(x.shape if save and half else 0, dtype=torch.uint8, device=x.device),
+    )
+
+
+@torch.library.custom_op("dassdp::lif_triton_bwd", mutates_args=())
+def _bwd_op(
+    g_s: Tensor | None,
+    g_v: Tensor | None,
+    h: Tensor,
+    sb: Tensor | None,
+    x: Tensor | None,
+    k: Tensor | None,
+    k_num: float,
+    v_th: float,
+    v_r: float | None,
+    decay_input: bool,
+    detach_reset: bool,
+    surrogate: str,
+    alpha: float,
+    x_dtype: torch.dtype,
+    need_gx: bool,
+    need_gk: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(gX | [], gk | [])``; ``gk`` is 0-d, summed in fp32 (fp64 for fp64 inputs)."""
+    T = h.shape[0]
+    N = h.numel() // T
+    gx = torch.empty(h.shape if need_gx else 0, dtype=x_dtype, device=h.device)
+    block = _block(N)
+    grid = max(1, triton.cdiv(N, block))
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    gk_part = torch.empty(grid if need_gk else 0, dtype=acc, device=h.device)
+    any_g = g_s if g_s is not None else g_v
+    _, bwd = _kernels()
+    bwd[(grid,)](
+        g_s if g_s is not None else any_g, g_v if g_v is not None else any_g, h,
+        sb if sb is not None else h, x if x is not None else h, k if k is not None else h,
+        gx if need_gx else h, gk_part if need_gk else h, N, T, (T - 1) * N,
+        K=k_num, K_FROM_PTR=k is not None, V_TH=v_th, V_R=0.0 if v_r is None else v_r,
+        HARD_RESET=v_r is not None, DECAY_INPUT=decay_input, DETACH_RESET=detach_reset,
+        SURROGATE=_SURROGATE_IDS[surrogate], ALPHA=alpha, HAS_GS=g_s is not None,
+        HAS_GV=g_v is not None, LOAD_S=sb is not None, NEED_GX=need_gx, NEED_GK=need_gk,
+        CDT=_compute_dtype(h.dtype), BLOCK=block, enable_fp_fusion=False,
+    )  # fmt: skip
+    return gx, (gk_part.sum() if need_gk else gk_part)
+
+
+@_bwd_op.register_fake
+def _(g_s, g_v, h, sb, x, k, k_num, v_th, v_r, decay_input, detach_reset, surrogate, alpha,
+      x_dtype, need_gx, need_gk):  # fmt: skip
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    gx = torch.empty(h.shape if need_gx else 0, dtype=x_dtype, device=h.device)
+    return gx, torch.empty(() if need_gk else 0, dtype=acc, device=h.device)
+
+
 class TritonLIF(torch.autograd.Function):
     """Multi-step LIF, forward and backward each one Triton kernel over all ``T``.
 
@@ -279,36 +378,22 @@ class TritonLIF(torch.autograd.Function):
     ) -> Tensor | tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)
         x = x.contiguous()
-        T = x.shape[0]
-        N = x.numel() // T if T else 0
         half = x.dtype in _HALF_DTYPES
         needs_grad = any(ctx.needs_input_grad[:2])
         k_needs_grad = k_tensor is not None and ctx.needs_input_grad[1]
-        s = torch.empty_like(x)
-        v = torch.empty_like(x) if return_membrane else s
-        cdt = _compute_dtype(x.dtype)
-        h = torch.empty_like(x) if needs_grad else s  # H in the input dtype (see above)
-        sb = torch.empty(x.shape, dtype=torch.uint8, device=x.device) if needs_grad and half else s
-        k_src = k_tensor.detach().reshape(1) if k_tensor is not None else x
-        block = _block(N)
-        fwd, _ = _kernels()
-        fwd[(max(1, triton.cdiv(N, block)),)](
-            x, k_src, s, v, h, sb, N, T,
-            K=float(k), K_FROM_PTR=k_tensor is not None,
-            V_TH=float(params.v_threshold), V_R=float(params.v_reset or 0.0),
-            HARD_RESET=params.v_reset is not None, DECAY_INPUT=params.decay_input,
-            STORE_V=return_membrane, STORE_H=needs_grad, STORE_S=needs_grad and half,
-            CDT=cdt, BLOCK=block, enable_fp_fusion=False,
+        k_flat = k_tensor.detach().reshape(1) if k_tensor is not None else None
+        s, v, h, sb = _fwd_op(
+            x, k_flat, float(k), float(params.v_threshold),
+            None if params.v_reset is None else float(params.v_reset), params.decay_input,
+            return_membrane, needs_grad,
         )  # fmt: skip
-        x_saved = x if k_needs_grad and params.decay_input else None
         ctx.save_for_backward(
             h if needs_grad else None,
             sb if needs_grad and half else None,
-            x_saved,
-            k_tensor.detach() if k_tensor is not None else None,
+            x if k_needs_grad and params.decay_input else None,
+            k_tensor,
         )
-        ctx.k, ctx.params, ctx.k_needs_grad = k, params, k_needs_grad
-        ctx.x_dtype = x.dtype
+        ctx.k, ctx.params, ctx.k_needs_grad, ctx.x_dtype = k, params, k_needs_grad, x.dtype
         return (s, v) if return_membrane else s
 
     @staticmethod
@@ -319,34 +404,16 @@ class TritonLIF(torch.autograd.Function):
         need_gx, need_gk = ctx.needs_input_grad[0], ctx.k_needs_grad
         if (g_s is None and g_v is None) or not (need_gx or need_gk):
             return None, None, None, None, None
-        T = h.shape[0]
-        N = h.numel() // T
-        g_s = g_s.contiguous() if g_s is not None else None
-        g_v = g_v.contiguous() if g_v is not None else None
-        any_g = g_s if g_s is not None else g_v
-        gx = torch.empty(h.shape, dtype=ctx.x_dtype, device=h.device) if need_gx else any_g
-        block = _block(N)
-        grid = max(1, triton.cdiv(N, block))
-        acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-        gk_part = torch.empty(grid, dtype=acc_dtype, device=h.device) if need_gk else h
         alpha = get_surrogate(p.surrogate)[1] if p.alpha is None else p.alpha
-        _, bwd = _kernels()
-        bwd[(grid,)](
-            g_s if g_s is not None else any_g, g_v if g_v is not None else any_g, h,
-            sb if sb is not None else h, x_saved if x_saved is not None else h,
-            k_tensor.reshape(1) if k_tensor is not None else h, gx, gk_part,
-            N, T, (T - 1) * N,
-            K=float(ctx.k), K_FROM_PTR=k_tensor is not None,
-            V_TH=float(p.v_threshold), V_R=float(p.v_reset or 0.0),
-            HARD_RESET=p.v_reset is not None, DECAY_INPUT=p.decay_input,
-            DETACH_RESET=p.detach_reset, SURROGATE=_SURROGATE_IDS[p.surrogate],
-            ALPHA=float(alpha), HAS_GS=g_s is not None, HAS_GV=g_v is not None,
-            LOAD_S=sb is not None, NEED_GX=need_gx, NEED_GK=need_gk,
-            CDT=_compute_dtype(h.dtype), BLOCK=block, enable_fp_fusion=False,
+        gx, gk = _bwd_op(
+            g_s.contiguous() if g_s is not None else None,
+            g_v.contiguous() if g_v is not None else None,
+            h, sb, x_saved, k_tensor.detach().reshape(1) if k_tensor is not None else None,
+            float(ctx.k), float(p.v_threshold),
+            None if p.v_reset is None else float(p.v_reset), p.decay_input, p.detach_reset,
+            p.surrogate, float(alpha), ctx.x_dtype, need_gx, need_gk,
         )  # fmt: skip
-        g_k = None
-        if need_gk:
-            g_k = gk_part.sum().reshape(k_tensor.shape).to(k_tensor.dtype)
+        g_k = gk.reshape(k_tensor.shape).to(k_tensor.dtype) if need_gk else None
         return (gx if need_gx else None), g_k, None, None, None
 
 
