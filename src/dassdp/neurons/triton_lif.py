@@ -23,7 +23,9 @@ the per-program partial sums of ``gk`` (fp32, or fp64 for fp64 inputs) and a cas
 dtype. ``tau``, ``v_threshold``, ``v_reset`` and ``alpha`` are compile-time constants
 (``tl.constexpr``: one compiled variant per neuron configuration), so their fp64 values reach an
 fp64 kernel unrounded. FMA contraction is switched off on the GPU so that the fp32 forward
-rounds exactly like the torch backend and the autograd loop (same spikes).
+rounds exactly like the torch backend and the autograd loop (same spikes). Each launch is a
+custom operator (``torch.ops.dassdp.lif_triton_fwd`` / ``lif_triton_bwd``, with fake
+implementations), so ``torch.compile`` traces :class:`TritonLIF` whole, without graph breaks.
 
 Triton's interpreter (``TRITON_INTERPRET=1``) runs the same kernels on CPU tensors. Because
 ``triton.jit`` decides between compiled and interpreted when the kernel is created, the kernels
