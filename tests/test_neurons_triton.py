@@ -236,6 +236,7 @@ def test_backend_selection():
     out = lif_multistep(x, params, fused=False, backend="triton")
     assert type(out.grad_fn) is nodes["loop"]
     assert LIF(fused=False).backend == PLIF(fused=False).backend == "loop"
+    assert not LIF(fused=False).fused and PLIF().fused and LIF(backend="torch").fused
     assert LIF().backend == PLIF().backend == "auto" and "backend=auto" in repr(LIF())
     assert "backend=torch" in repr(PLIF(backend="torch"))
 

@@ -59,6 +59,11 @@ class LIF(nn.Module):
             tau, v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha
         )
 
+    @property
+    def fused(self) -> bool:
+        """Deprecated: whether a fused backend may run (``backend != "loop"``)."""
+        return self.backend != "loop"
+
     def forward(self, x: Tensor) -> Tensor:
         return lif_multistep(x, self.params, backend=self.backend)  # type: ignore[return-value]
 
@@ -99,6 +104,11 @@ class PLIF(nn.Module):
             init_tau, v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha
         )
         self.w = nn.Parameter(torch.tensor(-math.log(init_tau - 1.0)))
+
+    @property
+    def fused(self) -> bool:
+        """Deprecated: whether a fused backend may run (``backend != "loop"``)."""
+        return self.backend != "loop"
 
     @property
     def tau(self) -> float:
