@@ -255,6 +255,9 @@ def test_backend_errors(monkeypatch):
             lif_multistep(x, LIFParams(), per_channel, backend=backend)
     with pytest.raises(ValueError, match="float16"):
         lif_multistep_triton(x.to(torch.int32), LIFParams())
+    huge = torch.zeros(1).expand(2, 2**31)  # stride 0: no memory behind it
+    with pytest.raises(ValueError, match=r"< 2\*\*31 neurons per time step"):
+        lif_multistep_triton(huge, LIFParams())
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match=r"CUDA device \(x is on cpu\).*TRITON_INTERPRET=1"):
         LIF(backend="triton")(x)

@@ -395,6 +395,11 @@ def lif_multistep_triton(
             "TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter; "
             "use backend='torch' or 'auto' on the CPU"
         )
+    per_step = x.numel() // x.shape[0]
+    if per_step >= 2**31:  # the kernels index one step's neurons with int32
+        raise ValueError(
+            f"the triton LIF backend takes < 2**31 neurons per time step, got {per_step}"
+        )
     k_tensor, k = _split_k(params, inv_tau)
     return triton_lif.lif_multistep_triton_apply(x, k_tensor, k, params, return_membrane)
 
