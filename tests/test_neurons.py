@@ -260,7 +260,7 @@ def test_modules_use_fused_path_with_loop_gradients(neuron, v_reset):
     torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-6, rtol=0)
     for g, g_ref in zip(grads[0][1:], grads[1][1:], strict=True):  # PLIF's w (a float32 sum)
         torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
-    assert "fused=False" in repr(loop) and "fused" not in repr(fused)
+    assert "backend=loop" in repr(loop) and "backend=auto" in repr(fused)
 
 
 def test_plif_fused_trains_like_loop():

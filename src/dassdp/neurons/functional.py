@@ -14,8 +14,19 @@ where ``S' = S.detach()`` when ``detach_reset`` (the reset path carries no gradi
 ``S' = S`` otherwise. The multi-step form runs the step over a time-major ``[T, B, ...]``
 tensor inside one call, so no membrane state outlives that call.
 
-Fused multi-step (:func:`lif_multistep_fused`, what :func:`lif_multistep` runs by default)
-------------------------------------------------------------------------------------------
+Backends of :func:`lif_multistep`
+---------------------------------
+``"loop"`` (:func:`lif_multistep_loop`): the step above through autograd, the reference (any
+surrogate, any broadcastable ``inv_tau``, double backward). ``"torch"``
+(:func:`lif_multistep_fused`): the fused multi-step below, in torch ops. ``"triton"``
+(:func:`lif_multistep_triton`, :mod:`dassdp.neurons.triton_lif`): the same forward and
+backward math as one Triton kernel each over all ``T``. ``"auto"`` (default): triton for CUDA
+inputs when Triton is importable, torch elsewhere, the loop for what neither supports. The
+torch and triton backends read nothing back to the host and make no tensor from Python data:
+a learnable ``k`` (PLIF) stays a one-element device tensor throughout.
+
+Fused multi-step (:func:`lif_multistep_fused`, the ``"torch"`` backend)
+-----------------------------------------------------------------------
 The forward runs the same operations as the step above, in the same order (so spikes and
 membranes are bit-identical to the autograd loop), but without recording a graph: it keeps
 only ``H`` ``[T, ...]`` and the spikes as a bool mask (plus ``X`` when a learnable ``k``
@@ -36,7 +47,8 @@ returned membrane, else 0) and the reset derivative ``R[t] = dV[t] / dH[t]``::
 
 since ``dH[t] / dV[t-1] = 1 - k`` in both charge forms; ``V[t-1]`` for ``gk`` is rebuilt
 from ``H`` and ``S``. The surrogate and ``R`` are computed for all steps at once; only the
-recurrence (one multiply-add per step) runs over ``t``.
+recurrence (one multiply-add per step) runs over ``t``. The Triton kernels run the same
+recurrences per neuron in registers (forward ``t = 0 ... T-1``, backward ``T-1 ... 0``).
 """
 
 from __future__ import annotations
@@ -51,12 +63,17 @@ from torch.autograd.function import once_differentiable
 from dassdp.neurons.surrogate import get_surrogate
 
 __all__ = [
+    "BACKENDS",
     "LIFParams",
+    "check_backend",
     "fused_supported",
     "lif_multistep",
     "lif_multistep_fused",
     "lif_multistep_loop",
+    "lif_multistep_triton",
     "lif_step",
+    "resolve_backend",
+    "triton_available",
 ]
 
 
@@ -164,19 +181,24 @@ def _surrogate_grad_(d: Tensor, name: str, alpha: float) -> Tensor:
 
 
 class _FusedLIF(torch.autograd.Function):
-    """Multi-step LIF with a hand-written backward; see the module docstring for the math."""
+    """Multi-step LIF with a hand-written backward; see the module docstring for the math.
+
+    ``k`` is a number (fixed ``tau``) or, with ``k_tensor`` given, that one-element tensor
+    used as a 0-d tensor in every operation (never read back to the host).
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
         x: Tensor,
         k_tensor: Tensor | None,
-        k: float,
+        k_num: float,
         params: LIFParams,
         return_membrane: bool,
     ) -> Tensor | tuple[Tensor, Tensor]:
         v_th, v_reset = params.v_threshold, params.v_reset
         v_r = 0.0 if v_reset is None else v_reset
+        k: Tensor | float = k_num if k_tensor is None else k_tensor.detach().reshape(())
         T = x.shape[0]
         h_seq = torch.empty_like(x)
         s_mask = torch.empty(x.shape, dtype=torch.bool, device=x.device)
@@ -184,7 +206,7 @@ class _FusedLIF(torch.autograd.Function):
         v_seq = torch.empty_like(x) if return_membrane else None
         v_bufs = (torch.empty_like(x[0]), torch.empty_like(x[0])) if not return_membrane else None
         tmp = torch.empty_like(x[0])
-        v_r_t = x.new_tensor(v_r)
+        v_r_t = x.new_full((), v_r)  # a device fill, not a tensor from host data
         v: Tensor | None = None  # V[-1] = 0
         for t in range(T):
             h = h_seq[t]
@@ -224,10 +246,9 @@ class _FusedLIF(torch.autograd.Function):
             s_out.copy_(s_mask)
         k_needs_grad = k_tensor is not None and ctx.needs_input_grad[1]
         x_saved = x if k_needs_grad and params.decay_input else None
-        ctx.save_for_backward(h_seq, s_mask, x_saved)
-        ctx.k, ctx.params, ctx.return_membrane = k, params, return_membrane
+        ctx.save_for_backward(h_seq, s_mask, x_saved, k_tensor)
+        ctx.k_num, ctx.params, ctx.return_membrane = k_num, params, return_membrane
         ctx.k_needs_grad = k_needs_grad
-        ctx.k_like = None if k_tensor is None else (k_tensor.shape, k_tensor.dtype)
         if return_membrane:
             return s_out, v_seq  # type: ignore[return-value]
         return s_out
@@ -235,8 +256,9 @@ class _FusedLIF(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_s: Tensor, g_v_out: Tensor | None = None):  # type: ignore[override]
-        h_seq, s_mask, x_saved = ctx.saved_tensors
-        k, p = ctx.k, ctx.params
+        h_seq, s_mask, x_saved, k_tensor = ctx.saved_tensors
+        p = ctx.params
+        k: Tensor | float = ctx.k_num if k_tensor is None else k_tensor.reshape(())
         v_r = 0.0 if p.v_reset is None else p.v_reset
         alpha = get_surrogate(p.surrogate)[1] if p.alpha is None else p.alpha
         sg = _surrogate_grad_(h_seq - p.v_threshold, p.surrogate, float(alpha))
@@ -253,13 +275,17 @@ class _FusedLIF(torch.autograd.Function):
                 g.addcmul_(g_v_out, r)
             else:
                 g.add_(g_v_out)
+        decay = 1 - k  # dH[t] / dV[t-1]: a number, or a 0-d tensor
         if isinstance(r, Tensor):
-            c = r.mul_(1 - k)  # (1 - k) R[t]
+            c = r.mul_(decay)  # (1 - k) R[t]
             for t in range(g.shape[0] - 1, 0, -1):
                 g[t - 1].addcmul_(g[t], c[t - 1])
+        elif isinstance(decay, Tensor):
+            for t in range(g.shape[0] - 1, 0, -1):
+                g[t - 1].addcmul_(g[t], decay)
         else:
             for t in range(g.shape[0] - 1, 0, -1):
-                g[t - 1].add_(g[t], alpha=1 - k)
+                g[t - 1].add_(g[t], alpha=decay)
         g_k = None
         if ctx.k_needs_grad:
             # V[t-1] from H and S: V_r where it spiked (hard) or H - V_th S (soft).
@@ -268,16 +294,25 @@ class _FusedLIF(torch.autograd.Function):
                 torch.sub(h_seq[:-1], s_mask[:-1].to(h_seq.dtype), alpha=p.v_threshold,
                           out=v_prev[1:])  # fmt: skip
             else:
-                torch.where(s_mask[:-1], h_seq.new_tensor(v_r), h_seq[:-1], out=v_prev[1:])
+                v_prev[1:].copy_(h_seq[:-1]).masked_fill_(s_mask[:-1], v_r)
             dh_dk = v_prev.sub_(v_r).neg_()  # V_r - V[t-1]
             if p.decay_input:
                 dh_dk.add_(x_saved)  # X - (V[t-1] - V_r)
-            shape, dtype = ctx.k_like
-            g_k = dh_dk.mul_(g).sum().reshape(shape).to(dtype)
+            # One sum over every neuron and step, accumulated in fp32 (fp64 for fp64).
+            acc = torch.float64 if h_seq.dtype == torch.float64 else torch.float32
+            g_k = dh_dk.mul_(g).sum(dtype=acc).reshape(k_tensor.shape).to(k_tensor.dtype)
         g_x = None
         if ctx.needs_input_grad[0]:
             g_x = g.mul_(k) if p.decay_input else g
         return g_x, g_k, None, None, None
+
+
+def _split_k(params: LIFParams, inv_tau: Tensor | float | None) -> tuple[Tensor | None, float]:
+    """``(k_tensor, k_number)``: a one-element ``inv_tau`` tensor stays a tensor (no host
+    read); else ``k`` is the number ``1 / tau`` or ``inv_tau``."""
+    if isinstance(inv_tau, Tensor):
+        return inv_tau, 0.0
+    return None, 1.0 / params.tau if inv_tau is None else float(inv_tau)
 
 
 def lif_multistep_fused(
@@ -287,12 +322,13 @@ def lif_multistep_fused(
     *,
     return_membrane: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Fused multi-step LIF: same results as :func:`lif_multistep_loop` (bit-identical
-    forward, gradients equal up to float rounding), faster and with less saved memory.
+    """Fused multi-step LIF (the ``"torch"`` backend): same results as
+    :func:`lif_multistep_loop` (bit-identical forward, gradients equal up to float rounding),
+    faster and with less saved memory.
 
     Arguments and results as :func:`lif_multistep`. Needs :func:`fused_supported`; a
-    one-element ``inv_tau`` tensor gets its gradient (PLIF). The backward is not itself
-    differentiable (no double backward; use the loop for that).
+    one-element ``inv_tau`` tensor gets its gradient (PLIF) and is never read back to the
+    host. The backward is not itself differentiable (no double backward; use the loop).
     """
     _check_time_major(x)
     if not fused_supported(x, params, inv_tau):
@@ -301,13 +337,103 @@ def lif_multistep_fused(
             f"{_FUSED_SURROGATES} and inv_tau None / a number / a one-element tensor; "
             f"got dtype {x.dtype}, surrogate {params.surrogate!r}"
         )
-    if inv_tau is None:
-        k_tensor, k = None, 1.0 / params.tau
-    elif isinstance(inv_tau, Tensor):
-        k_tensor, k = inv_tau, float(inv_tau.detach())
-    else:
-        k_tensor, k = None, float(inv_tau)
+    k_tensor, k = _split_k(params, inv_tau)
     return _FusedLIF.apply(x, k_tensor, k, params, return_membrane)  # type: ignore[no-any-return]
+
+
+_TRITON_OK: list[bool] = []  # filled on the first call of triton_available
+
+
+@torch.compiler.assume_constant_result  # torch.compile: a constant, not traced
+def triton_available() -> bool:
+    """Whether the Triton backend can be imported (``triton`` installed and recent enough)."""
+    if not _TRITON_OK:
+        try:
+            import dassdp.neurons.triton_lif  # noqa: F401
+        except ImportError:
+            _TRITON_OK.append(False)
+        else:
+            _TRITON_OK.append(True)
+    return _TRITON_OK[0]
+
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def lif_multistep_triton(
+    x: Tensor,
+    params: LIFParams,
+    inv_tau: Tensor | float | None = None,
+    *,
+    return_membrane: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Multi-step LIF as one Triton kernel forward and one backward (the ``"triton"``
+    backend, :mod:`dassdp.neurons.triton_lif`): same spikes as :func:`lif_multistep_loop` in
+    fp32 / fp64; fp16 / bf16 inputs are computed in fp32 registers.
+
+    Arguments and results as :func:`lif_multistep`. Needs :func:`fused_supported` with an
+    fp16 / bf16 / fp32 / fp64 ``x``, and ``x`` on a CUDA device, or Triton's CPU interpreter
+    (``TRITON_INTERPRET=1``). No double backward.
+    """
+    _check_time_major(x)
+    if not fused_supported(x, params, inv_tau) or x.dtype not in _TRITON_DTYPES:
+        raise ValueError(
+            "the triton LIF backend needs x of dtype float16 / bfloat16 / float32 / float64, "
+            f"surrogate in {_FUSED_SURROGATES} and inv_tau None / a number / a one-element "
+            f"tensor; got dtype {x.dtype}, surrogate {params.surrogate!r}"
+        )
+    if not triton_available():
+        raise RuntimeError(
+            "backend 'triton' needs the triton package (not importable here); "
+            "use backend='torch' or 'auto'"
+        )
+    from dassdp.neurons import triton_lif
+
+    if x.device.type != "cuda" and not triton_lif.interpret_mode():
+        raise RuntimeError(
+            f"backend 'triton' needs x on a CUDA device (x is on {x.device}), or "
+            "TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter; "
+            "use backend='torch' or 'auto' on the CPU"
+        )
+    per_step = x.numel() // x.shape[0]
+    if per_step >= 2**31:  # the kernels index one step's neurons with int32
+        raise ValueError(
+            f"the triton LIF backend takes < 2**31 neurons per time step, got {per_step}"
+        )
+    k_tensor, k = _split_k(params, inv_tau)
+    return triton_lif.lif_multistep_triton_apply(x, k_tensor, k, params, return_membrane)
+
+
+BACKENDS = ("auto", "loop", "torch", "triton")
+
+
+def check_backend(backend: str) -> str:
+    """Return ``backend`` if it is one of :data:`BACKENDS`, else raise a ``ValueError``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown LIF backend {backend!r}; choose one of {list(BACKENDS)}")
+    return backend
+
+
+def resolve_backend(
+    backend: str, x: Tensor, params: LIFParams, inv_tau: Tensor | float | None = None
+) -> str:
+    """The backend that :func:`lif_multistep` runs for this call: ``"auto"`` becomes
+    ``"triton"`` for a CUDA ``x`` when Triton is importable and the call is supported,
+    ``"torch"`` for other supported calls and ``"loop"`` for the rest; others stay."""
+    if check_backend(backend) != "auto":
+        return backend
+    if not fused_supported(x, params, inv_tau):
+        return "loop"
+    if x.is_cuda and x.dtype in _TRITON_DTYPES and triton_available():
+        return "triton"
+    return "torch"
+
+
+_BACKEND_FNS = {
+    "loop": lif_multistep_loop,
+    "torch": lif_multistep_fused,
+    "triton": lif_multistep_triton,
+}
 
 
 def lif_multistep(
@@ -316,17 +442,21 @@ def lif_multistep(
     inv_tau: Tensor | float | None = None,
     *,
     return_membrane: bool = False,
-    fused: bool = True,
+    backend: str = "auto",
+    fused: bool | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Run LIF over a time-major input ``x`` ``[T, B, ...]`` starting from ``V = 0``.
 
     Returns the spikes ``[T, B, ...]`` (in {0, 1}, dtype of ``x``), and with
     ``return_membrane`` also the membrane after each step's reset ``[T, B, ...]``.
-    ``inv_tau`` overrides ``1 / params.tau``. With ``fused`` (default) the call goes to
-    :func:`lif_multistep_fused` when :func:`fused_supported`, else (or with
-    ``fused=False``) to the autograd loop :func:`lif_multistep_loop`.
+    ``inv_tau`` overrides ``1 / params.tau``. ``backend``: ``"loop"``
+    (:func:`lif_multistep_loop`, the autograd reference), ``"torch"``
+    (:func:`lif_multistep_fused`), ``"triton"`` (:func:`lif_multistep_triton`) or ``"auto"``
+    (default, see :func:`resolve_backend`). ``fused`` is a deprecated alias:
+    ``fused=False`` means ``backend="loop"``; ``fused=True`` changes nothing.
     """
     _check_time_major(x)
-    if fused and fused_supported(x, params, inv_tau):
-        return lif_multistep_fused(x, params, inv_tau, return_membrane=return_membrane)
-    return lif_multistep_loop(x, params, inv_tau, return_membrane=return_membrane)
+    if fused is False:
+        backend = "loop"
+    chosen = resolve_backend(backend, x, params, inv_tau)
+    return _BACKEND_FNS[chosen](x, params, inv_tau, return_membrane=return_membrane)

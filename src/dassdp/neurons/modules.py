@@ -2,10 +2,17 @@
 
 Both are multi-step: ``forward`` takes a time-major ``[T, B, ...]`` tensor and returns its
 spikes ``[T, B, ...]``. The membrane lives only inside that call, so the modules keep no
-state between batches (``dassdp.reset`` has nothing to clear for them). By default they run
-the fused multi-step kernel (:func:`dassdp.neurons.functional.lif_multistep_fused`: same
-spikes, same gradients, faster and lighter on memory); ``fused=False`` forces the autograd
-loop (the reference, used for before/after benchmarks and double backward).
+state between batches (``dassdp.reset`` has nothing to clear for them).
+
+``backend`` picks the implementation (:func:`dassdp.neurons.functional.lif_multistep`):
+``"auto"`` (default: the one-kernel Triton LIF for CUDA inputs when Triton is importable, the
+fused torch kernel elsewhere), ``"triton"``, ``"torch"`` (fused multi-step torch ops) or
+``"loop"`` (the autograd loop: the reference, used for before/after benchmarks and double
+backward). All give the same spikes and gradients up to float rounding. ``fused=False`` is a
+deprecated alias of ``backend="loop"``.
+
+Neither module reads a device value back to the host in ``forward`` / ``backward``: PLIF's
+``1 / tau = sigmoid(w)`` stays a tensor (only the :attr:`PLIF.tau` property reads it).
 """
 
 from __future__ import annotations
@@ -15,9 +22,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from dassdp.neurons.functional import LIFParams, lif_multistep
+from dassdp.neurons.functional import LIFParams, check_backend, lif_multistep
 
 __all__ = ["LIF", "PLIF"]
+
+
+def _backend(backend: str, fused: bool | None) -> str:
+    """``backend`` checked, with the deprecated ``fused=False`` meaning ``"loop"``."""
+    return "loop" if fused is False else check_backend(backend)
 
 
 class LIF(nn.Module):
@@ -25,7 +37,8 @@ class LIF(nn.Module):
 
     Defaults: tau 2, threshold 1, hard reset to 0, input decay, detached reset, ATan
     surrogate with alpha 2 (the SpikingResformer neuron). Shapes: ``[T, B, ...] -> [T, B, ...]``.
-    ``fused``: use the fused multi-step kernel when the configuration supports it (default).
+    ``backend``: ``"auto"`` / ``"triton"`` / ``"torch"`` / ``"loop"`` (module docstring);
+    ``fused``: deprecated, ``fused=False`` is ``backend="loop"``.
     """
 
     def __init__(
@@ -37,31 +50,38 @@ class LIF(nn.Module):
         detach_reset: bool = True,
         surrogate: str = "atan",
         alpha: float | None = None,
-        fused: bool = True,
+        fused: bool | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.fused = fused
+        self.backend = _backend(backend, fused)
         self.params = LIFParams(
             tau, v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha
         )
 
+    @property
+    def fused(self) -> bool:
+        """Deprecated: whether a fused backend may run (``backend != "loop"``)."""
+        return self.backend != "loop"
+
     def forward(self, x: Tensor) -> Tensor:
-        return lif_multistep(x, self.params, fused=self.fused)  # type: ignore[return-value]
+        return lif_multistep(x, self.params, backend=self.backend)  # type: ignore[return-value]
 
     def extra_repr(self) -> str:
         p = self.params
         return (
             f"tau={p.tau}, v_threshold={p.v_threshold}, v_reset={p.v_reset}, "
-            f"surrogate={p.surrogate}" + ("" if self.fused else ", fused=False")
+            f"surrogate={p.surrogate}, backend={self.backend}"
         )
 
 
 class PLIF(nn.Module):
     """Multi-step parametric LIF: ``1 / tau = sigmoid(w)`` with a learnable scalar ``w``.
 
-    ``w`` starts at ``-log(init_tau - 1)`` so that ``tau = init_tau`` (> 1). Other arguments
-    as :class:`LIF` (the fused kernel also computes ``w``'s gradient). Shapes:
-    ``[T, B, ...] -> [T, B, ...]``.
+    ``w`` starts at ``-log(init_tau - 1)`` so that ``tau = init_tau`` (> 1). ``1 / tau`` is
+    passed to the neuron as a 0-d tensor in ``w``'s dtype (fp32), so ``w``'s gradient is one
+    fp32 sum even for fp16 / bf16 inputs. Other arguments as :class:`LIF` (every backend
+    computes ``w``'s gradient). Shapes: ``[T, B, ...] -> [T, B, ...]``.
     """
 
     def __init__(
@@ -73,10 +93,11 @@ class PLIF(nn.Module):
         detach_reset: bool = True,
         surrogate: str = "atan",
         alpha: float | None = None,
-        fused: bool = True,
+        fused: bool | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.fused = fused
+        self.backend = _backend(backend, fused)
         if not init_tau > 1:
             raise ValueError(f"PLIF init_tau must be > 1, got {init_tau!r}")
         self.params = LIFParams(
@@ -85,17 +106,23 @@ class PLIF(nn.Module):
         self.w = nn.Parameter(torch.tensor(-math.log(init_tau - 1.0)))
 
     @property
+    def fused(self) -> bool:
+        """Deprecated: whether a fused backend may run (``backend != "loop"``)."""
+        return self.backend != "loop"
+
+    @property
     def tau(self) -> float:
-        """Current time constant ``1 / sigmoid(w)``."""
+        """Current time constant ``1 / sigmoid(w)`` (reads ``w`` back to the host)."""
         return float(1.0 / torch.sigmoid(self.w.detach()))
 
     def forward(self, x: Tensor) -> Tensor:
-        inv_tau = torch.sigmoid(self.w).to(x.dtype)
-        return lif_multistep(x, self.params, inv_tau, fused=self.fused)  # type: ignore[return-value]
+        inv_tau = torch.sigmoid(self.w)  # 0-d, w's dtype: never read on the host
+        return lif_multistep(x, self.params, inv_tau, backend=self.backend)  # type: ignore[return-value]
 
     def extra_repr(self) -> str:
+        # init_tau, not the current tau: printing a model must not read a device value.
         p = self.params
         return (
-            f"tau={self.tau:.4g}, v_threshold={p.v_threshold}, v_reset={p.v_reset}, "
-            f"surrogate={p.surrogate}" + ("" if self.fused else ", fused=False")
+            f"init_tau={p.tau}, v_threshold={p.v_threshold}, v_reset={p.v_reset}, "
+            f"surrogate={p.surrogate}, backend={self.backend}"
         )
