@@ -64,7 +64,7 @@ class GateStats:
         if weight is not None:
             row = torch.where(weight.to(device=row.device, dtype=torch.bool), row, 0.0)
         if self.sums.device != row.device:
-            self.sums = self.sums.to(row.device)
+            self.sums = to_device(self.sums, row.device)
         self.sums += row
 
     @property
@@ -84,6 +84,13 @@ class GateStats:
         if sums.shape != (7,):
             raise ValueError(f"gate statistics must hold 7 sums, got shape {tuple(sums.shape)}")
         self.sums = sums.to(self.sums.device)
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Copy a CPU tensor to ``device`` without a host sync (pinned, non-blocking on CUDA)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,14 @@ import torch
 from torch import Tensor, nn
 
 from dassdp.plasticity import distributed as D
-from dassdp.plasticity.gate import GATE_MODES, GateFit, GateStats, fit_gate, gate_values
+from dassdp.plasticity.gate import (
+    GATE_MODES,
+    GateFit,
+    GateStats,
+    fit_gate,
+    gate_values,
+    to_device,
+)
 from dassdp.plasticity.recorder import Recorder, SiteRecord
 from dassdp.plasticity.rule import LATENCY_MODES, Activity, delta_w, synchrony
 from dassdp.plasticity.sites import SiteSpec, normalize_sites
@@ -299,8 +306,8 @@ class DASSDP:
         """Add this step to the device counters (order of :data:`COUNTERS`)."""
         head = torch.stack((torch.ones_like(ok), ok, ok & active))
         row = torch.cat((head, first_skip)).to(torch.int64)
-        if self._counts.device != row.device:
-            self._counts = self._counts.to(row.device)
+        if self._counts.device != row.device:  # the first step (or after a checkpoint)
+            self._counts = to_device(self._counts, row.device)
         self._counts += row
 
     def _join_skipped_update(self) -> None:
@@ -373,7 +380,7 @@ class DASSDP:
             )
         if cfg.control == "random_update":
             signs = torch.randint(0, 2, dw.shape, generator=self._generator).mul_(2).sub_(1)
-            dw = _to_device(signs, dw.device).to(dw) * (dw.norm() / math.sqrt(dw.numel()))
+            dw = to_device(signs, dw.device).to(dw) * (dw.norm() / math.sqrt(dw.numel()))
         D.all_reduce_(dw, "mean")
         if cfg.clip is not None:
             dw.clamp_(-cfg.clip, cfg.clip)
@@ -392,9 +399,7 @@ class DASSDP:
 
     def _shuffle(self, act: Activity) -> Activity:
         perm = torch.randperm(act.latency.shape[1], generator=self._generator)
-        return Activity(
-            act.fired, act.latency.index_select(1, _to_device(perm, act.latency.device))
-        )
+        return Activity(act.fired, act.latency.index_select(1, to_device(perm, act.latency.device)))
 
     def _apply(self, layer: nn.Module, dw: Tensor) -> None:
         weight = layer.weight
@@ -499,13 +504,6 @@ def _stepped_flag(stepped: bool | Tensor, like: Tensor) -> Tensor:
     raise TypeError(
         f"optimizer_stepped must be a bool or a one-element tensor, got {type(stepped).__name__}"
     )
-
-
-def _to_device(t: Tensor, device: torch.device) -> Tensor:
-    """Copy a CPU tensor to ``device`` without a host sync (pinned, non-blocking on CUDA)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def _site_metrics(
