@@ -135,9 +135,8 @@ class DASSDPConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.sites, str) or not self.sites:
             raise ValueError(f"sites must be a preset name, got {self.sites!r}")
-        for name in ("enabled", "debug"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.debug, bool):
+            raise ValueError(f"debug must be true or false, got {self.debug!r}")
 
     @classmethod
     def compat(cls, **overrides: Any) -> DASSDPConfig:
@@ -234,7 +233,9 @@ class DASSDP:
 
         No value is read back to the host: a step that must be skipped (non-finite loss,
         optimizer skipped, a site without records, on any rank) is skipped by multiplying
-        its statistics and ``dW`` by 0 on the device, and counted there.
+        its statistics and ``dW`` by 0 on the device, and counted there. Such a step still
+        computes ``dW`` (and draws the controls' random numbers) before discarding it; the
+        gate is fitted at the first step after warm-up, whether or not that step counts.
 
         Args:
             loss: this step's scalar loss, a tensor on the model's device (a non-finite loss
