@@ -71,3 +71,36 @@ def run(
     )
     if world > 1:
         dist.destroy_process_group()
+
+
+def run_skips(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Skips decided on the device must hold on every rank: after a warm-up of 2 steps, four
+    active steps where one rank has no records, a non-finite loss, a skipped optimizer (a
+    device flag), then a normal step. No optimizer: only DA-SSDP changes the weights."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = TinySNN()
+    plast = DASSDP(model, DASSDPConfig(warmup_epochs=1, A_plus=0.02, A_minus=0.004))
+    snapshots = []
+    for epoch, i in ((0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (1, 3)):
+        plast.set_epoch(epoch)
+        x, y = global_batch(epoch, i, 8 * world)
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        stepped: bool | torch.Tensor = True
+        if (epoch, i) == (1, 0) and rank == 1:
+            loss = torch.tensor(1.0)  # this rank ran no forward: its sites have no records
+        else:
+            loss = F.cross_entropy(model(x), y).detach()
+        if (epoch, i) == (1, 1) and rank == 0:
+            loss = loss * float("nan")
+        if (epoch, i) == (1, 2) and rank == 1:
+            stepped = torch.tensor(0.0)
+        applied = plast.step(loss, optimizer_stepped=stepped)
+        dassdp.reset(model)
+        snapshots.append((bool(applied), model.fc2.weight.detach().clone()))
+    torch.save(
+        {"snapshots": snapshots, "counters": plast.counters},
+        os.path.join(out_dir, f"skips-rank{rank}.pt"),
+    )
+    dist.destroy_process_group()

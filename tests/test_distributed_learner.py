@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ddp_worker import run
+from ddp_worker import run, run_skips
 
 pytestmark = pytest.mark.distributed
 
@@ -73,3 +73,34 @@ def test_resume_on_one_rank_keeps_every_ranks_warmup_records(runs):
     for site in two_fit:
         assert one_fit[site].n == two_fit[site].n  # the 2-rank checkpoint carries all records
         assert one_fit[site].k == pytest.approx(two_fit[site].k, abs=1e-12)
+
+
+def _skips_entry(rank, world, init, out):
+    run_skips(rank, world, init, out)
+
+
+def test_device_side_skips_hold_on_every_rank(tmp_path):
+    mp.spawn(
+        functools.partial(_skips_entry, world=2, init=str(tmp_path / "init"), out=str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    r0, r1 = load(tmp_path, "skips-rank0"), load(tmp_path, "skips-rank1")
+    assert (
+        r0["counters"]
+        == r1["counters"]
+        == {
+            "steps": 6,
+            "recorded": 3,
+            "applied": 1,
+            "skipped_nonfinite": 1,
+            "skipped_optimizer": 1,
+            "skipped_no_records": 1,
+        }
+    )
+    for (a0, w0), (a1, w1) in zip(r0["snapshots"], r1["snapshots"], strict=True):
+        assert a0 == a1 and torch.equal(w0, w1)
+    assert [a for a, _ in r0["snapshots"]] == [False] * 5 + [True]
+    warm = r0["snapshots"][1][1]
+    assert all(torch.equal(w, warm) for _, w in r0["snapshots"][2:5])  # skipped: unchanged
+    assert not torch.equal(r0["snapshots"][5][1], warm)

@@ -1,6 +1,7 @@
 """The DASSDP learner on small models: schedule, parity, state, hooks and errors."""
 
 import copy
+import dataclasses
 import gc
 import math
 import warnings
@@ -13,6 +14,7 @@ from torch import nn
 import dassdp
 from dassdp import DASSDP, DASSDPConfig, SiteSpec
 from dassdp.plasticity.gate import gate_values
+from dassdp.plasticity.rule import Activity
 from oracle import naive_dw, naive_dw_from_activity, naive_latency
 from snn_fixtures import ConvSNN, StepSNN, TinySNN, spike
 
@@ -443,3 +445,137 @@ def test_spike_helper_has_a_surrogate_gradient():
     x = torch.tensor([-1.0, 0.5], requires_grad=True)
     spike(x).sum().backward()
     assert (x.grad > 0).all()
+
+
+def one_step(plast, model, **kw):
+    x, y = batch(0, 0, model)
+    F.cross_entropy(model(x), y).backward()
+    return plast.step(torch.tensor(0.7), **kw)
+
+
+@pytest.mark.parametrize(
+    ("stepped", "applied"),
+    [
+        (True, True),
+        (False, False),
+        (torch.tensor(1.0), True),
+        (torch.tensor(0.0), False),
+        (torch.tensor([True]), True),
+        (torch.tensor(False), False),
+        (1 - torch.tensor(1.0), False),  # 1 - found_inf of a grad scaler that found an inf
+    ],
+)
+def test_optimizer_stepped_may_be_a_device_flag(stepped, applied):
+    model, _ = make()
+    plast = DASSDP(model, DASSDPConfig(warmup_epochs=0, gate="one", A_plus=0.1))
+    w = model.fc2.weight.detach().clone()
+    out = one_step(plast, model, optimizer_stepped=stepped)
+    assert isinstance(out, torch.Tensor) and out.shape == () and out.dtype == torch.bool
+    assert bool(out) is applied
+    assert torch.equal(model.fc2.weight, w) is not applied
+    assert plast.counters == {
+        "steps": 1,
+        "recorded": int(applied),
+        "applied": int(applied),
+        "skipped_nonfinite": 0,
+        "skipped_optimizer": int(not applied),
+        "skipped_no_records": 0,
+    }
+    assert bool(plast.last_step_recorded) is applied
+
+
+def test_optimizer_stepped_errors_are_named():
+    model, _ = make()
+    plast = DASSDP(model, DASSDPConfig(warmup_epochs=0))
+    with pytest.raises(ValueError, match=r"one-element tensor, got a tensor of shape \(2,\)"):
+        one_step(plast, model, optimizer_stepped=torch.ones(2))
+    with pytest.raises(TypeError, match=r"optimizer_stepped must be a bool .* got str"):
+        one_step(plast, model, optimizer_stepped="yes")
+
+
+def test_a_skipped_step_keeps_the_metrics_of_the_last_counted_one():
+    model, _ = make()
+    plast = DASSDP(model, DASSDPConfig(warmup_epochs=0, gate="one", A_plus=0.1))
+    assert one_step(plast, model)
+    before = plast.last_metrics()
+    tensors = plast.last_metrics(as_tensors=True)
+    assert all(isinstance(v, torch.Tensor) for m in tensors.values() for v in m.values())
+    x, y = batch(0, 1, model)  # another batch: other metrics if it counted
+    F.cross_entropy(model(x), y).backward()
+    assert not plast.step(torch.tensor(float("inf")))
+    assert plast.last_metrics() == before and not bool(plast.last_step_recorded)
+    assert plast.counters["skipped_nonfinite"] == 1
+
+
+def test_skip_reasons_count_the_first_that_holds():
+    model, _ = make()
+    plast = DASSDP(model, DASSDPConfig(warmup_epochs=0, gate="one"))
+    model(torch.randn(B, 12))
+    plast.step(torch.tensor(float("nan")), optimizer_stepped=False)  # both: non-finite first
+    model(torch.randn(B, 12))
+    plast.step(torch.tensor(1.0), optimizer_stepped=torch.tensor(0.0))
+    plast.step(torch.tensor(float("nan")))  # no records and non-finite: non-finite first
+    plast.step(torch.tensor(1.0))  # no records
+    assert plast.counters == {
+        "steps": 4,
+        "recorded": 0,
+        "applied": 0,
+        "skipped_nonfinite": 2,
+        "skipped_optimizer": 1,
+        "skipped_no_records": 1,
+    }
+
+
+def test_counters_round_trip_and_unknown_counters_are_named():
+    model, _ = make()
+    plast = DASSDP(model, DASSDPConfig(warmup_epochs=0, gate="one"))
+    one_step(plast, model)
+    state = plast.state_dict()
+    assert state["counters"]["applied"] == 1
+    twin = DASSDP(copy.deepcopy(model), DASSDPConfig(warmup_epochs=0, gate="one"))
+    twin.load_state_dict(state)
+    assert twin.counters == plast.counters
+    with pytest.raises(ValueError, match=r"counters \['bogus'\] unknown"):
+        twin.load_state_dict({**state, "counters": {"bogus": 1}})
+
+
+class BadLatency:
+    """Wraps a recorder's collect: the post latencies of every site shifted out of range."""
+
+    def __init__(self, collect):
+        self.collect = collect
+
+    def __call__(self):
+        records = self.collect()
+        return {
+            n: dataclasses.replace(r, post=Activity(r.post.fired, r.post.latency + r.T + 1))
+            for n, r in records.items()
+        }
+
+
+@pytest.mark.parametrize("how", ["config", "env"])
+def test_debug_mode_checks_latency_ranges(how, monkeypatch):
+    model, _ = make()
+    debug = how == "config"
+    if how == "env":
+        monkeypatch.setenv("DASSDP_DEBUG", "1")
+    cfg = DASSDPConfig(warmup_epochs=0, gate="one", debug=debug)
+    plast = DASSDP(model, cfg)
+    assert plast.debug
+    plast.recorder.collect = BadLatency(plast.recorder.collect)
+    model(torch.randn(B, 12))
+    with pytest.raises(ValueError, match="post latency out of range"):
+        plast.step(torch.tensor(1.0))
+    monkeypatch.delenv("DASSDP_DEBUG", raising=False)
+    quiet = DASSDP(make()[0], cfg.replace(debug=False))
+    assert not quiet.debug  # without debug the range is not read back (no host sync)
+    with pytest.raises(ValueError, match="must be true or false"):
+        DASSDPConfig(debug="yes")
+
+
+def test_shuffled_latencies_do_not_use_the_fixed_states():
+    # Shuffling breaks "fired iff latency < T": the learner must not assume the T + 1 states.
+    model, opt = make()
+    plast = DASSDP(model, DASSDPConfig(warmup_epochs=1, control="shuffled_latency", debug=True))
+    train(model, opt, plast, epochs=3)
+    assert plast.counters["applied"] == 2 * 4

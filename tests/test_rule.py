@@ -263,3 +263,86 @@ def test_bad_inputs_are_named():
         delta_w(pre, post, torch.ones(3), T=2, A_plus=1, A_minus=1, sigma=1)
     with pytest.raises(ValueError, match="chunk must be >= 1"):
         delta_w(pre, post, None, T=2, A_plus=1, A_minus=1, sigma=1, chunk=0)
+
+
+@pytest.mark.parametrize("silent", [None, 0, 2])
+@pytest.mark.parametrize("latency", ["first", "last"])
+def test_every_choice_of_post_states_gives_the_oracle(silent, latency):
+    gen = torch.Generator().manual_seed(3)
+    B, c_in, c_out, T = 17, 11, 7, 3
+    pre = fired_latency(random_activity(T, B, c_in, 0.3, gen), latency, silent)
+    post = fired_latency(random_activity(T, B, c_out, 0.2, gen), latency, silent)
+    G = torch.rand(B, generator=gen, dtype=torch.float64) * 2
+    kw = dict(A_plus=1.5e-3, A_minus=1e-4, sigma=1.0)
+    slow = naive_dw(pre.fired, post.fired, pre.latency, post.latency, G, **kw)
+    for states in ("auto", "occurring", "all", "spiked"):
+        fast = delta_w(
+            pre,
+            post,
+            G,
+            T=T,
+            dtype=torch.float64,
+            chunk=5,
+            post_states=states,
+            silent_post=silent,
+            **kw,
+        )
+        assert (fast - slow).abs().max().item() <= 1e-15, states
+
+
+def test_fixed_post_states_set_the_gemm_size_without_looking_at_the_data():
+    gen = torch.Generator().manual_seed(5)
+    B, c_in, c_out, T = 24, 40, 30, 4
+    pre = fired_latency(random_activity(T, B, c_in, 0.3, gen))
+    post = fired_latency(random_activity(T, B, c_out, 0.3, gen))
+    only_early = Activity(post.fired, torch.where(post.fired, 0, T))  # two states occur
+    kw = dict(T=T, A_plus=1.0, A_minus=1.0, sigma=1.0, check=False)
+    for states, inner in (("all", 2 * (T + 1)), ("spiked", T + 1), ("occurring", 2)):
+        with GemmInner() as mode:
+            delta_w(pre, only_early, None, post_states=states, **kw)
+        assert mode.inner == B * inner, states
+
+
+class HostReads(TorchDispatchMode):
+    """Counts ``.item()``-like reads and boolean-mask selections."""
+
+    OPS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default)
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func in self.OPS
+        return func(*args, **(kwargs or {}))
+
+
+def test_fixed_states_without_checks_read_nothing_back():
+    gen = torch.Generator().manual_seed(2)
+    pre = fired_latency(random_activity(3, 6, 5, 0.3, gen))
+    post = fired_latency(random_activity(3, 6, 4, 0.3, gen))
+    kw = dict(T=3, A_plus=1.0, A_minus=0.5, sigma=1.0)
+    for states in ("all", "spiked"):
+        with HostReads() as mode:
+            delta_w(pre, post, None, post_states=states, check=False, **kw)
+        assert mode.n == 0, states
+        with HostReads() as mode:
+            delta_w(pre, post, None, post_states=states, **kw)
+        assert mode.n > 0, states  # the range checks read min/max back
+
+
+def test_post_states_errors_are_named():
+    pre, post = hand_site()
+    kw = dict(T=2, A_plus=1, A_minus=1, sigma=1)
+    with pytest.raises(ValueError, match="post_states must be one of"):
+        delta_w(pre, post, None, post_states="some", **kw)
+    shuffled = Activity(post.fired, post.latency.flip(1))  # fired unit now has latency T
+    with pytest.raises(ValueError, match="post_states='spiked' needs fired post units"):
+        delta_w(pre, shuffled, None, post_states="spiked", **kw)
+    with pytest.raises(ValueError, match=r"silent latency must be in 0\.\.T"):
+        delta_w(pre, post, None, post_states="spiked", silent_post=5, **kw)
+    # unchecked, an out-of-range latency is not looked for (the learner's default)
+    bad = Activity(post.fired, post.latency + 1)
+    delta_w(pre, bad, None, post_states="all", check=False, **kw)
+    with pytest.raises(ValueError, match="out of range"):
+        delta_w(pre, bad, None, post_states="all", **kw)

@@ -71,17 +71,17 @@ class DSSA(nn.Module):
         self.register_buffer("rate_attn", torch.zeros(num_heads))
 
     def _rate(self, name: str, spikes: Tensor) -> Tensor:
-        """Per-head firing rate ``[h]`` of ``spikes`` ``[T, B, h, ., .]``: running in training."""
+        """Per-head firing rate ``[h]`` of ``spikes`` ``[T, B, h, ., .]``: running in training;
+        in eval the running rates once all are measured, else the batch's (chosen on the
+        device: no host read, no graph break under ``torch.compile``)."""
         running: Tensor = getattr(self, name)
-        if not self.training and bool(running.gt(0).all()):
-            return running
         batch = spikes.detach().mean(dim=(0, 1, 3, 4)).clamp_min(_MIN_RATE)
         if self.training:
             fresh = running.eq(0)
             running.mul_(self.momentum).add_(batch, alpha=1 - self.momentum)
             running.copy_(torch.where(fresh, batch, running))
             return running.clone()
-        return batch
+        return torch.where(running.gt(0).all(), running, batch)
 
     def forward(self, x: Tensor) -> Tensor:
         T, B, C, H, W = x.shape

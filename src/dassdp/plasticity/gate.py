@@ -38,8 +38,12 @@ class GateStats:
     def __init__(self) -> None:
         self.sums = torch.zeros(7, dtype=torch.float64)  # the six sums, then the skip count
 
-    def update(self, S: Tensor, loss: float | Tensor) -> None:
-        """Add one record per sample: ``S`` is ``[B]``, ``loss`` the batch's scalar loss."""
+    def update(self, S: Tensor, loss: float | Tensor, weight: Tensor | None = None) -> None:
+        """Add one record per sample: ``S`` is ``[B]``, ``loss`` the batch's scalar loss.
+
+        ``weight``: a 0-d bool (or 0/1) tensor; where false the step adds nothing (a skip
+        decided on the device, without reading it back).
+        """
         s = S.detach().to(torch.float64).reshape(-1)
         L = torch.as_tensor(loss, dtype=torch.float64, device=s.device).detach().reshape(())
         L = L.expand_as(s)
@@ -57,8 +61,10 @@ class GateStats:
                 (1.0 - okf).sum(),
             )
         )
+        if weight is not None:
+            row = torch.where(weight.to(device=row.device, dtype=torch.bool), row, 0.0)
         if self.sums.device != row.device:
-            self.sums = self.sums.to(row.device)
+            self.sums = to_device(self.sums, row.device)
         self.sums += row
 
     @property
@@ -78,6 +84,13 @@ class GateStats:
         if sums.shape != (7,):
             raise ValueError(f"gate statistics must hold 7 sums, got shape {tuple(sums.shape)}")
         self.sums = sums.to(self.sums.device)
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Copy a CPU tensor to ``device`` without a host sync (pinned, non-blocking on CUDA)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @dataclass(frozen=True)
@@ -101,7 +114,7 @@ def fit_gate(sums: Tensor, eps: float = 1e-8) -> GateFit:
     Returns a :class:`GateFit`; when the records cannot define a gate it is invalid
     (``G = 1``), its ``reason`` says why and a :class:`RuntimeWarning` is issued.
     """
-    n, sS, sS2, sL, sL2, sSL = (float(v) for v in sums[:6].to(torch.float64).cpu())
+    n, sS, sS2, sL, sL2, sSL = sums[:6].to(torch.float64).tolist()  # one host read
     reason = _degenerate_reason(n, (sS, sS2, sL, sL2, sSL))
     if reason is None:
         mu, muL = sS / n, sL / n

@@ -15,11 +15,20 @@ Under DDP every decision that changes weights is collective: the gate statistics
 all-reduced before the fit, ``dW`` is all-reduced (mean) before it is clipped and applied,
 and a step is skipped on every rank if any rank saw a non-finite loss. Nothing of the
 learner is a parameter or buffer of the model.
+
+The step reads nothing back to the host (no ``.item()``, no boolean masks, no tensors made
+from Python data): whether a step counts is a 0/1 flag on the device that multiplies the
+gate-statistics row and ``dW``, and the counters accumulate on the device. They are read
+only when asked for (:attr:`DASSDP.counters`, :meth:`DASSDP.last_metrics`, ``bool()`` of the
+value :meth:`DASSDP.step` returns, :meth:`DASSDP.state_dict`), and once when the gate is
+fitted at the end of warm-up. ``DASSDPConfig(debug=True)`` (or ``DASSDP_DEBUG=1``) adds range
+checks that do read values back.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
@@ -29,12 +38,28 @@ import torch
 from torch import Tensor, nn
 
 from dassdp.plasticity import distributed as D
-from dassdp.plasticity.gate import GATE_MODES, GateFit, GateStats, fit_gate, gate_values
+from dassdp.plasticity.gate import (
+    GATE_MODES,
+    GateFit,
+    GateStats,
+    fit_gate,
+    gate_values,
+    to_device,
+)
 from dassdp.plasticity.recorder import Recorder, SiteRecord
 from dassdp.plasticity.rule import LATENCY_MODES, Activity, delta_w, synchrony
 from dassdp.plasticity.sites import SiteSpec, normalize_sites
 
 APPLY_MODES = ("post_step", "grad")
+COUNTERS = (
+    "steps",
+    "recorded",
+    "applied",
+    "skipped_nonfinite",
+    "skipped_optimizer",
+    "skipped_no_records",
+)
+DEBUG_ENV = "DASSDP_DEBUG"
 CONTROLS = ("none", "shuffled_latency", "random_update", "uniform_drift")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -65,6 +90,9 @@ class DASSDPConfig:
         eps: added to the std of S in the gate.
         dtype: compute dtype of dW, ``"float32"`` or ``"float64"``.
         seed: seed of the learner's own generator (controls only; never the global RNG).
+        debug: check invariants in every step (latencies in ``0..T``, the unit states the
+            rule assumes, a finite ``dW``); each check reads a value back to the host, so it
+            is off by default. The environment variable ``DASSDP_DEBUG=1`` turns it on too.
     """
 
     A_plus: float = 1.5e-3
@@ -81,6 +109,7 @@ class DASSDPConfig:
     eps: float = 1e-8
     dtype: str = "float32"
     seed: int = 0
+    debug: bool = False
 
     def __post_init__(self) -> None:
         for name in ("A_plus", "A_minus"):
@@ -106,6 +135,8 @@ class DASSDPConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.sites, str) or not self.sites:
             raise ValueError(f"sites must be a preset name, got {self.sites!r}")
+        if not isinstance(self.debug, bool):
+            raise ValueError(f"debug must be true or false, got {self.debug!r}")
 
     @classmethod
     def compat(cls, **overrides: Any) -> DASSDPConfig:
@@ -160,14 +191,9 @@ class DASSDP:
         self.epoch = 0
         self.stats = {name: GateStats() for name in self.sites}
         self.fits: dict[str, GateFit] | None = None
-        self.counters = {
-            "steps": 0,
-            "recorded": 0,
-            "applied": 0,
-            "skipped_nonfinite": 0,
-            "skipped_optimizer": 0,
-            "skipped_no_records": 0,
-        }
+        self._counts = torch.zeros(len(COUNTERS), dtype=torch.int64)  # on the steps' device
+        self._last_recorded = torch.zeros((), dtype=torch.bool)
+        # CPU generator for the controls: the same draws on every device and in checkpoints.
         self._generator = torch.Generator().manual_seed(self.config.seed)
         self._metrics: dict[str, dict[str, Tensor]] = {}
 
@@ -186,74 +212,116 @@ class DASSDP:
     def enabled(self) -> bool:
         return self.config.enabled
 
+    @property
+    def debug(self) -> bool:
+        """Debug checks: ``config.debug`` or the environment variable ``DASSDP_DEBUG=1``."""
+        return self.config.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """``steps``, ``recorded``, ``applied`` and the skips by reason (non-finite loss,
+        optimizer skipped, sites without records). They accumulate on the device; reading
+        them is one host sync (once per epoch is cheap, once per step is not)."""
+        return dict(zip(COUNTERS, (int(v) for v in self._counts.tolist()), strict=True))
+
     # --------------------------------------------------------------------- step
-    def step(self, loss: Tensor | float, *, optimizer_stepped: bool = True) -> bool:
+    def step(self, loss: Tensor | float, *, optimizer_stepped: bool | Tensor = True) -> Tensor:
         """Close this step's recording window and learn from it.
 
         In warm-up: add ``(S[b], L)`` to the gate statistics. Afterwards: fit the gate once,
         then compute ``dW`` per site, all-reduce its mean, clip and apply it.
 
+        No value is read back to the host: a step that must be skipped (non-finite loss,
+        optimizer skipped, a site without records, on any rank) is skipped by multiplying
+        its statistics and ``dW`` by 0 on the device, and counted there. Such a step still
+        computes ``dW`` (and draws the controls' random numbers) before discarding it; the
+        gate is fitted at the first step after warm-up, whether or not that step counts.
+
         Args:
-            loss: this step's scalar loss (a non-finite loss skips the step and is counted).
+            loss: this step's scalar loss, a tensor on the model's device (a non-finite loss
+                skips the step and is counted).
             optimizer_stepped: ``False`` when the optimizer did not step (an AMP grad scaler
-                skipped it); the update is then skipped and counted.
+                skipped it); the update is then skipped and counted. A Python bool or a
+                one-element tensor on the device (non-zero: stepped), e.g. ``1 - found_inf``
+                of a grad scaler, which keeps the decision on the device.
 
         Returns:
-            True if a weight change was applied.
+            A 0-d bool tensor on the step's device: True if a weight change was applied.
+            Reading it (``bool()``, ``if``, ``assert``) is a host sync; ignoring it costs none.
         """
         records = self.recorder.collect()
+        loss_t = loss.detach() if isinstance(loss, Tensor) else torch.as_tensor(loss)
         if not self.config.enabled:
-            return False
-        self.counters["steps"] += 1
-        loss_t = torch.as_tensor(loss).detach()
-        skip, loss_t = self._agree(loss_t, records, optimizer_stepped)
-        if skip is not None:
-            self.counters[skip] += 1
-            return False
-        self.counters["recorded"] += 1
-        S = {
-            n: synchrony(r.pre.fired, r.post.fired, DTYPES[self.config.dtype])
-            for n, r in records.items()
-        }
-        if self.in_warmup:
+            return torch.zeros((), dtype=torch.bool, device=loss_t.device)
+        device = next(iter(records.values())).post.fired.device if records else loss_t.device
+        missing = len(records) != len(self.sites)
+        ok, first_skip, loss_t = self._agree(loss_t.to(device), optimizer_stepped, missing)
+        active = not self.in_warmup
+        self._count(ok, first_skip, active)
+        self._last_recorded = ok
+        if missing:  # known here without a sync: this rank cannot compute every site
+            if active and D.is_distributed():
+                self._join_skipped_update()
+            return torch.zeros_like(ok)
+        dtype = DTYPES[self.config.dtype]
+        S = {n: synchrony(r.pre.fired, r.post.fired, dtype) for n, r in records.items()}
+        if not active:
             for name, s in S.items():
-                self.stats[name].update(s, loss_t)
-                self._metrics[name] = _site_metrics(records[name], s, None, None)
-            return False
+                self.stats[name].update(s, loss_t, weight=ok)
+                self._set_metrics(name, _site_metrics(records[name], s, None, None), ok)
+            return torch.zeros_like(ok)
         if self.fits is None:
             self.fit()
         for name, record in records.items():
-            self._update_site(name, record, S[name])
-        self.counters["applied"] += 1
-        return True
+            self._update_site(name, record, S[name], ok)
+        return ok
 
     def _agree(
-        self, loss: Tensor, records: dict[str, SiteRecord], stepped: bool
-    ) -> tuple[str | None, Tensor]:
-        """Agree over all ranks whether to skip (the counter to bump, or None) and on the loss.
+        self, loss: Tensor, stepped: bool | Tensor, missing: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Agree over all ranks whether this step counts, why not, and on the loss.
 
         One all-reduce of ``[non-finite, optimizer skipped, sites missing, loss]``: a step is
         skipped everywhere if any rank must skip it, and the recorded loss is the mean over
         ranks, i.e. the loss of the global batch, as a single process would see it.
+
+        Returns:
+            ``ok`` (0-d bool: the step counts), ``first_skip`` (``[3]`` bool: the first of the
+            three reasons that holds, the counter it bumps) and the agreed loss (float64).
         """
         loss = loss.double().mean()
         flags = torch.stack(
-            [
+            (
                 (~torch.isfinite(loss)).to(torch.float64),
-                torch.tensor(0.0 if stepped else 1.0, dtype=torch.float64, device=loss.device),
-                torch.tensor(
-                    float(len(records) != len(self.sites)), dtype=torch.float64, device=loss.device
-                ),
+                1.0 - _stepped_flag(stepped, loss),
+                loss.new_full((), 1.0 if missing else 0.0),
                 torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0),
-            ]
+            )
         )
         D.all_reduce_(flags, "sum")
-        for index, counter in enumerate(
-            ("skipped_nonfinite", "skipped_optimizer", "skipped_no_records")
-        ):
-            if flags[index] > 0:
-                return counter, loss
-        return None, flags[3] / D.world_size()
+        bad = flags[:3] > 0
+        first_skip = bad & (bad.cumsum(0) == 1)
+        return ~bad.any(), first_skip, flags[3] / D.world_size()
+
+    def _count(self, ok: Tensor, first_skip: Tensor, active: bool) -> None:
+        """Add this step to the device counters (order of :data:`COUNTERS`)."""
+        head = torch.stack((torch.ones_like(ok), ok, ok & active))
+        row = torch.cat((head, first_skip)).to(torch.int64)
+        if self._counts.device != row.device:  # the first step (or after a checkpoint)
+            self._counts = to_device(self._counts, row.device)
+        self._counts += row
+
+    def _join_skipped_update(self) -> None:
+        """DDP, a rank without records after warm-up: the others all-reduce every site's dW
+        (they learn that the step is skipped only on the device), so join with zeros."""
+        if self.fits is None:
+            self.fit()
+        for name in self.sites:
+            weight = self.recorder.layers[name].weight
+            dw = torch.zeros(
+                weight.shape[:2], dtype=DTYPES[self.config.dtype], device=weight.device
+            )
+            D.all_reduce_(dw, "mean")
 
     def fit(self) -> dict[str, GateFit]:
         """Fit every site's gate from the (all-reduced) warm-up statistics; done once."""
@@ -277,7 +345,7 @@ class DASSDP:
         stats.sums = total.clone() if D.rank() == 0 else torch.zeros_like(total)
         return total
 
-    def _update_site(self, name: str, record: SiteRecord, S: Tensor) -> None:
+    def _update_site(self, name: str, record: SiteRecord, S: Tensor, ok: Tensor) -> None:
         cfg, dtype = self.config, DTYPES[self.config.dtype]
         G = gate_values(S, self.fits[name] if self.fits else None, cfg.gate)
         layer = self.recorder.layers[name]
@@ -290,6 +358,13 @@ class DASSDP:
                 * G.mean()
             )
         else:
+            spec = self.sites[name]
+            # With fired="any" a unit is fired iff it has a latency < T, and silent units share
+            # one latency: T + 1 fixed states, no look at the data (module rule, "spiked").
+            # Shuffled latencies or fired="mean" break that pairing: then all states on CUDA,
+            # those that occur on the CPU (fewer FLOPs, one host read).
+            spiked = spec.fired == "any" and cfg.control != "shuffled_latency"
+            states = "spiked" if spiked else "auto"
             dw = delta_w(
                 pre,
                 post,
@@ -300,19 +375,32 @@ class DASSDP:
                 sigma=cfg.sigma,
                 clip=None,
                 dtype=dtype,
+                post_states=states,
+                silent_post=spec.silent_post,
+                check=self.debug,
             )
         if cfg.control == "random_update":
-            signs = torch.randint(0, 2, dw.shape, generator=self._generator) * 2.0 - 1.0
-            dw = signs.to(dw) * (dw.norm() / math.sqrt(dw.numel()))
+            signs = torch.randint(0, 2, dw.shape, generator=self._generator).mul_(2).sub_(1)
+            dw = to_device(signs, dw.device).to(dw) * (dw.norm() / math.sqrt(dw.numel()))
         D.all_reduce_(dw, "mean")
         if cfg.clip is not None:
             dw.clamp_(-cfg.clip, cfg.clip)
+        if self.debug and not bool(torch.isfinite(dw).all()):
+            raise RuntimeError(f"DA-SSDP debug: site {name!r} has a non-finite dW")
+        dw.mul_(ok)  # a skipped step (on any rank) changes nothing
         self._apply(layer, dw)
-        self._metrics[name] = _site_metrics(record, S, G, dw)
+        self._set_metrics(name, _site_metrics(record, S, G, dw), ok)
+
+    def _set_metrics(self, name: str, metrics: dict[str, Tensor], ok: Tensor) -> None:
+        """Keep a site's metrics of the last step that counted (chosen on the device)."""
+        old = self._metrics.get(name)
+        if old is not None:
+            metrics = {k: torch.where(ok, v, old[k]) for k, v in metrics.items()}
+        self._metrics[name] = metrics
 
     def _shuffle(self, act: Activity) -> Activity:
         perm = torch.randperm(act.latency.shape[1], generator=self._generator)
-        return Activity(act.fired, act.latency[:, perm.to(act.latency.device)])
+        return Activity(act.fired, act.latency.index_select(1, to_device(perm, act.latency.device)))
 
     def _apply(self, layer: nn.Module, dw: Tensor) -> None:
         weight = layer.weight
@@ -329,10 +417,23 @@ class DASSDP:
                 weight.grad.sub_(dw)
 
     # ----------------------------------------------------------------- metrics
-    def last_metrics(self) -> dict[str, dict[str, float]]:
+    def last_metrics(self, *, as_tensors: bool = False) -> dict[str, dict[str, Any]]:
         """Per site, from the last recorded step: ``synchrony`` (mean S), ``gate_mean``,
-        ``dw_abs_mean``, ``dw_abs_max`` (0 in warm-up), ``pre_fired``, ``post_fired``."""
+        ``dw_abs_mean``, ``dw_abs_max`` (0 in warm-up), ``pre_fired``, ``post_fired``.
+
+        Floats (one host read each), or with ``as_tensors=True`` 0-d tensors on the device
+        (no sync: to accumulate on the device, weighted by :attr:`last_step_recorded`).
+        Before any step has counted, a site shows the values of the last step it saw.
+        """
+        if as_tensors:
+            return {site: dict(m) for site, m in self._metrics.items()}
         return {site: {k: float(v) for k, v in m.items()} for site, m in self._metrics.items()}
+
+    @property
+    def last_step_recorded(self) -> Tensor:
+        """0-d bool tensor on the device: the last :meth:`step` counted (it was not skipped),
+        so :meth:`last_metrics` are its values."""
+        return self._last_recorded
 
     def gate_summary(self) -> dict[str, dict[str, Any]]:
         """Per site: the fit (``k``, ``mu``, ``sd``, ``valid``, ``reason``) and record counts."""
@@ -352,7 +453,7 @@ class DASSDP:
             "sites": list(self.sites),
             "stats": {n: {"sums": t.cpu().tolist()} for n, t in totals.items()},
             "fits": None if self.fits is None else {n: f.to_dict() for n, f in self.fits.items()},
-            "counters": dict(self.counters),
+            "counters": self.counters,
             "generator": self._generator.get_state(),
             "config": self.config.to_dict(),
         }
@@ -371,7 +472,14 @@ class DASSDP:
                 stats.sums.zero_()
         fits = state["fits"]
         self.fits = None if fits is None else {n: GateFit(**f) for n, f in fits.items()}
-        self.counters.update(state["counters"])
+        counters = {**self.counters, **state["counters"]}
+        unknown = sorted(set(counters) - set(COUNTERS))
+        if unknown:
+            raise ValueError(f"checkpoint DA-SSDP counters {unknown} unknown; known: {COUNTERS}")
+        values = torch.zeros(len(COUNTERS), dtype=torch.int64)
+        for index, key in enumerate(COUNTERS):
+            values[index] = int(counters[key])
+        self._counts = values.to(self._counts.device)
         self._generator.set_state(state["generator"])
 
     def close(self) -> None:
@@ -381,6 +489,22 @@ class DASSDP:
 
     def __repr__(self) -> str:
         return f"DASSDP(sites={list(self.sites)}, epoch={self.epoch}, config={self.config})"
+
+
+def _stepped_flag(stepped: bool | Tensor, like: Tensor) -> Tensor:
+    """``optimizer_stepped`` as a 0-d float64 0/1 on ``like``'s device, made on the device."""
+    if isinstance(stepped, Tensor):
+        if stepped.numel() != 1:
+            raise ValueError(
+                f"optimizer_stepped must be a bool or a one-element tensor, got a tensor of "
+                f"shape {tuple(stepped.shape)}"
+            )
+        return stepped.detach().reshape(()).to(like.device).ne(0).to(torch.float64)
+    if isinstance(stepped, bool | int):
+        return like.new_full((), 1.0 if stepped else 0.0, dtype=torch.float64)
+    raise TypeError(
+        f"optimizer_stepped must be a bool or a one-element tensor, got {type(stepped).__name__}"
+    )
 
 
 def _site_metrics(

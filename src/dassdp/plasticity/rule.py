@@ -19,9 +19,12 @@ kernel table. The batch sum is then one GEMM with inner size ``B S``::
     dW = clip((1/B) X @ Y, -c, c)    X[j, (s, b)] = G[b] 1[state_post[b, j] = s]
                                      Y[(s, b), i] = F[s, state_pre[b, i]]
 
-where ``S`` counts the postsynaptic states that occur. When "fired" means "active at some
-step" (:func:`fired_latency`, the recorder's default) a fired unit's latency is below ``T`` and
-all silent units share one latency, so ``S <= T + 1``. The batch is split into chunks whose
+where ``S`` counts the postsynaptic states taken into the GEMM (``post_states`` of
+:func:`delta_w`): all ``2(T+1)``, the ones that occur (one host read), or, when "fired" means
+"active at some step" (:func:`fired_latency`, the recorder's default), the ``T + 1`` states a
+unit can then be in (a fired unit's latency is below ``T``; all silent units share one latency),
+a fixed set that needs no look at the data. States that do not occur give zero rows, so every
+choice gives the same ``dW``. The batch is split into chunks whose
 factors stay near :data:`FACTOR_BUDGET` bytes: memory is ``O(C_out C_in)`` for the output plus
 that budget; no ``[B, C_out, C_in]`` tensor is ever built.
 """
@@ -35,6 +38,7 @@ import torch
 from torch import Tensor
 
 LATENCY_MODES = ("first", "last")
+POST_STATES = ("auto", "occurring", "all", "spiked")
 
 
 class Activity(NamedTuple):
@@ -179,6 +183,9 @@ def delta_w(
     clip: float | None = None,
     dtype: torch.dtype = torch.float32,
     chunk: int | None = None,
+    post_states: str = "auto",
+    silent_post: int | None = None,
+    check: bool = True,
 ) -> Tensor:
     """The DA-SSDP weight change as one GEMM over unit states (module docstring).
 
@@ -193,13 +200,29 @@ def delta_w(
         dtype: compute dtype (float32 or float64).
         chunk: samples per GEMM; ``None`` sizes it so that one chunk's factors (``chunk * S *
             (C_in + C_out)`` elements) and state indices take about :data:`FACTOR_BUDGET` bytes.
+        post_states: which postsynaptic states enter the GEMM (:data:`POST_STATES`):
+            ``"occurring"`` (those that occur: fewest FLOPs, one host read and a boolean-mask
+            selection), ``"all"`` (all ``2(T+1)``: no host read, up to twice the FLOPs),
+            ``"spiked"`` (the ``T + 1`` states possible when ``post.fired`` means "active at some
+            step" and silent units have latency ``silent_post``: no host read, the FLOPs of
+            ``"occurring"``; the caller guarantees that structure, which ``check`` verifies),
+            ``"auto"`` (``"occurring"`` on the CPU, ``"all"`` on other devices).
+        silent_post: latency of a silent postsynaptic unit for ``post_states="spiked"``
+            (``None``: ``T``).
+        check: verify the latency range (and the ``"spiked"`` structure); each check reads a
+            value back to the host, so the learner runs them in debug mode only.
 
     Returns:
         ``[C_out, C_in]`` weight change (unclipped when ``clip`` is None).
     """
     _check_batch(pre.fired, post.fired)
-    _check_latency(pre.latency, T, "pre")
-    _check_latency(post.latency, T, "post")
+    if post_states not in POST_STATES:
+        raise ValueError(f"post_states must be one of {POST_STATES}, got {post_states!r}")
+    _check_dtype(pre.latency, "pre")
+    _check_dtype(post.latency, "post")
+    if check:
+        _check_latency(pre.latency, T, "pre")
+        _check_latency(post.latency, T, "post")
     B, C_out = post.fired.shape
     C_in = pre.fired.shape[1]
     device = post.fired.device
@@ -214,13 +237,24 @@ def delta_w(
         per_sample = states * (C_in + C_out) * F.element_size() + 8 * max(C_in, C_out)
         return chunk or max(1, FACTOR_BUDGET // max(1, per_sample))
 
-    # The postsynaptic states that occur (one host sync); X's rows for the others are zero.
-    occurs = torch.zeros(F.shape[0], dtype=torch.bool, device=device)
-    scan = samples(F.shape[0])
-    for lo in range(0, B, scan):
-        occurs[_states(post, slice(lo, lo + scan), T).flatten()] = True
-    E = torch.eye(F.shape[0], dtype=dtype, device=device)[occurs]  # [S, 2(T+1)] one-hot
-    F = F[occurs]  # [S, 2(T+1)]
+    E = torch.eye(F.shape[0], dtype=dtype, device=device)  # one-hot rows of the states
+    if post_states == "auto":
+        post_states = "occurring" if device.type == "cpu" else "all"
+    if post_states == "occurring":
+        # The postsynaptic states that occur (one host sync); X's rows for the others are zero.
+        occurs = torch.zeros(F.shape[0], dtype=torch.bool, device=device)
+        scan = samples(F.shape[0])
+        for lo in range(0, B, scan):
+            occurs.index_fill_(0, _states(post, slice(lo, lo + scan), T).flatten(), True)
+        E, F = E[occurs], F[occurs]  # [S, 2(T+1)] each
+    elif post_states == "spiked":
+        # A fixed set in ascending order (as "occurring" would select them when all occur):
+        # the silent state (latency silent_post, not fired), then fired with latency 0..T-1.
+        fill = _silent_fill(T, silent_post)
+        if check:
+            _check_spiked(post, T, fill)
+        E = torch.cat((E[fill : fill + 1], E[T + 1 : 2 * T + 1]))
+        F = torch.cat((F[fill : fill + 1], F[T + 1 : 2 * T + 1]))
     S = F.shape[0]
     n = samples(S)
     dw = torch.zeros(C_out, C_in, dtype=dtype, device=device)
@@ -276,8 +310,24 @@ def _check_batch(pre_fired: Tensor, post_fired: Tensor) -> None:
         )
 
 
-def _check_latency(latency: Tensor, T: int, name: str) -> None:
+def _check_dtype(latency: Tensor, name: str) -> None:
     if latency.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{name} latency must be int32 or int64, got {latency.dtype}")
+
+
+def _check_latency(latency: Tensor, T: int, name: str) -> None:
+    """Latencies in ``0..T`` (two host reads)."""
     if latency.numel() and (int(latency.min()) < 0 or int(latency.max()) > T):
         raise ValueError(f"{name} latency out of range 0..T={T}")
+
+
+def _check_spiked(act: Activity, T: int, fill: int) -> None:
+    """``post_states="spiked"``: fired units have latency ``< T``, silent ones ``fill`` (a host
+    read). A unit outside these ``T + 1`` states would be dropped from ``dW`` without it."""
+    fired = act.fired.to(torch.bool)
+    ok = torch.where(fired, act.latency < T, act.latency == fill)
+    if not bool(ok.all()):
+        raise ValueError(
+            f"post_states='spiked' needs fired post units to have latency < T={T} and silent "
+            f"ones latency {fill}; some do not (use post_states='occurring' or 'all')"
+        )
