@@ -131,39 +131,33 @@ class FiringRates:
 class PlasticityMeter:
     """Epoch view of a :class:`dassdp.DASSDP`: averaged site metrics and counter deltas.
 
-    Per-step sums stay on the device (no host read per step). A step counts when the
-    learner's ``recorded`` counter moved: a Python int, or a device tensor for a learner that
-    decides skips on the device (then the step's metrics are added times that 0/1 flag).
+    Per-step sums stay on the device (no host read per step): each step adds the learner's
+    last metrics (``last_metrics(as_tensors=True)``) times its 0/1 ``last_step_recorded``
+    flag; the counters are read once, in :meth:`result`.
     """
 
     def __init__(self, learner: Any) -> None:
         self.learner = learner
-        self.start = {k: _snapshot(v) for k, v in learner.counters.items()}
+        self.start = dict(learner.counters)  # one host read per epoch
         self.sums: dict[str, dict[str, Tensor]] = {}
         self.steps: Tensor | int = 0
-        self._recorded = _snapshot(learner.counters["recorded"])
 
     def update(self) -> None:
-        """Add the learner's last step (call after ``learner.step``; skipped steps add nothing)."""
-        recorded = self.learner.counters["recorded"]
-        flag = recorded - self._recorded  # 1 if this step was recorded, else 0
-        if not isinstance(flag, Tensor) and flag == 0:
-            return  # a Python counter: the skip is known on the host
-        self._recorded = _snapshot(recorded)
-        # the metric tensors of the last step (last_metrics() would read each one to the host)
-        for site, values in self.learner._metrics.items():
+        """Add the learner's last step (call after ``learner.step``; skipped steps add 0)."""
+        flag = self.learner.last_step_recorded  # 0-d bool on the device
+        for site, values in self.learner.last_metrics(as_tensors=True).items():
             acc = self.sums.setdefault(site, {})
             for key, value in values.items():
                 value = value.detach().double()
-                if isinstance(flag, Tensor):  # a skipped step's values may be stale or NaN
-                    value = torch.where(flag.to(value.device) > 0, value, 0.0)
+                # a skipped step's values may be stale or NaN: where(), not a multiply
+                value = torch.where(flag.to(value.device), value, 0.0)
                 acc[key] = acc[key] + value if key in acc else value
-        self.steps = self.steps + flag
+        self.steps = self.steps + flag.to(torch.int64)
 
     def result(self) -> dict[str, Any]:
         """Phase, this epoch's counters, per-site means and the gate fit (k, mu, sd, valid)."""
         learner = self.learner
-        counters = {k: int(v - self.start.get(k, 0)) for k, v in learner.counters.items()}
+        counters = {k: v - self.start.get(k, 0) for k, v in learner.counters.items()}
         steps = max(int(self.steps), 1)
         sites = {}
         for site, fit in learner.gate_summary().items():
@@ -174,11 +168,6 @@ class PlasticityMeter:
             sites[site] = {**means, **gate, "records": fit["records"]}
         phase = "off" if not learner.enabled else "warmup" if learner.in_warmup else "active"
         return {"phase": phase, "counters": counters, "sites": sites}
-
-
-def _snapshot(value: Any) -> Any:
-    """A counter's value now (a tensor counter may be updated in place later)."""
-    return value.detach().clone() if isinstance(value, Tensor) else value
 
 
 def _flatten(row: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, float]]:
