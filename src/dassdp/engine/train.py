@@ -34,7 +34,8 @@ Host reads per training step (``aten._local_scalar_dense`` on a device tensor; c
   the scaler skips; whether it skipped reaches DA-SSDP as a device tensor
   (:func:`~dassdp.engine.precision.optimizer_stepped`), also in ``apply="grad"`` mode where
   the learner runs between ``unscale_`` and the optimizer step.
-* plus whatever ``DASSDP.step`` reads (its own budget: none in warm-up, at most one after).
+* ``DASSDP.step`` adds none (warm-up and after: skips are decided on the device), so a
+  training step with DA-SSDP reads the host once in every mode.
 
 The loss, accuracy, non-finite and DA-SSDP meters accumulate on the device and are read
 once per epoch; a progress bar (``progress``) shows the running loss every
