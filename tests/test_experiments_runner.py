@@ -44,6 +44,9 @@ def test_parse_seeds() -> None:
     for bad in ("a", "", "2-x"):
         with pytest.raises(ValueError):
             parse_seeds(bad)
+    # regression: a reversed range said "give seeds >= 0"
+    with pytest.raises(ValueError, match="the range '3-1' is reversed; write 1-3"):
+        parse_seeds("3-1")
 
 
 def test_resume_after_kill_skips_finished_runs(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -109,7 +110,7 @@ class TrainConfig:
         optimizer: ``"adamw"`` or ``"sgd"`` (with ``momentum``).
         lr, weight_decay, momentum: optimizer settings (no decay on biases, norms, 1-D).
         lr_warmup_epochs, warmup_lr, min_lr: timm ``CosineLRScheduler`` (stepped per epoch).
-        grad_clip: max gradient norm; ``None``: no clipping.
+        grad_clip: max gradient norm (any value > 0); ``None``: no clipping.
         amp: mixed precision on CUDA (float16 + grad scaler); ignored on CPU.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``.
         workers: DataLoader worker processes (default: 0 on CPU, 4 on CUDA).
@@ -285,7 +286,20 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     try:
         return config_from_dict(data)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        raise ConfigError(f"{_blame(err, overrides, path)}: {err}") from None
+
+
+def _blame(err: ConfigError, overrides: Sequence[str], path: Path) -> str:
+    """Where a config error comes from: the override(s) whose key the message names, else
+    the file (an override's mistake must not send the user looking in the file)."""
+    named = [
+        item
+        for item in overrides
+        if re.search(rf"(?<![\w.]){re.escape(item.partition('=')[0].strip())}(?!\w)", str(err))
+    ]
+    if not named:
+        return str(path)
+    return "override " + ", ".join(repr(item) for item in named)
 
 
 def save_config(cfg: TrainConfig, path: str | Path, header: str = "") -> None:
@@ -322,10 +336,15 @@ def validate(cfg: TrainConfig) -> None:
         cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
         f"device must be 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}",
     )
-    for key in ("workers", "threads", "subset", "test_subset", "limit_train_batches", "grad_clip"):
+    for key in ("workers", "threads", "subset", "test_subset", "limit_train_batches"):
         value = getattr(cfg, key)
         low = 0 if key == "workers" else 1
         _require(value is None or value >= low, f"{key} must be null or >= {low}, got {value}")
+    clip = cfg.grad_clip  # a max-norm: any positive value
+    _require(
+        clip is None or (math.isfinite(clip) and clip > 0),
+        f"grad_clip must be null (no clipping) or a max gradient norm > 0, got {clip}",
+    )
     _check_mixup(cfg)
     _check_dataset(cfg)
     _check_model(cfg)

@@ -97,9 +97,12 @@ def parse_seeds(spec: str | Sequence[int]) -> list[int]:
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         lo, sep, hi = part.partition("-")
         try:
-            seeds += range(int(lo), int(hi) + 1) if sep else [int(part)]
+            first, last = (int(lo), int(hi)) if sep else (int(part), int(part))
         except ValueError:
             raise ValueError(f"--seeds: {part!r} is not N or N-M (e.g. 0-4 or 0,3,7)") from None
+        if last < first:
+            raise ValueError(f"--seeds: the range {part!r} is reversed; write {last}-{first}")
+        seeds += range(first, last + 1)
     if not seeds or min(seeds) < 0:
         raise ValueError(f"--seeds {spec!r}: give seeds >= 0, e.g. 0-4")
     return list(dict.fromkeys(seeds))
