@@ -151,9 +151,8 @@ def run(args: argparse.Namespace) -> int:
     cfg, run_dir = resolve(args)
     try:
         row = fit(cfg, run_dir, resume=args.resume, stop_after=args.stop_after)
-    except TrainingDiverged as err:
-        print(f"dassdp train: error: {err}", file=sys.stderr)
-        return 1
+    except TrainingDiverged:
+        return 1  # the trainer logged why (stderr and train.log); the checkpoints are kept
     finally:
         cleanup_distributed()
     if int(os.environ.get("RANK", 0)) == 0 and row:
