@@ -207,7 +207,10 @@ def run_one(spec: RunSpec) -> str:
     resume = _check_folder(run_dir, cfg)  # also for finished runs: one config per folder
     status = "done"
     if not (run_dir / DONE).is_file():
-        print(f"[compare] {spec.label}: {'resuming' if resume else 'training'} in {run_dir}", flush=True)
+        print(
+            f"[compare] {spec.label}: {'resuming' if resume else 'training'} in {run_dir}",
+            flush=True,
+        )
         start = time.perf_counter()
         with _epoch_lines(spec.label):
             row = fit(cfg, run_dir, resume=resume)
