@@ -110,13 +110,17 @@ def test_a_diverged_run_stops_with_an_error_and_keeps_the_last_finite_checkpoint
         return out
 
     trainer.optimizer.step = poisoning_step
-    with pytest.raises(TrainingDiverged, match=r"diverged in epoch 2: non-finite values in .*last.pt keeps epoch 1"):
+    with pytest.raises(
+        TrainingDiverged, match=r"diverged in epoch 2: non-finite values in .*last.pt keeps epoch 1"
+    ):
         trainer.fit()
     trainer.close()
     for name in ("last.pt", "best.pt"):
         state = load_checkpoint(tmp_path / name)
         assert state["epoch"] == 1, name
-        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+        assert all(
+            torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()
+        )
     assert [r["epoch"] for r in read_metrics(tmp_path)] == [0]
     assert "diverged in epoch 2" in (tmp_path / "train.log").read_text()
 
