@@ -100,7 +100,10 @@ def test_damaged_metrics_lines_neither_drop_nor_truncate_a_run(
     assert main(["report", str(out)]) == 0
     text = (out / "report.md").read_text()
     assert "| dassdp | 3 | 81.50 ± 0.92 | +0.50 |" in text  # as with intact files
-    assert "unfinished, left out of the statistics: baseline seed3 (1 epochs), shuffled-latency seed2" in text
+    assert (
+        "unfinished, left out of the statistics: baseline seed3 (1 epochs), shuffled-latency seed2"
+        in text
+    )
     for line in (
         "dassdp seed0: metrics.jsonl line(s) 1 damaged (skipped); metrics.jsonl holds 2 of 3",
         "dassdp seed1: metrics.jsonl line(s) 3 damaged (skipped); metrics.jsonl holds 2 of 3",

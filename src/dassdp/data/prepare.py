@@ -32,6 +32,7 @@ leaves existing data untouched.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gzip
 import hashlib
@@ -197,10 +198,8 @@ def _read_verified(out: Path) -> dict:
 def _write_verified(out: Path, cache: dict) -> None:
     from dassdp._io import atomic_write_json
 
-    try:
+    with contextlib.suppress(OSError):  # a read-only data root: verify again next time
         atomic_write_json(out / VERIFIED, cache)
-    except OSError:  # a read-only data root: verify again next time
-        pass
 
 
 def _cached_sha256(path: Path, cache: dict) -> str:

@@ -128,10 +128,13 @@ def _problems(folder: Path, rows: list[dict[str, Any]], damaged: list[int], done
         out.append(f"metrics.jsonl line(s) {lines} damaged (skipped)")
     if (folder / "done.json").is_file() and not isinstance(done, dict):
         out.append("done.json is damaged: treated as unfinished")
-    elif isinstance(done, dict) and isinstance(done.get("epochs"), int):
-        if len(rows) < done["epochs"]:
-            out.append(f"metrics.jsonl holds {len(rows)} of {done['epochs']} epochs")
+    elif isinstance(done, dict) and len(rows) < _int(done.get("epochs")):
+        out.append(f"metrics.jsonl holds {len(rows)} of {done['epochs']} epochs")
     return out
+
+
+def _int(x: Any) -> int:
+    return x if isinstance(x, int) else 0
 
 
 def load_runs(root: str | os.PathLike) -> list[Run]:
