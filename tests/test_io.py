@@ -33,3 +33,19 @@ def test_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 0}\nnot json\n{"epoch": 1}\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         read_metrics(tmp_path)
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    """Regression: mkstemp made every atomically written file 0600, whatever the umask."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        os.umask(0o027)
+        atomic_write_json(tmp_path / "b.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o640

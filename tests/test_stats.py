@@ -36,8 +36,15 @@ def test_bootstrap_ci_matches_the_resampling_distribution():
 def test_degenerate_inputs():
     assert bootstrap_ci(np.array([0.2, 0.2, 0.2])) == (0.2, 0.2)
     assert all(math.isnan(v) for v in bootstrap_ci(np.array([1.0])))
-    assert paired_ttest(np.zeros(4)) == 1.0 and paired_ttest(np.full(4, 0.5)) == 0.0
+    assert math.isnan(paired_ttest(np.zeros(4)))
     assert math.isnan(paired_ttest(np.array([1.0])))
     assert math.isnan(wilcoxon_p(np.zeros(3)))
     c = compare_paired({0: 1.0}, {1: 2.0})
     assert c.n == 0 and math.isnan(c.delta)
+
+
+def test_paired_t_p_is_undefined_when_all_differences_are_equal():
+    """Regression: two seeds that both moved by +1.0 gave p = 0 ("significant")."""
+    assert math.isnan(paired_ttest(np.full(4, 0.5)))
+    c = compare_paired({0: 80.0, 1: 82.0}, {0: 81.0, 1: 83.0})
+    assert c.n == 2 and c.delta == pytest.approx(1.0) and math.isnan(c.p_ttest)

@@ -61,6 +61,11 @@ def resolve(args: argparse.Namespace) -> tuple[object, Path]:
         resume_config,
     )
 
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(
+            f"--stop-after must be >= 1 (the epochs to complete before stopping), "
+            f"got {args.stop_after}"
+        )
     if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
         # `--resume epochs=3`: argparse took an override for the optional checkpoint path
         args.overrides, args.resume = [args.resume, *args.overrides], True
@@ -143,12 +148,14 @@ def run(args: argparse.Namespace) -> int:
         return launch(args.nproc, _forwarded(args))
 
     from dassdp.engine.distributed import cleanup_distributed
-    from dassdp.engine.train import fit
+    from dassdp.engine.train import TrainingDiverged, fit
 
     setup_logging(int(os.environ.get("RANK", 0)) == 0)
     cfg, run_dir = resolve(args)
     try:
         row = fit(cfg, run_dir, resume=args.resume, stop_after=args.stop_after)
+    except TrainingDiverged:
+        return 1  # the trainer logged why (stderr and train.log); the checkpoints are kept
     finally:
         cleanup_distributed()
     if int(os.environ.get("RANK", 0)) == 0 and row:

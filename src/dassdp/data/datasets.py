@@ -49,7 +49,7 @@ from dassdp.data.formats import (
     read_cifar_batch,
     read_cifar_meta,
 )
-from dassdp.data.prepare import IDX_FILES, OUTPUT_DIRS, resolve_root
+from dassdp.data.prepare import IDX_FILES, MANIFEST, OUTPUT_DIRS, check_prepared, resolve_root
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,7 @@ class CIFARBatches(Dataset):
         self.data = np.concatenate([p[0] for p in parts])
         self.targets = np.concatenate([p[1] for p in parts]).tolist()
         self.classes = read_cifar_meta(folder / meta, meta_key)
-        if self.targets and max(self.targets) >= len(self.classes):
-            raise DataFormatError(f"{folder}: a label >= the {len(self.classes)} classes in {meta}")
+        check_labels(np.asarray(self.targets), len(self.classes), f"{folder}/{'+'.join(files)}")
         self.transform = transform
 
     def __len__(self) -> int:
@@ -136,6 +135,32 @@ class CIFARBatches(Dataset):
 
         img = Image.fromarray(self.data[index])
         return (self.transform(img) if self.transform else img), self.targets[index]
+
+
+def check_labels(targets: np.ndarray, num_classes: int, where: str) -> None:
+    """Raise :class:`DataFormatError` naming the file, the first bad label and its index when
+    a label is outside ``0 .. num_classes - 1`` (else training fails later with a raw
+    ``IndexError`` from inside the loss)."""
+    bad = np.flatnonzero((targets < 0) | (targets >= num_classes))
+    if bad.size:
+        i = int(bad[0])
+        raise DataFormatError(
+            f"{where}: label {int(targets[i])} at index {i} is outside 0..{num_classes - 1} "
+            f"({bad.size} bad label(s)); the file is damaged: prepare the dataset again"
+        )
+
+
+def verify_prepared(name: str, root: Path) -> None:
+    """Data made by ``dassdp data prepare`` still matches its manifest's sha256 (hashes are
+    cached per file size and mtime, so this costs nothing until a file changes)."""
+    if not (root / OUTPUT_DIRS[name] / MANIFEST).is_file():
+        return  # user/torchvision files: nothing recorded to check against
+    reason = check_prepared(name, root)
+    if reason is not None:
+        raise DataFormatError(
+            f"{name}: {reason}; the prepared files changed after `dassdp data prepare`: "
+            f"run `dassdp data prepare {name} --root {root} --force`"
+        )
 
 
 def _require(paths: list[Path], name: str, howto: str) -> None:
@@ -154,6 +179,7 @@ def _cifar10(root: Path, train: bool, tf: Callable) -> Dataset:
     folder = root / OUTPUT_DIRS["cifar10"]
     files = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
     _require([folder / f for f in files], "cifar10", _prepare_howto("cifar10", root))
+    verify_prepared("cifar10", root)
     return CIFARBatches(folder, train=train, transform=tf)
 
 
@@ -172,11 +198,15 @@ def _mnist_like(name: str, root: Path, train: bool, tf: Callable) -> Dataset:
 
     folder = root / OUTPUT_DIRS[name]
     _require([folder / f for f in IDX_FILES], name, _prepare_howto(name, root))
+    verify_prepared(name, root)
     cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
     try:
-        return cls(str(root), train=train, transform=tf, download=False)
+        ds = cls(str(root), train=train, transform=tf, download=False)
     except (RuntimeError, ValueError, AssertionError) as err:
         raise DataFormatError(f"{name}: cannot read the IDX files in {folder} ({err})") from err
+    labels = folder / f"{'train' if train else 't10k'}-labels-idx1-ubyte"
+    check_labels(ds.targets.numpy(), len(ds.classes), str(labels))
+    return ds
 
 
 def _imagenet(root: Path, train: bool, tf: Callable) -> Dataset:
@@ -327,6 +357,8 @@ __all__ = [
     "CIFARBatches",
     "DatasetInfo",
     "build_dataset",
+    "check_labels",
     "dataset_info",
     "image_transform",
+    "verify_prepared",
 ]

@@ -32,6 +32,7 @@ leaves existing data untouched.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gzip
 import hashlib
@@ -73,7 +74,9 @@ log = logging.getLogger("dassdp.data")
 
 PREPARABLE = ("cifar10", "fashion-mnist", "mnist")
 MANIFEST = "dassdp.json"
+VERIFIED = ".dassdp-verified.json"  # sha256 per file, keyed by size, mtime and ctime
 DOWNLOADS = "downloads"
+REJECTED = "rejected"  # downloads/rejected/: archives that failed their sha256 check
 
 
 @dataclass(frozen=True)
@@ -171,11 +174,45 @@ def _check_manifest(out: Path) -> str | None:
         files = json.loads((out / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"unreadable manifest {out / MANIFEST} ({err})"
-    for fname, digest in files.items():
-        path = out / fname
-        if not path.is_file() or file_hash(path) != digest:
-            return f"{path} does not match the sha256 in {out / MANIFEST}"
+    cache = _read_verified(out)
+    known = json.dumps(cache, sort_keys=True)
+    try:
+        for fname, digest in files.items():
+            path = out / fname
+            if not path.is_file() or _cached_sha256(path, cache) != digest:
+                return f"{path} does not match the sha256 in {out / MANIFEST}"
+    finally:
+        if json.dumps(cache, sort_keys=True) != known:
+            _write_verified(out, cache)
     return None
+
+
+def _read_verified(out: Path) -> dict:
+    try:
+        data = json.loads((out / VERIFIED).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_verified(out: Path, cache: dict) -> None:
+    from dassdp._io import atomic_write_json
+
+    with contextlib.suppress(OSError):  # a read-only data root: verify again next time
+        atomic_write_json(out / VERIFIED, cache)
+
+
+def _cached_sha256(path: Path, cache: dict) -> str:
+    """``file_hash(path)``, reused from ``cache`` while the file's size, mtime and ctime are
+    unchanged (so verifying prepared data before every run costs nothing after the first)."""
+    st = path.stat()
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    entry = cache.get(path.name)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and entry.get("sha256"):
+        return entry["sha256"]
+    digest = file_hash(path)
+    cache[path.name] = {"stamp": stamp, "sha256": digest}
+    return digest
 
 
 def _check_official_cifar(out: Path) -> str | None:
@@ -286,7 +323,14 @@ def _stage_from_local_or_registry(name: str, root: Path, tmp: Path, staged: Path
     archive = _local_archive(name, root)
     if archive is not None:
         log.info("using %s", archive)
-        verify_sha256(archive, SHA256[name])
+        try:
+            verify_sha256(archive, SHA256[name])
+        except HashMismatchError as err:
+            aside = _reject(archive, root)  # else it is picked first again on every retry
+            log.warning("moved %s aside to %s: its sha256 does not match", archive, aside)
+            raise HashMismatchError(
+                f"{err}; moved it aside to {aside}, so a rerun fetches a fresh copy"
+            ) from err
     elif name == "fashion-mnist" and (folder := _local_fashion_folder(root)) is not None:
         _convert_fashion_folder(folder, staged)
         return f"IDX files in {folder}"
@@ -304,6 +348,18 @@ def _local_archive(name: str, root: Path) -> Path | None:
         if hits:
             return hits[-1]
     return None
+
+
+def _reject(archive: Path, root: Path) -> Path:
+    """Move a source archive that failed its sha256 check to ``root/downloads/rejected/``."""
+    folder = root / DOWNLOADS / REJECTED
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / archive.name
+    if dest.exists():
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        dest = folder / f"{archive.name}.{stamp}"
+    os.replace(archive, dest)
+    return dest
 
 
 def _fetch_verified(name: str, root: Path, tmp: Path) -> Path:

@@ -19,8 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-__all__ = ["FORMAT", "VERSION", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "CheckpointError",
+    "load_checkpoint",
+    "load_model_state",
+    "save_checkpoint",
+]
 
 FORMAT = "dassdp-checkpoint"
 VERSION = 1
@@ -91,3 +99,25 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}")
     return state
+
+
+def load_model_state(model: nn.Module, state: Mapping[str, Any], where: str | os.PathLike) -> None:
+    """``model.load_state_dict(state)``, but a mismatch is one :class:`CheckpointError` line
+    naming the differing keys (shapes, missing, unexpected), not torch's multi-line error."""
+    own = model.state_dict()
+    shapes = [
+        f"{k} {list(v.shape)} in the checkpoint vs {list(own[k].shape)} in the model"
+        for k, v in state.items()
+        if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    parts = shapes
+    parts += [f"missing in the checkpoint: {', '.join(missing)}"] if missing else []
+    parts += [f"not in the model: {', '.join(unexpected)}"] if unexpected else []
+    if parts:
+        raise CheckpointError(
+            f"{where} does not fit the model built from its config and overrides: "
+            + "; ".join(parts)
+        )
+    model.load_state_dict(state)

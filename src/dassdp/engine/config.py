@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -113,7 +114,7 @@ class TrainConfig:
         optimizer: ``"adamw"`` or ``"sgd"`` (with ``momentum``).
         lr, weight_decay, momentum: optimizer settings (no decay on biases, norms, 1-D).
         lr_warmup_epochs, warmup_lr, min_lr: timm ``CosineLRScheduler`` (stepped per epoch).
-        grad_clip: max gradient norm; ``None``: no clipping.
+        grad_clip: max gradient norm (any value > 0); ``None``: no clipping.
         amp: mixed precision: ``false`` (float32), ``"bf16"`` (bfloat16 autocast, no grad
             scaler; CPU and CUDA), ``"fp16"`` (float16 autocast + grad scaler; CUDA only: on
             CPU the run logs it and trains in float32) or ``true`` (= ``"fp16"``, the older
@@ -307,7 +308,20 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     try:
         return config_from_dict(data)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        raise ConfigError(f"{_blame(err, overrides, path)}: {err}") from None
+
+
+def _blame(err: ConfigError, overrides: Sequence[str], path: Path) -> str:
+    """Where a config error comes from: the override(s) whose key the message names, else
+    the file (an override's mistake must not send the user looking in the file)."""
+    named = [
+        item
+        for item in overrides
+        if re.search(rf"(?<![\w.]){re.escape(item.partition('=')[0].strip())}(?!\w)", str(err))
+    ]
+    if not named:
+        return str(path)
+    return "override " + ", ".join(repr(item) for item in named)
 
 
 def save_config(cfg: TrainConfig, path: str | Path, header: str = "") -> None:
@@ -344,11 +358,16 @@ def validate(cfg: TrainConfig) -> None:
         cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
         f"device must be 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}",
     )
-    for key in ("workers", "threads", "subset", "test_subset", "limit_train_batches", "grad_clip"):
+    for key in ("workers", "threads", "subset", "test_subset", "limit_train_batches"):
         value = getattr(cfg, key)
         low = 0 if key == "workers" else 1
         _require(value is None or value >= low, f"{key} must be null or >= {low}, got {value}")
     _check_precision(cfg)
+    clip = cfg.grad_clip  # a max-norm: any positive value
+    _require(
+        clip is None or (math.isfinite(clip) and clip > 0),
+        f"grad_clip must be null (no clipping) or a max gradient norm > 0, got {clip}",
+    )
     _check_mixup(cfg)
     _check_dataset(cfg)
     _check_model(cfg)

@@ -78,7 +78,7 @@ from dassdp.engine.builders import (
     data_info,
     load_pretrained,
 )
-from dassdp.engine.checkpoint import load_checkpoint, save_checkpoint
+from dassdp.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from dassdp.engine.config import (
     ConfigError,
     TrainConfig,
@@ -101,6 +101,7 @@ from dassdp.engine.precision import (
     prepare_model,
     resolve_amp,
 )
+from dassdp.engine.rundir import RunLock, check_resume_target, with_resume
 from dassdp.engine.seed import get_rng_state, seed_everything, set_rng_state
 from dassdp.plasticity import distributed as D
 
@@ -108,6 +109,7 @@ __all__ = [
     "PROGRESS_EVERY",
     "RESUMABLE_CHANGES",
     "Trainer",
+    "TrainingDiverged",
     "code_revision",
     "evaluate",
     "evaluate_checkpoint",
@@ -154,6 +156,23 @@ def code_revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+class TrainingDiverged(RuntimeError):
+    """The weights (or buffers) became non-finite: training stopped, checkpoints kept."""
+
+
+def nonfinite_tensors(model: nn.Module) -> list[str]:
+    """Names of the model's floating parameters and buffers holding NaN or inf; checked on
+    the device with a single host read when all are finite (the usual case)."""
+    named = itertools.chain(model.named_parameters(), model.named_buffers())
+    tensors = [(name, t) for name, t in named if t.is_floating_point()]
+    if not tensors:
+        return []
+    flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in tensors])  # [N] bool
+    if bool(flags.all()):
+        return []
+    return [name for (name, _), ok in zip(tensors, flags.tolist()) if not ok]
 
 
 def _all_finite(loss: Tensor) -> bool:
@@ -258,7 +277,7 @@ class Trainer:
         self.start_epoch, self.best_acc1 = 0, -math.inf
         self.writer: MetricsWriter | None = None
         if self.dist.main:
-            self._prepare_run_dir()
+            self._prepare_run_dir(resume)
         if resume:
             path = self.run_dir / "last.pt" if resume is True else Path(resume)
             try:
@@ -269,13 +288,27 @@ class Trainer:
             log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
     # ----------------------------------------------------------------- run folder
-    def _prepare_run_dir(self) -> None:
+    def _prepare_run_dir(self, resume: bool | str = False) -> None:
+        checkpoint = None if not resume else Path(resume) if resume is not True else None
+        if checkpoint is not None:
+            check_resume_target(checkpoint, self.run_dir)  # never into another run's folder
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock = RunLock(self.run_dir)  # one trainer per folder; freed when we die
+            self._write_run_files(resume, checkpoint)
+        except BaseException:
+            self.close()
+            raise
+
+    def _write_run_files(self, resume: bool | str, checkpoint: Path | None) -> None:
         revision = code_revision()
         handler = logging.FileHandler(self.run_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
         self._log_handler = handler
+        self._log_level = log.level
+        if log.getEffectiveLevel() > logging.INFO:
+            log.setLevel(logging.INFO)  # train.log gets the epoch lines even without a setup
         header = f"dassdp train (revision {revision or 'unknown'}): resolved config"
         save_config(self.cfg, self.run_dir / "config.yaml", header=header)
         meta = {
@@ -289,13 +322,21 @@ class Trainer:
             "device": str(self.device),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if resume:  # keep the history: the first start's fields, then every resume
+            meta["checkpoint"] = str(checkpoint or self.run_dir / "last.pt")
+            meta = with_resume(_read_json(self.run_dir / "run.json"), meta)
         atomic_write_json(self.run_dir / "run.json", meta)
 
     # ----------------------------------------------------------------- the loop
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train from ``start_epoch`` to ``cfg.epochs``; ``stop_after``: stop once that many
-        epochs are complete (a planned interruption). Returns the last metrics row."""
+        epochs are complete (a planned interruption). Returns the last metrics row.
+
+        Raises :class:`TrainingDiverged` when an epoch leaves non-finite weights; the
+        checkpoints of the epochs before it are kept."""
         cfg, row = self.cfg, {}
+        if stop_after is not None and stop_after < 1:
+            raise ValueError(f"stop_after must be >= 1 (epochs to complete), got {stop_after}")
         if self.start_epoch >= cfg.epochs:
             log.info("all %d epochs are already complete in %s", cfg.epochs, self.run_dir)
         if self.dist.main and self.writer is None:
@@ -307,6 +348,7 @@ class Trainer:
                 self.learner.set_epoch(epoch)  # warm-up: record only; then fit the gate once
             self.train_loader.sampler.set_epoch(epoch)  # the order is f(seed, epoch)
             train = self.train_epoch(epoch)
+            self._check_finite(epoch, train)  # before any checkpoint of this epoch is written
             test = evaluate(self.model, self.test_loader, self.device, self.amp)
             row = {
                 "epoch": epoch,
@@ -327,6 +369,25 @@ class Trainer:
             if stop_after is not None and epoch + 1 >= stop_after:
                 break
         return row
+
+    def _check_finite(self, epoch: int, train: dict[str, Any]) -> None:
+        bad = nonfinite_tensors(self.model)
+        if not bad:
+            return
+        kept = (
+            f"{self.run_dir / 'last.pt'} keeps epoch {epoch}, the last finite weights"
+            if epoch
+            else "no checkpoint was written"
+        )
+        message = (
+            f"training diverged in epoch {epoch + 1}: non-finite values in "
+            f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''} (train loss "
+            f"{train['train']['loss']:.3g}, lr {self.optimizer.param_groups[0]['lr']:.3g}); "
+            f"stopped; {kept}. Lower lr, set "
+            "grad_clip, or check the data"
+        )
+        log.error(message)
+        raise TrainingDiverged(message)
 
     def _check_replicas(self) -> bool:
         """DDP: do all ranks hold bit-identical weights, buffers and DA-SSDP gate? (collective)"""
@@ -496,9 +557,23 @@ class Trainer:
         torch.backends.cudnn.benchmark = self._cudnn_benchmark
         if self.writer is not None:
             self.writer.close()
-        if self.dist.main:
-            log.removeHandler(self._log_handler)
-            self._log_handler.close()
+        handler = getattr(self, "_log_handler", None)
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+            log.setLevel(self._log_level)
+            self._log_handler = None
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's contents, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _plasticity_line(p: dict[str, Any]) -> str:
@@ -579,7 +654,7 @@ def evaluate_checkpoint(
     info = data_info(cfg)
     _, test_set = build_datasets(cfg)
     model = build_model(cfg, info)
-    model.load_state_dict(state["model"])
+    load_model_state(model, state["model"], path)
     loader = DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.workers or 0)
     bound = None if transform is None else (lambda x: transform(x, cfg.T))
     test = evaluate(model.to(device), loader, device, resolve_amp(cfg.amp, device), bound)

@@ -15,7 +15,12 @@ done.json, robustness.json}`` and ``DIR/compare.json``) and writes into ``DIR``:
 
 The unit of analysis is the seed: only finished runs (``done.json``) enter the statistics,
 and a variant is compared with the baseline on the seeds both have. "Final" is the last
-epoch's test accuracy (the best epoch would be selected on the test set).
+epoch's test accuracy as recorded in ``done.json`` when the run finished (the best epoch
+would be selected on the test set), so a damaged ``metrics.jsonl`` line cannot change it.
+Unfinished runs and damaged result files (unreadable metrics lines, a ``done.json`` that
+cannot be read, fewer metrics rows than epochs) are listed in ``report.md`` and on stderr;
+nothing is dropped silently. A paired t-test whose differences are all equal has zero
+variance: its p is undefined (NaN, shown as "undefined"), not 0.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import csv
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +40,7 @@ import yaml
 
 from dassdp.experiments.stats import PairedComparison, compare_paired
 
-__all__ = ["Run", "load_runs", "summarize", "write_report"]
+__all__ = ["Run", "load_runs", "run_warnings", "summarize", "write_report"]
 
 BASELINE = "baseline"
 ALPHA = 0.05
@@ -51,10 +57,23 @@ class Run:
     config: dict[str, Any]
     done: dict[str, Any] | None
     robustness: dict[str, Any] | None
+    problems: list[str] = field(default_factory=list)  # damaged result files, in words
+
+    @property
+    def final_test(self) -> dict[str, Any]:
+        """The final test metrics: ``done.json``'s, else the last metrics row's."""
+        done = self.done or {}
+        if isinstance(done.get("final_test"), dict):
+            return done["final_test"]
+        last = self.rows[-1].get("test", {}) if self.rows else {}
+        if done.get("final_test_acc1") is not None:  # done.json of an older dassdp
+            return {**last, "acc1": done["final_test_acc1"]}
+        return last
 
     @property
     def final_acc1(self) -> float:
-        return float(self.rows[-1]["test"]["acc1"]) if self.rows else math.nan
+        value = self.final_test.get("acc1")
+        return math.nan if value is None else float(value)
 
     @property
     def revision(self) -> str:
@@ -73,35 +92,78 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of ``metrics.jsonl`` (as :func:`dassdp.engine.read_metrics`, without torch)."""
+def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The readable rows of ``metrics.jsonl`` and the numbers of its damaged lines (skipped:
+    a line cut by a kill or an edit loses that epoch only, never the rows after it)."""
     file = path / "metrics.jsonl"
     if not file.is_file():
-        return []
-    rows = []
-    for line in filter(str.strip, file.read_text().splitlines()):
+        return [], []
+    rows, damaged = [], []
+    for number, line in enumerate(file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            break  # a row cut short by a kill: the rows before it are complete
-    return rows
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("test"), dict) and "epoch" in row:
+            rows.append(row)
+        else:
+            damaged.append(number)
+    return rows, damaged
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _problems(folder: Path, rows: list[dict[str, Any]], damaged: list[int], done: Any) -> list[str]:
+    out = []
+    if damaged:
+        lines = ", ".join(map(str, damaged))
+        out.append(f"metrics.jsonl line(s) {lines} damaged (skipped)")
+    if (folder / "done.json").is_file() and not isinstance(done, dict):
+        out.append("done.json is damaged: treated as unfinished")
+    elif isinstance(done, dict) and len(rows) < _int(done.get("epochs")):
+        out.append(f"metrics.jsonl holds {len(rows)} of {done['epochs']} epochs")
+    return out
+
+
+def _int(x: Any) -> int:
+    return x if isinstance(x, int) else 0
 
 
 def load_runs(root: str | os.PathLike) -> list[Run]:
-    """Every ``<variant>/seed<k>`` folder under ``root`` that has metrics."""
+    """Every ``<variant>/seed<k>`` folder under ``root`` that has metrics or ``done.json``."""
     runs = []
     for folder in sorted(Path(root).glob("*/seed*")):
         seed = folder.name[4:]
         if not (folder.is_dir() and seed.isdigit()):
             continue
-        rows = _read_rows(folder)
-        if not rows:
-            continue
-        cfg_path = folder / "config.yaml"
-        config = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+        rows, damaged = _read_rows(folder)
         done, robust = _read_json(folder / "done.json"), _read_json(folder / "robustness.json")
-        runs.append(Run(folder.parent.name, int(seed), folder, rows, config or {}, done, robust))
+        if not rows and not damaged and not (folder / "done.json").is_file():
+            continue  # never got to its first epoch: nothing to report (compare lists it)
+        config = _read_config(folder / "config.yaml")
+        done = done if isinstance(done, dict) else None
+        problems = _problems(folder, rows, damaged, _read_json(folder / "done.json"))
+        run = Run(folder.parent.name, int(seed), folder, rows, config, done, robust, problems)
+        runs.append(run)
     return runs
+
+
+def run_warnings(runs: Sequence[Run]) -> list[str]:
+    """One line per unfinished run or damaged result file (what the report leaves out)."""
+    out = []
+    for r in runs:
+        if not r.done:
+            out.append(f"{r.variant} seed{r.seed}: unfinished ({len(r.rows)} epochs), left out")
+        out += [f"{r.variant} seed{r.seed}: {p}" for p in r.problems]
+    return out
 
 
 def variant_order(root: Path, runs: Sequence[Run]) -> list[str]:
@@ -171,6 +233,14 @@ def _p(x: Any) -> str:
     return _num(x, ".3g")
 
 
+def _p_t(r: dict[str, Any], key: str = "p_ttest") -> str:
+    """A t-test p; "undefined" when there were pairs but all differences were equal."""
+    p = r.get(key)
+    if r.get("n_paired", 0) >= 2 and isinstance(p, float) and math.isnan(p):
+        return "undefined"
+    return _p(p)
+
+
 def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -195,8 +265,8 @@ def _summary_md(rows: Sequence[dict[str, Any]], ref: str) -> str:
             cells += ["–"] * 5
         else:
             ci = f"[{_num(r['ci_low'], '+.2f')}, {_num(r['ci_high'], '+.2f')}]"
-            cells += [_num(r["delta"], "+.2f"), ci, _p(r["p_ttest"]), _p(r["p_wilcoxon"])]
-            cells.append(_p(r.get("p_holm")))
+            cells += [_num(r["delta"], "+.2f"), ci, _p_t(r), _p(r["p_wilcoxon"])]
+            cells.append(_p_t(r, "p_holm"))
         body.append(cells)
     return _md_table(header, body)
 
@@ -209,6 +279,13 @@ def _verdict(rows: Sequence[dict[str, Any]], ref: str) -> str:
             continue
         if r.get("n_paired", 0) < 2:
             lines.append(f"- **{r['variant']}**: fewer than 2 paired seeds, no test.")
+            continue
+        if math.isnan(r["p_ttest"]):
+            lines.append(
+                f"- **{r['variant']}** vs {ref}: Δ {r['delta']:+.2f} points on every one of "
+                f"the {r['n_paired']} paired seeds: zero variance, so the paired t p is "
+                "undefined; no test."
+            )
             continue
         sig = r["p_holm"] < ALPHA and not (r["ci_low"] <= 0 <= r["ci_high"])
         word = "**significant**" if sig else "not significant"
@@ -273,7 +350,7 @@ def gate_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """The gate fit of each run and site (from the last epoch's metrics)."""
     out = []
     for r in runs:
-        plast = r.rows[-1].get("plasticity") or {}
+        plast = (r.rows[-1].get("plasticity") if r.rows else None) or {}
         if plast.get("phase") == "off":
             continue
         for site, m in (plast.get("sites") or {}).items():
@@ -421,6 +498,12 @@ def _context(root: Path, runs: Sequence[Run]) -> str:
     unfinished = [f"{r.variant} seed{r.seed} ({len(r.rows)} epochs)" for r in runs if not r.done]
     if unfinished:
         lines.append(f"- unfinished, left out of the statistics: {', '.join(unfinished)}")
+    damaged = [f"{r.variant} seed{r.seed}: {'; '.join(r.problems)}" for r in runs if r.problems]
+    if damaged:
+        lines.append(
+            "- damaged result files (finished runs keep their final values from done.json): "
+            + " | ".join(damaged)
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -432,6 +515,8 @@ def write_report(root: str | os.PathLike) -> Path:
     runs = load_runs(root)
     if not runs:
         raise FileNotFoundError(f"no run folders with metrics under {root} (<variant>/seed<k>/)")
+    for line in run_warnings(runs):
+        print(f"[report] warning: {line}", file=sys.stderr)
     variants = variant_order(root, runs)
     ref = BASELINE if BASELINE in variants else variants[0]
     done = [r for r in runs if r.done]  # curves and summaries: finished runs only
@@ -457,16 +542,19 @@ def write_report(root: str | os.PathLike) -> Path:
 
 
 def _run_row(r: Run) -> dict[str, Any]:
-    best = max((row["test"]["acc1"] for row in r.rows), default=math.nan)
+    best = (r.done or {}).get("best_test_acc1")
+    if best is None:
+        best = max((row["test"].get("acc1", math.nan) for row in r.rows), default=math.nan)
     return {
         "variant": r.variant,
         "seed": r.seed,
-        "epochs": len(r.rows),
+        "epochs": (r.done or {}).get("epochs", len(r.rows)),
         "finished": bool(r.done),
         "final_acc1": r.final_acc1,
         "best_acc1": best,
-        "final_test_loss": r.rows[-1]["test"]["loss"],
+        "final_test_loss": r.final_test.get("loss", math.nan),
         "revision": r.revision,
+        "problems": "; ".join(r.problems),
     }
 
 

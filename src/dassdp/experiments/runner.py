@@ -22,12 +22,15 @@ error, never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,9 +100,12 @@ def parse_seeds(spec: str | Sequence[int]) -> list[int]:
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         lo, sep, hi = part.partition("-")
         try:
-            seeds += range(int(lo), int(hi) + 1) if sep else [int(part)]
+            first, last = (int(lo), int(hi)) if sep else (int(part), int(part))
         except ValueError:
             raise ValueError(f"--seeds: {part!r} is not N or N-M (e.g. 0-4 or 0,3,7)") from None
+        if last < first:
+            raise ValueError(f"--seeds: the range {part!r} is reversed; write {last}-{first}")
+        seeds += range(first, last + 1)
     if not seeds or min(seeds) < 0:
         raise ValueError(f"--seeds {spec!r}: give seeds >= 0, e.g. 0-4")
     return list(dict.fromkeys(seeds))
@@ -169,9 +175,11 @@ def _check_folder(run_dir: Path, cfg: TrainConfig) -> bool:
     return last.is_file()
 
 
-def _finish(spec: RunSpec, run_dir: Path, wall_s: float) -> dict[str, Any]:
+def _finish(spec: RunSpec, run_dir: Path, wall_s: float, row: dict[str, Any]) -> dict[str, Any]:
+    """Write ``done.json``: the final values come from the last epoch's row as trained
+    (``row``; read back from ``metrics.jsonl`` only when the run was already complete)."""
     rows = read_metrics(run_dir)
-    last = rows[-1] if rows else {}
+    last = row or (rows[-1] if rows else {})
     done = {
         "variant": spec.variant,
         "seed": spec.seed,
@@ -180,6 +188,7 @@ def _finish(spec: RunSpec, run_dir: Path, wall_s: float) -> dict[str, Any]:
         "revision": code_revision(),
         "epochs": len(rows),
         "final_test_acc1": last.get("test", {}).get("acc1"),
+        "final_test": last.get("test"),
         "best_test_acc1": max((r["test"]["acc1"] for r in rows), default=None),
         "wall_s": wall_s,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -198,19 +207,43 @@ def run_one(spec: RunSpec) -> str:
     resume = _check_folder(run_dir, cfg)  # also for finished runs: one config per folder
     status = "done"
     if not (run_dir / DONE).is_file():
-        print(f"[compare] {spec.label}: {'resuming' if resume else 'training'} in {run_dir}")
+        print(
+            f"[compare] {spec.label}: {'resuming' if resume else 'training'} in {run_dir}",
+            flush=True,
+        )
         start = time.perf_counter()
-        fit(cfg, run_dir, resume=resume)
-        done = _finish(spec, run_dir, time.perf_counter() - start)
+        with _epoch_lines(spec.label):
+            row = fit(cfg, run_dir, resume=resume)
+        done = _finish(spec, run_dir, time.perf_counter() - start, row)
         print(
             f"[compare] {spec.label}: finished, final test acc@1 {done['final_test_acc1']:.2f}% "
-            f"({done['wall_s'] / 60:.1f} min)"
+            f"({done['wall_s'] / 60:.1f} min)",
+            flush=True,
         )
         status = "trained"
     if spec.robustness and not (run_dir / ROBUSTNESS).is_file():
         result = evaluate_robustness(run_dir / "last.pt", spec.robustness, seed=spec.seed)
         atomic_write_json(run_dir / ROBUSTNESS, result)
     return status
+
+
+@contextlib.contextmanager
+def _epoch_lines(label: str) -> Iterator[None]:
+    """The engine's log lines (one per epoch) on stdout as ``[compare] LABEL: ...`` while a
+    run trains; the engine's own ``train.log`` handler receives them too."""
+    engine = logging.getLogger("dassdp.train")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"[compare] {label}: %(message)s"))
+    level, propagate = engine.level, engine.propagate
+    engine.addHandler(handler)
+    engine.setLevel(logging.INFO)
+    engine.propagate = False  # not twice when the caller configured logging
+    try:
+        yield
+    finally:
+        engine.removeHandler(handler)
+        engine.setLevel(level)
+        engine.propagate = propagate
 
 
 def evaluate_robustness(
@@ -260,6 +293,32 @@ def _write_manifest(out: Path, specs: Sequence[RunSpec], argv: Sequence[str]) ->
     atomic_write_json(path, data)
 
 
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when the sweep's process dies, even by SIGKILL,
+    so no orphan keeps training (and taking queued runs) behind a rerun's back.
+
+    Linux: the kernel sends SIGKILL on the parent's death (``PR_SET_PDEATHSIG``). Everywhere:
+    a daemon thread checks once a second that the parent pid is still ours.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # it died before the prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dassdp-parent-watch", daemon=True).start()
+
+
 def _run_safely(spec: RunSpec) -> tuple[str, str | None]:
     """For worker processes: one run, its status and error text (never raises Exception)."""
     import torch
@@ -303,7 +362,9 @@ def _run_parallel(specs: Sequence[RunSpec], workers: int, result: SweepResult) -
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch thread pools
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         futures = {pool.submit(_run_safely, spec): spec for spec in specs}
         for future in as_completed(futures):
             spec = futures[future]

@@ -80,12 +80,13 @@ def bootstrap_ci(
 
 
 def paired_ttest(diffs: np.ndarray) -> float:
-    """Two-sided p of the paired t-test on the differences (NaN if undefined)."""
+    """Two-sided p of the paired t-test on the differences; NaN when undefined (fewer than 2
+    differences, or all differences equal: zero variance)."""
     d = np.asarray(diffs, dtype=np.float64)
-    if d.size < 2:
+    if d.size < 2 or np.all(d == d[0]):
+        # all differences equal: the sample variance is 0, so t is 0/0 or +-inf; a p of 0
+        # would read as "significant" from e.g. two seeds that moved by the same amount
         return float("nan")
-    if np.all(d == d[0]):  # zero variance: t is 0/0 (p = 1) or infinite (p = 0)
-        return 1.0 if d[0] == 0 else 0.0
     return float(sps.ttest_1samp(d, 0.0).pvalue)
 
 

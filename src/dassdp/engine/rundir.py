@@ -1,0 +1,105 @@
+"""Run-folder safety: one trainer per folder (a lock file), no resume into another run's
+folder, and a ``run.json`` that keeps every start and resume.
+
+``<run>/.lock`` holds the pid of the process training the folder, under an exclusive
+``fcntl.flock``: the kernel releases it when that process dies (even by SIGKILL), so a
+stale lock is simply taken over and never needs cleaning up. On platforms without
+``fcntl`` (Windows) the folder is not locked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["LOCK", "RunFolderError", "RunLock", "check_resume_target", "run_name", "with_resume"]
+
+LOCK = ".lock"
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used: another process trains it, or it holds another run."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``<run>/.lock`` with the owner's pid).
+
+    Raises :class:`RunFolderError` naming the folder and the pid when a live process
+    holds it. ``release()`` (or the process's death) frees it.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / LOCK
+        self.fd: int | None = None
+        if fcntl is None:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunFolderError(
+                f"run folder {self.path.parent} is being trained by pid {owner}; wait for it "
+                "to finish, stop it, or use another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+def run_name(run_dir: Path) -> str | None:
+    """The ``name`` in a run folder's ``config.yaml`` (None if absent or unreadable)."""
+    try:
+        data = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data.get("name") if isinstance(data, dict) else None
+
+
+def check_resume_target(checkpoint: Path, run_dir: Path) -> None:
+    """Resuming ``checkpoint`` into ``run_dir`` is allowed when ``run_dir`` is the checkpoint's
+    own folder, or empty, or absent; otherwise it would overwrite (and mix metrics with)
+    another run, so :class:`RunFolderError` names both runs."""
+    own = checkpoint.parent
+    if not run_dir.exists() or _same_folder(own, run_dir):
+        return
+    held = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK)
+    if not held:
+        return
+    mine, theirs = run_name(own) or own.name, run_name(run_dir)
+    theirs_text = f"run {theirs!r}" if theirs else f"other files ({', '.join(held[:5])})"
+    raise RunFolderError(
+        f"--resume: {checkpoint} belongs to run {mine!r} in {own}, but "
+        f"{run_dir} already holds {theirs_text}; resuming there would overwrite it. Resume "
+        f"into {own} (leave out --out), or give an empty or new --out folder"
+    )
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def with_resume(previous: dict[str, Any] | None, entry: dict[str, Any]) -> dict[str, Any]:
+    """``run.json`` after a resume: the first start's fields kept, ``entry`` (this resume's
+    revision, command line, host, time, checkpoint) appended to ``resumes``."""
+    if not isinstance(previous, dict):  # resumed into a new folder: this start is the resume
+        return {**entry, "resumes": [entry]}
+    history = previous.get("resumes")
+    return {**previous, "resumes": [*(history if isinstance(history, list) else []), entry]}
