@@ -126,3 +126,9 @@ def test_cli_errors_name_the_allowed_models_and_presets(capsys):
     assert rc == 2 and "needs a model name" in err
     rc, _, err = run_ls(capsys, "spiking_cnn", "--data", "imagenette")
     assert rc == 2 and "unknown dataset 'imagenette'" in err
+
+
+def test_ls_models_still_lists_parameter_counts(capsys):
+    assert main(["ls", "models", "spiking_*"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["model", "params"] and out[1].startswith("spiking_cnn")
