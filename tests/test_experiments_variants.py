@@ -68,6 +68,7 @@ def test_variants_build_the_intended_learner_config(config_file: Path) -> None:
     assert learner("baseline").enabled is False
     assert learner("uniform-drift").control == "uniform_drift"
     assert learner("projection-only").sites == "projection"
+    assert learner("mid-only").sites == "mid"
 
 
 def test_compat_needs_a_model_with_compat_sites(tmp_path: Path) -> None:

@@ -147,6 +147,34 @@ def test_spikingresformer_site_semantics():
     assert model.dassdp_sites("projection").keys() == {f"{block}.proj"}
 
 
+def test_spikingresformer_mid_preset_is_the_stage_before_the_last():
+    from dassdp.engine import ConfigError, config_from_dict
+    from dassdp.models.spikingresformer import SpikingResformer
+    from engine_fixtures import tiny_dict
+
+    model = create_model("spikingresformer_cifar", T=T)  # Ti depths 1-2-3
+    assert model.mid_blocks == ["stages.1.blocks.0", "stages.1.blocks.2"]
+    assert model.dassdp_sites("mid") == {
+        f"{b}.proj": SiteSpec(pre="input", post=f"{b}>0") for b in model.mid_blocks
+    }
+    assert all(model.get_submodule(f"{b}.proj").weight.shape == (192, 192, 1, 1)
+               for b in model.mid_blocks)  # fmt: skip
+    with torch.device("meta"):
+        large = create_model("spikingresformer_l")
+    assert large.mid_blocks == [f"stages.1.blocks.{j}" for j in (0, 2)]
+    one_stage = SpikingResformer(
+        dims=(8,), depths=(1,), num_heads=(1,), patch_sizes=(1,), group_size=8
+    )
+    with pytest.raises(ValueError, match="at least 2 stages"):
+        one_stage.dassdp_sites("mid")
+    cfg = config_from_dict(
+        tiny_dict(model="spikingresformer_cifar", model_args={}, plasticity={"sites": "mid"})
+    )
+    assert cfg.plasticity.sites == "mid"
+    with pytest.raises(ConfigError, match=r"plasticity.sites: .*unknown DA-SSDP site preset 'mid'"):
+        config_from_dict(tiny_dict(plasticity={"sites": "mid"}))  # spiking_cnn has no stages
+
+
 def test_spiking_cnn_hidden_site_posts_its_lif_spikes():
     sites = create_model("spiking_cnn").dassdp_sites()
     assert sites["fc1"].post == "lif3" and sites["classifier"].pre == "input"

@@ -15,19 +15,13 @@ cifar10dvs      ``root/cifar10dvs/events_np/...`` or frames    SpikingJelly layo
 =============== ============================================== ==========================
 
 Images come out as ``[C, H, W]`` float tensors normalised with the dataset's mean/std;
-CIFAR10-DVS items are ``[T, 2, H, W]`` event-count frames (not normalised). Static
+CIFAR10-DVS items are ``[T, 2, H, W]`` event-count frames (not normalised; ``[T, 3, H, W]``
+with ``event_channels=3``). Static
 images carry no time axis: the model's encoder repeats them over T.
 
-``augment`` (train split only; the test split is always deterministic):
-
-- ``None`` / ``"none"``: no augmentation;
-- ``"standard"``: random crop (padding = size // 8) for CIFAR / MNIST-like sets, plus a
-  horizontal flip for RGB sets; ``RandomResizedCrop`` + flip for ImageNet; a horizontal
-  flip for CIFAR10-DVS;
-- ``"rand-m7-n1-mstd0.5-inc1"`` etc.: ``"standard"`` followed by timm's RandAugment
-  (``timm.data.auto_augment.rand_augment_transform``), RGB/grey images only.
-
-``cutout=L`` adds one L x L zeroed square per training image (after normalisation).
+``augment``, ``cutout`` and the transform options (``train_crop``, ``scale``, ``ratio``,
+``hflip``, ``interpolation``, ``crop_pct``, ``mean``, ``std``, ``event_channels``) are
+described in :mod:`dassdp.data.transforms`; augmentation applies to the train split only.
 Mixup / CutMix act on batches and belong to the training loop (``timm.data.Mixup``).
 """
 
@@ -37,9 +31,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from dassdp.data.dvs import CIFAR10DVS, DVS_HOWTO
@@ -50,6 +44,13 @@ from dassdp.data.formats import (
     read_cifar_meta,
 )
 from dassdp.data.prepare import IDX_FILES, MANIFEST, OUTPUT_DIRS, check_prepared, resolve_root
+from dassdp.data.transforms import (
+    AppendPolaritySum,
+    Cutout,
+    RandomFlipFrames,
+    event_transform,
+    image_transform,
+)
 
 
 @dataclass(frozen=True)
@@ -231,87 +232,6 @@ def _imagenet(root: Path, train: bool, tf: Callable) -> Dataset:
         ) from err
 
 
-# ---------------------------------------------------------------- transforms
-
-
-def _check_augment(augment: str | None) -> str | None:
-    if augment in (None, "none", "standard") or str(augment).startswith("rand-"):
-        return None if augment == "none" else augment
-    raise ValueError(
-        f"augment must be None, 'none', 'standard' or a 'rand-...' string, got {augment!r}"
-    )
-
-
-def _rand_augment(augment: str, info: DatasetInfo, size: int) -> Callable:
-    from timm.data.auto_augment import rand_augment_transform
-
-    hparams = {
-        "translate_const": int(size * 0.45),
-        "img_mean": tuple(min(255, round(255 * m)) for m in info.mean),
-    }
-    if "mmax" not in augment:
-        # Magnitude 10 makes timm's increasing posterize keep 0 bits, which Pillow rejects.
-        hparams["magnitude_max"] = 9.9
-    return rand_augment_transform(augment, hparams)
-
-
-def image_transform(
-    info: DatasetInfo, *, train: bool, input_size: int, augment: str | None, cutout: int = 0
-) -> Callable:
-    """PIL image -> normalised ``[C, input_size, input_size]`` tensor, with train augmentation."""
-    from torchvision import transforms as T
-
-    ops: list[Callable] = []
-    augment = _check_augment(augment) if train else None
-    if info.name == "imagenet":
-        if augment:
-            ops += [T.RandomResizedCrop(input_size), T.RandomHorizontalFlip()]
-        else:
-            ops += [T.Resize(round(input_size / 0.875)), T.CenterCrop(input_size)]
-    else:
-        if input_size != info.input_size:
-            ops.append(T.Resize(input_size))
-        if augment:
-            ops.append(T.RandomCrop(input_size, padding=input_size // 8))
-            if info.in_channels == 3:
-                ops.append(T.RandomHorizontalFlip())
-    if augment and augment.startswith("rand-"):
-        ops.append(_rand_augment(augment, info, input_size))
-    ops += [T.ToTensor(), T.Normalize(info.mean, info.std)]
-    if train and cutout > 0:
-        ops.append(Cutout(cutout))
-    return T.Compose(ops)
-
-
-class Cutout:
-    """Zero one ``length x length`` square at a random centre of a ``[C, H, W]`` tensor."""
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        h, w = img.shape[-2:]
-        cy, cx = int(torch.randint(0, h, ())), int(torch.randint(0, w, ()))
-        y0, y1 = max(0, cy - self.length // 2), min(h, cy + self.length // 2)
-        x0, x1 = max(0, cx - self.length // 2), min(w, cx + self.length // 2)
-        img = img.clone()
-        img[..., y0:y1, x0:x1] = 0
-        return img
-
-    def __repr__(self) -> str:
-        return f"Cutout(length={self.length})"
-
-
-class RandomFlipFrames:
-    """Flip ``[T, C, H, W]`` frames horizontally (all time steps together) with prob 0.5."""
-
-    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
-        return frames.flip(-1) if torch.rand(()) < 0.5 else frames
-
-    def __repr__(self) -> str:
-        return "RandomFlipFrames()"
-
-
 # ---------------------------------------------------------------- entry point
 
 
@@ -324,40 +244,64 @@ def build_dataset(
     augment: str | None = None,
     T: int | None = None,
     cutout: int = 0,
+    **options: Any,
 ) -> Dataset:
     """A torch Dataset for ``name`` read from ``root`` (default: the user data cache).
 
     Items are ``(x, label)``: ``x`` is ``[C, S, S]`` float (static images, S =
-    ``input_size`` or the dataset default) or ``[T, 2, S, S]`` float event frames
-    (``cifar10dvs``; ``T`` defaults to 10). ``augment``/``cutout`` apply to ``train=True``
-    only (see the module docstring). Missing data raises :class:`DatasetNotFoundError`
-    naming the path looked at and how to obtain it; bad files :class:`DataFormatError`.
+    ``input_size`` or the dataset default) or ``[T, C, S, S]`` float event frames
+    (``cifar10dvs``; ``T`` defaults to 10, ``C`` is ``options["event_channels"]``, default
+    2). ``augment``/``cutout`` apply to ``train=True`` only; ``options`` are the transform
+    options of :func:`dassdp.data.transforms.image_transform` (see :mod:`dassdp.data.transforms`).
+    Missing data raises :class:`DatasetNotFoundError` naming the path looked at and how to
+    obtain it; bad files :class:`DataFormatError`; bad options ``ValueError``.
     """
     info = dataset_info(name)
     root = resolve_root(root)
     size = int(input_size or info.input_size)
     if info.is_event:
-        aug = _check_augment(augment) if train else None
-        if aug and aug.startswith("rand-"):
-            raise ValueError("RandAugment strings apply to images, not to cifar10dvs event frames")
-        tf = RandomFlipFrames() if aug else None
+        image_only = sorted(
+            k for k, v in options.items() if k != "event_channels" and v is not None
+        )
+        if image_only:
+            raise ValueError(
+                f"transform option(s) {', '.join(image_only)} apply to images, not to "
+                f"{name} event frames (they take augment and event_channels)"
+            )
+        if cutout:
+            raise ValueError(f"cutout applies to images; for {name} use augment: nda")
+        tf = event_transform(
+            train=train, augment=augment, event_channels=options.get("event_channels", 2)
+        )
         return CIFAR10DVS(
             root, train=train, T=int(T or info.default_T), input_size=size, transform=tf
         )
-    tf = image_transform(info, train=train, input_size=size, augment=augment, cutout=cutout)
+    tf = image_transform(
+        info, train=train, input_size=size, augment=augment, cutout=cutout, **options
+    )
     if name in ("mnist", "fashion-mnist"):
         return _mnist_like(name, root, train, tf)
     readers = {"cifar10": _cifar10, "cifar100": _cifar100, "imagenet": _imagenet}
     return readers[name](root, train, tf)
 
 
+def dataset_channels(info: DatasetInfo, event_channels: int = 2) -> int:
+    """Input channels of the items ``build_dataset`` returns for ``info`` (event frames:
+    ``event_channels``)."""
+    return event_channels if info.is_event else info.in_channels
+
+
 __all__ = [
     "DATASETS",
     "DVS_HOWTO",
+    "AppendPolaritySum",
     "CIFARBatches",
+    "Cutout",
     "DatasetInfo",
+    "RandomFlipFrames",
     "build_dataset",
     "check_labels",
+    "dataset_channels",
     "dataset_info",
     "image_transform",
     "verify_prepared",

@@ -10,6 +10,7 @@ transforms as the real datasets, so augmentation strings work on it too.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -81,16 +82,23 @@ class SyntheticImages(Dataset):
 
 
 def data_info(cfg: TrainConfig) -> DatasetInfo:
-    """Classes, channels and default size of the configured dataset."""
+    """Classes, channels and default size of the configured dataset (event frames: the
+    config's ``transform.event_channels``)."""
     from dassdp.data import dataset_info
 
-    return SYNTHETIC_INFO if cfg.dataset == SYNTHETIC else dataset_info(cfg.dataset)
+    if cfg.dataset == SYNTHETIC:
+        return SYNTHETIC_INFO
+    info = dataset_info(cfg.dataset)
+    if info.is_event and info.in_channels != cfg.transform.event_channels:
+        info = dataclasses.replace(info, in_channels=cfg.transform.event_channels)
+    return info
 
 
 def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     """Train and test datasets (with the config's augmentation and subsets)."""
     from dassdp.data import build_dataset
 
+    options = dataclasses.asdict(cfg.transform)
     if cfg.dataset == SYNTHETIC:
         size = cfg.input_size or SYNTHETIC_INFO.input_size
         sets = [
@@ -103,12 +111,13 @@ def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
                     input_size=size,
                     augment=cfg.augment,
                     cutout=cfg.cutout,
+                    **options,
                 ),
             )
             for train in (True, False)
         ]
     else:
-        kw = dict(input_size=cfg.input_size, T=cfg.T)
+        kw = dict(input_size=cfg.input_size, T=cfg.T, **options)
         sets = [
             build_dataset(
                 cfg.dataset, cfg.data_root, train=True, augment=cfg.augment, cutout=cfg.cutout, **kw

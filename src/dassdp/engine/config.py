@@ -38,6 +38,7 @@ __all__ = [
     "ConfigError",
     "PlasticityConfig",
     "TrainConfig",
+    "TransformConfig",
     "amp_dtype",
     "apply_overrides",
     "config_from_dict",
@@ -90,6 +91,37 @@ class PlasticityConfig:
 
 
 @dataclass
+class TransformConfig:
+    """The ``transform:`` block: how images and event frames are cropped, resized, normalised.
+
+    ``None`` fields take the dataset's choice; see :mod:`dassdp.data.transforms`.
+
+    Attributes:
+        train_crop: ``"pad"`` (RandomCrop with padding size // 8; small images),
+            ``"resized"`` (timm RandomResizedCrop with ``scale``/``ratio``; ImageNet) or ``"none"``.
+        scale, ratio: ``[lo, hi]`` area fraction and aspect ratio of ``"resized"``.
+        hflip: horizontal flip probability (default 0.5 on RGB images, 0 on grey).
+        interpolation: ``"bilinear"``, ``"bicubic"``, ``"nearest"`` or ``"lanczos"`` for
+            resizes, crops and RandAugment (default bilinear; RandAugment then draws at random).
+        crop_pct: evaluation centre crop: resize to ``input_size / crop_pct``, crop
+            ``input_size`` (default 0.875 on ImageNet, 1.0 elsewhere).
+        mean, std: normalisation per channel (default: the dataset's).
+        event_channels: event frames: 2 (the polarities) or 3 (plus their sum, so that an
+            ImageNet stem transfers whole).
+    """
+
+    train_crop: str | None = None
+    scale: list[float] | None = None
+    ratio: list[float] | None = None
+    hflip: float | None = None
+    interpolation: str | None = None
+    crop_pct: float | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    event_channels: int = 2
+
+
+@dataclass
 class TrainConfig:
     """One training run. Keys follow the SpikingResformer recipes where they exist.
 
@@ -106,7 +138,9 @@ class TrainConfig:
         data_root: data folder (default: the user data cache, ``$DASSDP_DATA``).
         input_size: image side [px] (default: the dataset's).
         augment: ``None``, ``"standard"`` or a timm RandAugment string such as
-            ``"rand-m7-n1-mstd0.5-inc1"`` (train split only).
+            ``"rand-m7-n1-mstd0.5-inc1"`` (train split only); event frames: ``"standard"``
+            (flip) or ``"nda"`` (flip + roll / rotate / cutout, the released DVS augmentation).
+        transform: the :class:`TransformConfig` block (crop, interpolation, normalisation).
         mixup: batch Mixup/CutMix with timm's ``Mixup`` (alphas below); soft-target loss.
         mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob: timm ``Mixup`` arguments.
         cutout: side of one zeroed square per training image [px]; 0: off.
@@ -154,6 +188,7 @@ class TrainConfig:
     data_root: str | None = None
     input_size: int | None = None
     augment: str | None = None
+    transform: TransformConfig = field(default_factory=TransformConfig)
     mixup: bool = False
     mixup_alpha: float = 0.5
     cutmix_alpha: float = 0.0
@@ -211,6 +246,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         for arg in typing.get_args(tp):
             if dataclasses.is_dataclass(arg) and isinstance(value, Mapping):
                 return _coerce(key, value, arg)  # a mapping's own key errors are the news
+            if typing.get_origin(arg) is list and isinstance(value, list | tuple):
+                return _coerce(key, value, arg)  # so are a list's item errors
             try:
                 return _coerce(key, value, arg)
             except ConfigError:
@@ -240,6 +277,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
     elif origin is dict and isinstance(value, Mapping):
         return dict(value)
+    elif origin is list and isinstance(value, Sequence) and not isinstance(value, str):
+        (item,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
@@ -370,6 +410,7 @@ def validate(cfg: TrainConfig) -> None:
     )
     _check_mixup(cfg)
     _check_dataset(cfg)
+    _check_transform(cfg)
     _check_model(cfg)
     if cfg.plasticity is not None:
         _check_plasticity(cfg.plasticity, cfg.epochs)
@@ -440,6 +481,36 @@ def _check_dataset(cfg: TrainConfig) -> None:
             )
     if cfg.pretrained is not None and not Path(cfg.pretrained).expanduser().is_file():
         raise ConfigError(f"pretrained: no such checkpoint file {cfg.pretrained}")
+
+
+def _check_transform(cfg: TrainConfig) -> None:
+    """``augment`` and the ``transform:`` block suit the dataset (images or event frames)."""
+    from dassdp.data.transforms import check_augment, check_transform_options
+
+    if cfg.dataset == SYNTHETIC:
+        channels, event = 1, False
+    else:
+        from dassdp.data import dataset_info
+
+        info = dataset_info(cfg.dataset)
+        channels, event = info.in_channels, info.is_event
+    try:
+        check_augment(cfg.augment, event=event)
+    except ValueError as err:
+        raise ConfigError(f"augment: {err}") from None
+    options = dataclasses.asdict(cfg.transform)
+    if event:
+        image_only = [k for k, v in options.items() if k != "event_channels" and v is not None]
+        _require(
+            not image_only,
+            f"transform.{', transform.'.join(image_only)}: image options; {cfg.dataset} event "
+            "frames take transform.event_channels only",
+        )
+        _require(cfg.cutout == 0, f"cutout applies to images; for {cfg.dataset} use augment: nda")
+    try:
+        check_transform_options(channels=channels, event=event, **options)
+    except ValueError as err:
+        raise ConfigError(f"transform.{err}") from None
 
 
 def _check_model(cfg: TrainConfig) -> None:

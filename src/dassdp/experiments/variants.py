@@ -21,6 +21,7 @@ compat             preset=compat, latency=last, A_minus=5e-4, sites=compat (rele
 no-kernel          plasticity.sigma=.inf (no latency kernel)
 classifier-only    plasticity.sites=classifier
 projection-only    plasticity.sites=projection
+mid-only           plasticity.sites=mid (SpikingResformer: the stage before the last)
 shuffled-latency   plasticity.control=shuffled_latency
 random-update      plasticity.control=random_update
 uniform-drift      plasticity.control=uniform_drift
@@ -65,6 +66,7 @@ VARIANTS: dict[str, Variant] = {
     "no-kernel": Variant(("plasticity.sigma=.inf",), "ablation: no latency kernel"),
     "classifier-only": Variant(("plasticity.sites=classifier",), "ablation: classifier site"),
     "projection-only": Variant(("plasticity.sites=projection",), "ablation: projection site"),
+    "mid-only": Variant(("plasticity.sites=mid",), "ablation: mid-to-late stage sites"),
     "shuffled-latency": Variant(
         ("plasticity.control=shuffled_latency",), "control: latencies permuted across units"
     ),

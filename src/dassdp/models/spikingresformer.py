@@ -245,6 +245,11 @@ class SpikingResformer(nn.Module):
         ``"compat"``: the released code's pairing: classifier with ``fired="mean"``; W_proj
         with pre = the block's input > 0, post = the block's output > 0, silent latency 0.
         ``"classifier"`` / ``"projection"``: one of the two default sites.
+        ``"mid"``: the paper's placement ablation, the mid-to-late stage instead of the deepest
+        layers. Our reading: the stage before the last (``stages.1`` of the three-stage
+        models), every DSSA block's W_proj there (``Ti``: two 192 x 192 sites), each paired as
+        the default projection site (pre: the spikes entering it, post: its block's
+        output > 0); no classifier site. See :attr:`mid_blocks`.
         """
         return pick_preset(type(self).__name__, preset, self._site_presets())
 
@@ -252,6 +257,18 @@ class SpikingResformer(nn.Module):
     def dassdp_site_presets(self) -> tuple[str, ...]:
         """Names accepted by :meth:`dassdp_sites`."""
         return tuple(sorted(self._site_presets()))
+
+    @property
+    def mid_blocks(self) -> list[str]:
+        """Names of the DSSA blocks of the stage before the last (the ``"mid"`` preset)."""
+        if len(self.stages) < 2:
+            raise ValueError(
+                f"{type(self).__name__} with {len(self.stages)} stage has no stage before the "
+                "last: the 'mid' site preset needs at least 2 stages"
+            )
+        i = len(self.stages) - 2
+        stage = self.stages[i].blocks
+        return [f"stages.{i}.blocks.{j}" for j, m in enumerate(stage) if isinstance(m, DSSA)]
 
     def _site_presets(self) -> dict[str, Callable[[], dict[str, SiteSpec]]]:
         block = self.projection_block
@@ -268,6 +285,9 @@ class SpikingResformer(nn.Module):
             "compat": lambda: dict(compat),
             "classifier": lambda: dict(classifier),
             "projection": lambda: dict(projection),
+            "mid": lambda: {
+                f"{b}.proj": SiteSpec(pre="input", post=f"{b}>0") for b in self.mid_blocks
+            },
         }
 
     def no_weight_decay(self) -> set[str]:
