@@ -36,8 +36,11 @@ def _library_reset(module: nn.Module) -> Callable[[], object] | None:
     return None
 
 
-def reset(model: nn.Module) -> None:
-    """Reset neuron states and DA-SSDP recorder buffers of ``model`` (and its submodules)."""
+def reset(model: nn.Module, *, records: bool = True) -> None:
+    """Reset neuron states and DA-SSDP recorder buffers of ``model`` (and its submodules).
+
+    ``records=False`` keeps the recorders' buffers (gradient accumulation: the forwards of
+    one optimizer step are each a window, all learned from at the next ``step()``)."""
     from dassdp.plasticity.recorder import clear_model_records
 
     for module in model.modules():
@@ -53,4 +56,5 @@ def reset(model: nn.Module) -> None:
             )
         if fn is not None:
             fn()
-    clear_model_records(model)
+    if records:
+        clear_model_records(model)

@@ -131,7 +131,7 @@ class _SourceHook:
                 )
             self._add_window(v, batch)
         elif layout == "flat":
-            self._add_window(self._unflatten(v), batch)
+            self._add_window(self._unflatten(v), batch, flat=True)
         elif layout == "step" or self.run is not None:
             self._step(v, batch)
         elif self.pending is not None:  # a second call in one window: one call per step
@@ -158,12 +158,14 @@ class _SourceHook:
             raise ValueError(f"{self.label}: leading dim {v.shape[0]} is not T*B with T={T}")
         return v.view(T, v.shape[0] // T, v.shape[1])
 
-    def _add_window(self, v: Tensor, batch: tuple[int, ...]) -> None:  # v: [T, B, C]
+    def _add_window(self, v: Tensor, batch: tuple[int, ...], flat: bool = False) -> None:
+        # v: [T, B, C]; ``flat``: it came as [T*B, C], so the model may have been fed [T*B, ...]
         fired, first, last = first_last_active(v > self.source.threshold)
         # The mean over time serves fired="mean" only; otherwise ``fired`` stands in for it.
         mean = v.float().mean(0) if self.spec.fired == "mean" else fired
         self.done.append((fired, first, last, mean, v.shape[0]))
-        self._check_batch(v.shape[1], batch)
+        if not (flat and v.shape[0] * v.shape[1] in batch):
+            self._check_batch(v.shape[1], batch)
 
     def _step(self, v: Tensor, batch: tuple[int, ...]) -> None:  # v: [B, C], one time step
         active, t = v > self.source.threshold, self.steps
@@ -216,7 +218,7 @@ class _SourceHook:
                 self._close_run()
             return
         if N % T == 0 and (N // T in batch or N not in batch):
-            self._add_window(v.view(T, N // T, v.shape[1]), batch)
+            self._add_window(v.view(T, N // T, v.shape[1]), batch, flat=True)
             return
         why = (
             f"its leading dim {N} is the model's input batch"
