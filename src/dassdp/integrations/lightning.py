@@ -14,7 +14,8 @@ Which model: ``pl_module.model`` when the LightningModule has an ``nn.Module`` a
 
 Where each call goes:
 
-* ``setup`` (fit): build the :class:`~dassdp.DASSDP` learner; ``teardown``: close it.
+* ``setup`` (fit): build the :class:`~dassdp.DASSDP` learner (``callback.learner``);
+  ``teardown``: close it (its hooks are removed, its state and metrics stay readable).
 * ``on_train_epoch_start``: ``set_epoch(trainer.current_epoch)``.
 * ``apply="post_step"``: ``step(loss)`` in ``on_train_batch_end`` of each batch on which the
   optimizer stepped (``trainer.global_step`` advanced, so gradient accumulation and manual
@@ -90,18 +91,20 @@ class DASSDPCallback(pl.Callback):
 
     # ---------------------------------------------------------------- lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.learner is not None:
+        if stage != "fit" or (self.learner is not None and not self.learner.recorder.closed):
             return
+        previous = self.learner  # a finished fit's learner: a new fit continues from it
         self._model = learner_model(pl_module)
         self.learner = DASSDP(self._model, self.config, self.sites, T=self.T)
+        if previous is not None:
+            self.learner.load_state_dict(previous.state_dict())
         if self._pending_state is not None:
             self.learner.load_state_dict(self._pending_state)
             self._pending_state = None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.learner is not None:
-            self.learner.close()
-            self.learner = None
+            self.learner.close()  # hooks removed; the state stays readable
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._global_step = trainer.global_step

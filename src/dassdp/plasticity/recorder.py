@@ -192,7 +192,7 @@ class _SourceHook:
         fired, first, last, vsum = self.run
         T, T_expected = self.steps, self.recorder.T
         self.run, self.steps = None, 0
-        if T_expected and T != T_expected:
+        if T_expected and T_expected != T:
             raise ValueError(
                 f"{self.label}: saw {T} per-step calls, the learner expects T={T_expected}"
             )
