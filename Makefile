@@ -8,6 +8,9 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # Third-party SNN libraries used only by the interoperability tests and benchmarks;
 # --no-deps because their pins clash with ours (SpikingJelly pulls torchaudio etc.).
 INTEROP_SPEC ?= snntorch==1.0.0 spikingjelly==2.0.0 loguru
+# PyTorch Lightning for the DASSDPCallback tests: installed WITH its deps (it keeps our torch;
+# check with `pip install --dry-run` when changing the pin).
+LIGHTNING_SPEC ?= lightning==2.6.6
 STAMP := $(VENV)/.dassdp-installed
 
 .PHONY: demo test lint format install clean-venv
@@ -20,6 +23,7 @@ $(STAMP): $(PY) pyproject.toml Makefile
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps $(INTEROP_SPEC)
+	$(PY) -m pip install --quiet $(LIGHTNING_SPEC)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -174,17 +174,16 @@ def test_state_dict_round_trip_continues_identically(stop_after):
 
 def test_close_removes_every_hook_and_records_hold_no_graph():
     model, _ = make()
-    before = sum(len(m._forward_hooks) for m in model.modules())
+    before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     plast = DASSDP(model, DASSDPConfig(warmup_epochs=0))
-    assert plast.recorder.num_hooks == 4
+    assert plast.recorder.num_hooks == 4 and len(model._forward_pre_hooks) == 1
     model(torch.randn(B, 12, requires_grad=True)).sum().backward()
     for pre, post in plast.recorder._hooks.values():
-        for window in (pre.window, post.window):
-            assert window.chunks
-            for chunk in window.chunks:
-                assert all(not t.requires_grad and t.grad_fn is None for t in chunk)
+        for hook in (pre, post):
+            assert hook.tensors()
+            assert all(not t.requires_grad and t.grad_fn is None for t in hook.tensors())
     plast.close()
-    assert sum(len(m._forward_hooks) for m in model.modules()) == before
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == before
     model(torch.randn(B, 12))
     assert plast.recorder.collect() == {}
 
@@ -218,7 +217,8 @@ def test_eval_mode_and_reset_record_nothing():
     model(torch.randn(B, 12))
     dassdp.reset(model)  # drops the window
     assert plast.recorder.collect() == {}
-    assert not plast.step(torch.tensor(1.0))
+    with pytest.warns(dassdp.DASSDPWarning, match="without a training forward"):
+        assert not plast.step(torch.tensor(1.0))
     assert plast.counters["skipped_no_records"] == 1
 
 
@@ -436,9 +436,14 @@ def test_activity_errors_are_named():
     with pytest.raises(ValueError, match=r"cannot read a tensor of shape \(5, 4\)"):
         flat(torch.randn(5, 4))
     plast.close()
-    plast = DASSDP(flat, sites={"fc": "output>0"}, T=2)
+    plast = DASSDP(flat, sites={"fc": {"post": "output>0", "layout": "flat"}}, T=2)
     with pytest.raises(ValueError, match="leading dim 5 is not T\\*B with T=2"):
         flat(torch.randn(5, 4))
+    plast.close()
+    plast = DASSDP(flat, sites={"fc": "output>0"}, T=2)
+    flat(torch.randn(5, 4))  # auto: decided when the window ends
+    with pytest.raises(ValueError, match="leading dim 5 is the model's input batch"):
+        plast.step(torch.tensor(1.0))
 
 
 def test_spike_helper_has_a_surrogate_gradient():

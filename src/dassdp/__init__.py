@@ -3,6 +3,7 @@
 Public API (imported lazily so that ``import dassdp`` stays cheap)::
 
     DASSDP, DASSDPConfig, SiteSpec          the plasticity learner, its config, site declarations
+    DASSDPWarning                            warned (once) for a probable misuse of the learner
     create_model, list_models, register_model   the model registry
     reset                                    clear neuron states and recorder buffers of a model
 """
@@ -18,6 +19,7 @@ _EXPORTS: dict[str, str] = {
     "DASSDP": "dassdp.plasticity.learner",
     "DASSDPConfig": "dassdp.plasticity.learner",
     "SiteSpec": "dassdp.plasticity.sites",
+    "DASSDPWarning": "dassdp.plasticity.sites",
     "reset": "dassdp._reset",
     "create_model": "dassdp.models.registry",
     "list_models": "dassdp.models.registry",

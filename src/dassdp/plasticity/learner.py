@@ -28,6 +28,7 @@ checks that do read values back.
 from __future__ import annotations
 
 import math
+import operator
 import os
 import warnings
 from collections.abc import Mapping
@@ -48,7 +49,7 @@ from dassdp.plasticity.gate import (
 )
 from dassdp.plasticity.recorder import Recorder, SiteRecord
 from dassdp.plasticity.rule import LATENCY_MODES, Activity, delta_w, synchrony
-from dassdp.plasticity.sites import SiteSpec, normalize_sites
+from dassdp.plasticity.sites import DASSDPWarning, SiteSpec, normalize_sites
 
 APPLY_MODES = ("post_step", "grad")
 COUNTERS = (
@@ -60,6 +61,7 @@ COUNTERS = (
     "skipped_no_records",
 )
 DEBUG_ENV = "DASSDP_DEBUG"
+WARMUP_NOTICE_STEPS = 1000  # steps after which a never-set epoch is reported
 CONTROLS = ("none", "shuffled_latency", "random_update", "uniform_drift")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -196,6 +198,9 @@ class DASSDP:
         # CPU generator for the controls: the same draws on every device and in checkpoints.
         self._generator = torch.Generator().manual_seed(self.config.seed)
         self._metrics: dict[str, dict[str, Tensor]] = {}
+        self._calls = 0  # step() calls, a Python int (the counters may live on the device)
+        self._epoch_set = False
+        self._warned: set[str] = set()
 
     # ----------------------------------------------------------------- schedule
     @property
@@ -203,10 +208,25 @@ class DASSDP:
         return self.epoch < self.config.warmup_epochs
 
     def set_epoch(self, epoch: int) -> None:
-        """Tell the learner the current (0-based) epoch; warm-up is ``epoch < warmup_epochs``."""
-        if not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        self.epoch = epoch
+        """Tell the learner the current (0-based) epoch; warm-up is ``epoch < warmup_epochs``.
+
+        Any integer-like value is accepted (``int``, numpy integers, 0-d integer tensors:
+        whatever ``operator.index`` takes); floats and bools are errors.
+        """
+        is_bool = isinstance(epoch, bool) or (
+            isinstance(epoch, Tensor) and epoch.dtype == torch.bool
+        )
+        try:
+            value = None if is_bool else operator.index(epoch)
+        except TypeError:
+            value = None
+        if value is None or value < 0:
+            raise ValueError(
+                f"epoch must be an integer >= 0 (int, numpy integer or 0-d integer tensor), "
+                f"got {epoch!r} of type {type(epoch).__name__}"
+            )
+        self.epoch = value
+        self._epoch_set = True
 
     @property
     def enabled(self) -> bool:
@@ -249,6 +269,7 @@ class DASSDP:
             A 0-d bool tensor on the step's device: True if a weight change was applied.
             Reading it (``bool()``, ``if``, ``assert``) is a host sync; ignoring it costs none.
         """
+        self._check_call()
         records = self.recorder.collect()
         loss_t = loss.detach() if isinstance(loss, Tensor) else torch.as_tensor(loss)
         if not self.config.enabled:
@@ -275,6 +296,62 @@ class DASSDP:
         for name, record in records.items():
             self._update_site(name, record, S[name], ok)
         return ok
+
+    def _check_call(self) -> None:
+        """Turn the silent no-ops of a misplaced ``step()`` into errors or warnings (once).
+
+        Python-side checks only (train flag, buffered records, weight version counters):
+        nothing here reads a device tensor.
+        """
+        if self.recorder.closed:
+            raise RuntimeError("DASSDP.step() after close(): the learner's hooks are removed")
+        if not self.config.enabled:
+            return
+        self._calls += 1
+        if not self.model.training:
+            self._warn_once(
+                "eval",
+                "DASSDP.step() with the model in eval() mode: eval forwards are not "
+                "recorded, so this step learns nothing (call model.train() before training)",
+            )
+        elif not self.recorder.passes and not self.recorder.has_records:
+            self._warn_once(
+                "no-forward",
+                "DASSDP.step() without a training forward since the last step(): nothing "
+                "was recorded (step() twice, or the forward ran under torch.no_grad())",
+            )
+        if self.config.apply == "grad":
+            self._check_not_stepped()
+        if (
+            self._calls == WARMUP_NOTICE_STEPS
+            and not self._epoch_set
+            and self.config.warmup_epochs > 0
+        ):
+            self._warn_once(
+                "warmup",
+                f"DASSDP has run {WARMUP_NOTICE_STEPS} steps and set_epoch() was never "
+                f"called: it is still in warm-up (epoch 0 < warmup_epochs="
+                f"{self.config.warmup_epochs}) and changes no weight; call "
+                "plast.set_epoch(epoch) at the start of every epoch",
+            )
+
+    def _check_not_stepped(self) -> None:
+        """``apply='grad'``: a site weight changed since the forward means the optimizer has
+        already stepped, so ``W.grad -= dW`` would be lost."""
+        versions = self.recorder.versions
+        for name, layer in self.recorder.layers.items():
+            if name in versions and layer.weight._version != versions[name]:
+                raise RuntimeError(
+                    f"apply='grad': site {name!r}'s weight changed since the forward, so "
+                    "optimizer.step() already ran and -dW would never be applied; call "
+                    "plast.step(loss) after backward() and before optimizer.step() (or use "
+                    "apply='post_step' to call it after optimizer.step())"
+                )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, DASSDPWarning, stacklevel=4)
 
     def _agree(
         self, loss: Tensor, stepped: bool | Tensor, missing: bool
@@ -364,20 +441,11 @@ class DASSDP:
             # Shuffled latencies or fired="mean" break that pairing: then all states on CUDA,
             # those that occur on the CPU (fewer FLOPs, one host read).
             spiked = spec.fired == "any" and cfg.control != "shuffled_latency"
-            states = "spiked" if spiked else "auto"
-            dw = delta_w(
-                pre,
-                post,
+            dw = self._window_mean_dw(
+                SiteRecord(pre, post, record.T, record.windows),
                 G,
-                T=record.T,
-                A_plus=cfg.A_plus,
-                A_minus=cfg.A_minus,
-                sigma=cfg.sigma,
-                clip=None,
-                dtype=dtype,
-                post_states=states,
+                post_states="spiked" if spiked else "auto",
                 silent_post=spec.silent_post,
-                check=self.debug,
             )
         if cfg.control == "random_update":
             signs = torch.randint(0, 2, dw.shape, generator=self._generator).mul_(2).sub_(1)
@@ -397,6 +465,31 @@ class DASSDP:
         if old is not None:
             metrics = {k: torch.where(ok, v, old[k]) for k, v in metrics.items()}
         self._metrics[name] = metrics
+
+    def _window_mean_dw(
+        self, record: SiteRecord, G: Tensor, *, post_states: str, silent_post: int | None
+    ) -> Tensor:
+        """``dW`` of the record, the mean over its windows (one per training forward)."""
+        cfg, dws, start = self.config, [], 0
+        for part in record.split():
+            b = part.pre.fired.shape[0]
+            dw = delta_w(
+                part.pre,
+                part.post,
+                G[start : start + b],
+                T=part.T,
+                A_plus=cfg.A_plus,
+                A_minus=cfg.A_minus,
+                sigma=cfg.sigma,
+                clip=None,
+                dtype=DTYPES[cfg.dtype],
+                post_states=post_states,
+                silent_post=silent_post,
+                check=self.debug,
+            )
+            dws.append(dw)
+            start += b
+        return dws[0] if len(dws) == 1 else torch.stack(dws).mean(0)
 
     def _shuffle(self, act: Activity) -> Activity:
         perm = torch.randperm(act.latency.shape[1], generator=self._generator)
@@ -481,6 +574,7 @@ class DASSDP:
             values[index] = int(counters[key])
         self._counts = values.to(self._counts.device)
         self._generator.set_state(state["generator"])
+        self._epoch_set = True
 
     def close(self) -> None:
         """Remove every hook; the learner records nothing afterwards."""

@@ -28,6 +28,10 @@ FIRED_MODES = ("any", "mean")
 LAYOUTS = ("auto", "time_major", "flat", "step")
 
 
+class DASSDPWarning(UserWarning):
+    """A DA-SSDP usage that is probably a mistake (each is warned once per learner)."""
+
+
 @dataclass(frozen=True)
 class Source:
     """A parsed activity source.
@@ -87,8 +91,10 @@ class SiteSpec:
         silent_pre, silent_post: latency given to a silent unit; ``None`` means ``T``
             (the released code's projection path uses 0).
         layout: how tensors are laid out: ``"auto"`` (rank 3/5 time-major ``[T,B,...]``;
-            rank 2/4 flattened ``[T*B,...]`` when the learner knows T, else one time step
-            per call), or one of ``"time_major"``, ``"flat"``, ``"step"``.
+            rank 2/4 decided by how the site is called: several calls per forward are one
+            time step each, one call is flattened ``[T*B,...]`` when the learner knows T;
+            ambiguous cases are errors), or one of ``"time_major"``, ``"flat"``, ``"step"``
+            (one time step per call, also when the time loop is outside the model's forward).
     """
 
     pre: str = "input"

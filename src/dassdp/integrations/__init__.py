@@ -1,0 +1,1 @@
+"""Integrations of the DA-SSDP learner with training frameworks (``lightning``)."""
