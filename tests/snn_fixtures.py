@@ -29,7 +29,7 @@ class TinySNN(nn.Module):
 
     def forward(self, x):
         x = x.unsqueeze(0).repeat(self.T, 1, 1)  # [T, B, D]
-        x = x + 0.3 * torch.arange(self.T, dtype=x.dtype).view(-1, 1, 1)  # latencies vary
+        x = x + 0.3 * torch.arange(self.T, dtype=x.dtype, device=x.device).view(-1, 1, 1)
         return self.fc2(self.act1(self.fc1(x))).mean(0)  # [B, classes]
 
     def dassdp_sites(self, preset="default"):
