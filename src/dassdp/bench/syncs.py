@@ -193,7 +193,7 @@ def measure(
         for phase in ("warmup", "active"):
             step(xs[0])  # untimed first step of the phase (lazy init; the gate fit)
             step(xs[1])
-            fb, loss = count_ops(lambda: fwd_bwd(xs[2]))  # noqa: B023
+            fb, loss = count_ops(lambda: fwd_bwd(xs[2]))
             n, detail = syncs_of(fb)
             add(f"fwd_bwd_syncs_{phase}", backend, n, detail)
             opt.step()
@@ -201,10 +201,10 @@ def measure(
             n, detail = syncs_of(ps)
             add(f"plast_step_syncs_{phase}", backend, n, detail)
             dassdp.reset(model)
-            whole, _ = count_ops(lambda: step(xs[3]))  # noqa: B023
+            whole, _ = count_ops(lambda: step(xs[3]))
             add(f"step_ops_{phase}", backend, whole["ops"])
             if cuda and phase == "active":
-                add("step_cuda_kernels_active", backend, _cuda_kernels(lambda: step(xs[3])))  # noqa: B023
+                add("step_cuda_kernels_active", backend, _cuda_kernels(lambda: step(xs[3])))
             if phase == "warmup":
                 plast.set_epoch(1)
                 with warnings.catch_warnings():
