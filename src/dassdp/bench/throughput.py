@@ -41,12 +41,27 @@ HELP = "training images/s of spikingresformer_cifar: our LIF vs SpikingJelly 2.0
 TARGET_RATIO = 1.0
 BACKENDS = ("dassdp", "spikingjelly")
 LOOP_BACKEND = "dassdp-loop"  # our LIF with the fused kernel off (--loop-baseline)
-ALL_BACKENDS = (*BACKENDS, LOOP_BACKEND)
+TORCH_BACKEND = "dassdp-torch"  # on CUDA: our LIF on its torch path (before the Triton kernel)
+ALL_BACKENDS = (*BACKENDS, LOOP_BACKEND, TORCH_BACKEND)
 NEURON_NAMES = {
     "dassdp": "dassdp.neurons.LIF",
     "spikingjelly": "LIFNode (step_mode=m)",
-    LOOP_BACKEND: "dassdp.neurons.LIF(fused=False)",
+    LOOP_BACKEND: "dassdp.neurons.LIF(backend='loop')",
+    TORCH_BACKEND: "dassdp.neurons.LIF(backend='torch')",
 }
+
+
+def backends_for(device: Any, loop_baseline: bool) -> tuple[str, ...]:
+    """The compared backends: ours and SpikingJelly's, the autograd loop with
+    ``loop_baseline``, and on CUDA our torch-path LIF (what ``auto`` ran before Triton)."""
+    import torch
+
+    extra = (LOOP_BACKEND,) if loop_baseline else ()
+    if torch.device(device).type == "cuda":
+        extra += (TORCH_BACKEND,)
+    return (*BACKENDS, *extra)
+
+
 INSTALL_HINT = "pip install --no-deps spikingjelly==2.0.0 'loguru>=0.7,<1'"
 
 
@@ -95,7 +110,9 @@ def build(model_name: str, backend: str, *, T: int, seed: int, device: Any) -> A
     if backend == "spikingjelly":
         kwargs["neuron_layer"] = spikingjelly_lif()
     elif backend == LOOP_BACKEND:
-        kwargs["neuron_layer"] = functools.partial(LIF, fused=False)
+        kwargs["neuron_layer"] = functools.partial(LIF, backend="loop")
+    elif backend == TORCH_BACKEND:
+        kwargs["neuron_layer"] = functools.partial(LIF, backend="torch")
     elif backend != "dassdp":
         raise ValueError(f"backend must be one of {ALL_BACKENDS}, got {backend!r}")
     torch.manual_seed(seed)
@@ -121,12 +138,13 @@ def bench_throughput(
     import torch.nn.functional as F
 
     import dassdp
+    from dassdp.bench.devstats import count_kernels, peak_memory_mib, reset_peak_memory
     from dassdp.bench.timing import median, sync
 
     if warmup < 1 or reps < 1:
         raise ValueError("throughput needs >= 1 warm-up step and >= 1 timed step")
     dev = torch.device(device)
-    backends = ALL_BACKENDS if loop_baseline else BACKENDS
+    backends = backends_for(dev, loop_baseline)
     models = {b: build(model_name, b, T=T, seed=seed, device=dev) for b in backends}
     # Identical weights whatever the neuron class did to the RNG stream.
     for b in backends[1:]:
@@ -162,6 +180,20 @@ def bench_throughput(
                 tag = "warm-up" if r < warmup else f"step {r - warmup + 1}/{reps}"
                 log(f"  batch {batch} {tag:<9} {b:<12} {sec:8.3f} s")
     diff = max(float((logits[b] - logits["dassdp"]).abs().max()) for b in backends[1:])
+    kernels, peak = {}, {}
+    for b in backends:  # one more step each: kernels launched, and (CUDA) peak memory
+        model, opt = models[b], opts[b]
+
+        def one_step(model: Any = model, opt: Any = opt) -> None:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            dassdp.reset(model)
+
+        reset_peak_memory(dev)
+        kernels[b], _ = count_kernels(one_step, dev)
+        peak[b] = round(peak_memory_mib(dev), 1) if dev.type == "cuda" else ""
     ips = {b: batch / median(times[b]) for b in backends}
     ratio = ips["dassdp"] / ips["spikingjelly"]
     before: dict[str, Any] = {"loop_ratio_over_sj": "", "speedup_fused_over_loop": ""}
@@ -190,6 +222,9 @@ def bench_throughput(
                 "ratio_by_min_step": round(min(times["spikingjelly"]) / min(times["dassdp"]), 3),
                 "first_logits_max_abs_diff": f"{diff:.3g}",
                 "target_met": "yes" if ratio >= TARGET_RATIO else "no",
+                "kernels_per_step": kernels[b],
+                "kernel_unit": "cuda kernels" if dev.type == "cuda" else "aten ops",
+                "cuda_peak_mib": peak[b],
                 **before,
             }
         )
@@ -221,11 +256,12 @@ def bench_neuron(
     gen = torch.Generator().manual_seed(seed)
     x = (1.5 * torch.randn(shape, generator=gen)).to(dev).requires_grad_(True)
     grad = torch.randn(shape, generator=gen).to(dev)
-    backends = ALL_BACKENDS if loop_baseline else BACKENDS
+    backends = backends_for(dev, loop_baseline)
     neurons = {
         "dassdp": LIF(),
         "spikingjelly": spikingjelly_lif()(),
-        LOOP_BACKEND: LIF(fused=False),
+        LOOP_BACKEND: LIF(backend="loop"),
+        TORCH_BACKEND: LIF(backend="torch"),
     }
     times: dict[str, list[float]] = {b: [] for b in backends}
 
@@ -268,6 +304,11 @@ def markdown(
         "multi-step kernel (`lif_multistep_fused`); `dassdp-loop` rows (`--loop-baseline`) are",
         "the same model with `LIF(fused=False)`, the autograd loop over time steps that was our",
         "LIF before it, timed in the same interleaved run (*ratio* columns stay fused / SJ).",
+        "*kernels / step*: one more training step per backend, counted: CUDA kernels seen by",
+        "the profiler on a GPU (Triton's included), aten operators dispatched on the CPU (the",
+        "proxy of kernel launches); *peak MiB*: that step's `torch.cuda.max_memory_allocated`",
+        "(CUDA only). On CUDA `dassdp` is the Triton LIF (`backend='auto'`) and `dassdp-torch`",
+        "the same model on the torch path, what `auto` ran before the Triton kernel.",
         "SpikingJelly is installed for this benchmark only (`pip install --no-deps",
         "spikingjelly==2.0.0 'loguru>=0.7,<1'`); it is not a dependency of dassdp.",
         "",
@@ -275,8 +316,8 @@ def markdown(
         "",
         "| model | neurons | batch | input | T | step s (median) | min-max s | images / s "
         "| ratio ours / SJ | ratio by min step | LIF op ms | LIF op ratio | logit diff "
-        "| target met |",
-        "|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| target met | kernels / step | peak MiB |",
+        "|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         lines.append(
@@ -284,7 +325,8 @@ def markdown(
             f"{r['step_s']:.3f} | {r['step_s_min']:.3f}-{r['step_s_max']:.3f} | "
             f"{r['images_per_s']:.2f} | {r['ratio_ours_over_sj']:.3f} | "
             f"{r['ratio_by_min_step']:.3f} | {r['lif_op_ms']:.1f} | {r['lif_op_ratio']:.3f} | "
-            f"{r['first_logits_max_abs_diff']} | {r['target_met']} |"
+            f"{r['first_logits_max_abs_diff']} | {r['target_met']} | "
+            f"{r.get('kernels_per_step', '')} | {r.get('cuda_peak_mib', '')} |"
         )
     before_after = [r for r in rows if r["backend"] == "dassdp" and r["loop_ratio_over_sj"] != ""]
     if before_after:
