@@ -400,3 +400,75 @@ def test_learning_config_normalises_lists():
     assert DASSDPConfig.from_dict(cfg.to_dict()) == cfg
     no_kernel = DASSDP(make()[0], DASSDPConfig(sigma=float("inf"), learn=("amplitude",)))
     assert no_kernel.learned["fc2"] == {"sigma": math.inf, "amplitude": 1.0}  # a alone: fine
+
+
+def test_engine_runs_log_the_learned_values_and_resume_bit_identically(tmp_path):
+    from dassdp.engine import fit, load_checkpoint, read_metrics
+    from engine_fixtures import assert_same_tensors, tiny
+
+    learn = {
+        "warmup_epochs": 1,
+        "learn": ["sigma", "amplitude"],
+        "sigma_lr": 50.0,
+        "amplitude_lr": 50.0,
+        "sigma_range": [0.5, 2.0],
+    }
+    cfg = tiny(epochs=3, plasticity=learn)
+    assert cfg.plasticity.learn == ["sigma", "amplitude"]
+    fit(cfg, tmp_path / "straight")
+    fit(cfg, tmp_path / "stopped", stop_after=2)  # one active epoch done
+    fit(cfg, tmp_path / "stopped", resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "stopped" / "last.pt")
+    assert_same_tensors(a["model"], b["model"])
+    assert_same_tensors(a["plasticity"], b["plasticity"])
+    rows = read_metrics(tmp_path / "straight")
+    assert "sigma" not in rows[0]["plasticity"]["sites"]["classifier"]  # warm-up
+    for row in rows[1:]:  # the PlasticityMeter's epoch means of the learner's metrics
+        site = row["plasticity"]["sites"]["classifier"]
+        for key in ("sigma", "amplitude", "hypergrad_sigma", "hypergrad_amplitude"):
+            assert math.isfinite(site[key]), key
+        assert 0.5 <= site["sigma"] <= 2.0
+    assert rows[2]["plasticity"]["sites"]["classifier"]["amplitude"] != 1.0
+    strip = [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]
+    resumed = read_metrics(tmp_path / "stopped")
+    assert strip == [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in resumed]
+
+
+@pytest.mark.parametrize(
+    ("plasticity", "match"),
+    [
+        ({"learn": "sigma"}, "plasticity.learn must be a list of str or null, got 'sigma'"),
+        ({"learn": [1]}, "plasticity.learn must be a list of str or null"),
+        ({"learn": ["tau"]}, r"plasticity: learn must name each of \('sigma', 'amplitude'\)"),
+        ({"learn": ["sigma"], "sigma_lr": -1}, "plasticity: sigma_lr must be a finite number"),
+        ({"learn": ["sigma"], "sigma_range": [1]}, "plasticity: sigma_range must be None or"),
+        ({"learn": ["amplitude"], "amplitude_range": [2, 3]}, "must contain the initial ampl"),
+        ({"learn": ["sigma"], "sigma": math.inf}, "needs a finite sigma"),
+        ({"debug": "yes"}, "plasticity.debug must be bool"),
+    ],
+)
+def test_engine_config_errors_name_the_learning_keys(plasticity, match):
+    from dassdp.engine.config import ConfigError
+    from engine_fixtures import tiny
+
+    with pytest.raises(ConfigError, match=match):
+        tiny(plasticity=plasticity)
+
+
+def test_engine_config_builds_the_learning_learner_config(tmp_path):
+    import yaml
+
+    from dassdp.engine import load_config
+    from dassdp.engine.config import dassdp_config
+    from engine_fixtures import tiny_dict
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_dict()))
+    overrides = ["plasticity.learn=[sigma, amplitude]", "plasticity.sigma_lr=1e-2"]
+    overrides += ["plasticity.amplitude_range=[0.5, 2]", "plasticity.debug=true"]
+    learner = dassdp_config(load_config(path, overrides).plasticity)
+    assert learner.learn == ("sigma", "amplitude") and learner.sigma_lr == 0.01
+    assert learner.amplitude_range == (0.5, 2.0) and learner.debug is True
+    assert learner.amplitude_lr == DASSDPConfig().amplitude_lr  # unset: the default
+    assert dassdp_config(load_config(path).plasticity).learn == ()
