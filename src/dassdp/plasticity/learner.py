@@ -23,6 +23,12 @@ only when asked for (:attr:`DASSDP.counters`, :meth:`DASSDP.last_metrics`, ``boo
 value :meth:`DASSDP.step` returns, :meth:`DASSDP.state_dict`), and once when the gate is
 fitted at the end of warm-up. ``DASSDPConfig(debug=True)`` (or ``DASSDP_DEBUG=1``) adds range
 checks that do read values back.
+
+``DASSDPConfig(learn=("sigma", "amplitude"))`` learns each site's kernel width and an
+amplitude scale ``a`` (``dW = clip(a D)``) by the one-step hypergradient of the next step's
+loss: the next step's gradient, already in the site weight's ``.grad`` when :meth:`DASSDP.step`
+runs, is paired with the stored ``D_t`` and ``dD_t/dsigma`` (computed in the same GEMM as
+``D_t``, all-reduced with it), so this too stays on the device and agrees on every rank.
 """
 
 from __future__ import annotations
@@ -590,7 +596,10 @@ class DASSDP:
     # ----------------------------------------------------------------- metrics
     def last_metrics(self, *, as_tensors: bool = False) -> dict[str, dict[str, Any]]:
         """Per site, from the last recorded step: ``synchrony`` (mean S), ``gate_mean``,
-        ``dw_abs_mean``, ``dw_abs_max`` (0 in warm-up), ``pre_fired``, ``post_fired``.
+        ``dw_abs_mean``, ``dw_abs_max`` (0 in warm-up), ``pre_fired``, ``post_fired``; with
+        ``config.learn``, after warm-up also ``sigma`` and ``amplitude`` (the values this
+        step's update used) and ``hypergrad_sigma`` / ``hypergrad_amplitude`` (``h`` of
+        what is learned; 0 when the previous step applied nothing).
 
         Floats (one host read each), or with ``as_tensors=True`` 0-d tensors on the device
         (no sync: to accumulate on the device, weighted by :attr:`last_step_recorded`).
