@@ -114,7 +114,9 @@ class DASSDPConfig:
             weights ``dW_t`` moved. ``apply="grad"``: ``step`` runs before
             ``optimizer.step()``; the hypergradient reads ``.grad`` before ``dW`` is
             subtracted from it (unscale it first under a grad scaler), and is then exact up
-            to the optimizer's per-step scaling of ``dW_t`` (``lr`` for SGD).
+            to the optimizer's per-step scaling of ``dW_t`` (``lr`` for SGD). Without a
+            ``.grad`` (``zero_grad()`` called before ``step``), or after a step that applied
+            nothing, ``h = 0``; a skipped step moves neither value.
         sigma_lr, amplitude_lr: step sizes of the two log-space updates (``>= 0``).
         sigma_range, amplitude_range: ``(lo, hi)`` bounds (``0 < lo <= hi``, finite) the
             learned values are clamped to, or ``None``; the initial value must lie inside.
@@ -493,55 +495,53 @@ class DASSDP:
         self._prev = {}
 
     def _learn_step(self, name: str, layer: nn.Module, ok: Tensor) -> dict[str, Tensor]:
-        """One hypergradient step of the site's log sigma and log a from the update of the
-        previous step (``D_t``, ``dD_t/dsigma``) and the gradient now in ``.grad``.
-
-        All on the device: ``h`` is 0 when there is no previous update (the first step after
-        warm-up, or the previous step was skipped or had no records), no ``.grad``, or this
-        step is skipped (``ok`` false; ``where``, so a non-finite gradient cannot leak in).
+        """One hypergradient step of the site's log sigma and log a (:meth:`_hypergradients`).
 
         Returns:
             The metrics ``sigma``, ``amplitude`` (after the step: the values this step's
             update uses) and ``hypergrad_sigma`` / ``hypergrad_amplitude`` for what is learned.
         """
-        cfg = self.config
-        weight = layer.weight
-        state = self._learned[name]
+        cfg, weight, state = self.config, layer.weight, self._learned[name]
         for key, value in state.items():
             if value.device != weight.device:  # the first step (or after a checkpoint)
                 state[key] = to_device(value, weight.device)
         log_s, log_a = state["log_sigma"], state["log_amplitude"]
-        a = torch.exp(log_a)
-        zero = torch.zeros((), dtype=torch.float64, device=weight.device)
-        h_sigma, h_amp = zero, zero
-        prev = self._prev.get(name)
-        grad = weight.grad
-        if prev is not None and prev[0] == self._step_index - 1 and grad is not None:
-            _, D_t, dD_t = prev
-            D_t = to_device(D_t, weight.device).double()
-            g = grad.detach().reshape(D_t.shape).double()
-            if cfg.clip is not None:  # d clip(x)/dx = 0 where the clip binds
-                g = g * ((a * D_t).abs() < cfg.clip)
-            h_amp = torch.where(ok, (g * D_t).sum(), zero)
-            if dD_t is not None:
-                dD_t = to_device(dD_t, weight.device).double()
-                h_sigma = torch.where(ok, a * (g * dD_t).sum(), zero)
+        h_sigma, h_amp = self._hypergradients(name, weight, torch.exp(log_a), ok)
         out = {}
         if "sigma" in cfg.learn:
-            log_s = log_s - cfg.sigma_lr * torch.exp(log_s) * h_sigma
-            if cfg.sigma_range is not None:
-                lo, hi = cfg.sigma_range
-                log_s = log_s.clamp(math.log(lo), math.log(hi))
-            state["log_sigma"] = log_s
+            log_s = state["log_sigma"] = _log_step(log_s, cfg.sigma_lr, h_sigma, cfg.sigma_range)
             out["hypergrad_sigma"] = h_sigma
         if "amplitude" in cfg.learn:
-            log_a = log_a - cfg.amplitude_lr * a * h_amp
-            if cfg.amplitude_range is not None:
-                lo, hi = cfg.amplitude_range
-                log_a = log_a.clamp(math.log(lo), math.log(hi))
+            log_a = _log_step(log_a, cfg.amplitude_lr, h_amp, cfg.amplitude_range)
             state["log_amplitude"] = log_a
             out["hypergrad_amplitude"] = h_amp
         return {"sigma": torch.exp(log_s), "amplitude": torch.exp(log_a), **out}
+
+    def _hypergradients(
+        self, name: str, weight: Tensor, a: Tensor, ok: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``(h_sigma, h_a)``, 0-d float64 on the device: the previous step's ``D_t`` and
+        ``dD_t/dsigma`` against the gradient now in ``weight.grad`` (``[C_out, C_in, ...]``),
+        where ``|a D_t| < clip``.
+
+        0 when there is no previous update to learn from (the first step after warm-up, the
+        previous step was skipped or had no records), no ``.grad``, or this step is skipped
+        (``ok`` false: a ``where``, so a non-finite gradient cannot leak in).
+        """
+        zero = torch.zeros((), dtype=torch.float64, device=weight.device)
+        prev, grad = self._prev.get(name), weight.grad
+        if prev is None or prev[0] != self._step_index - 1 or grad is None:
+            return zero, zero
+        _, D_t, dD_t = prev
+        D_t = to_device(D_t, weight.device).double()
+        g = grad.detach().reshape(D_t.shape).double()
+        if self.config.clip is not None:  # d clip(x)/dx = 0 where the clip binds
+            g = g * ((a * D_t).abs() < self.config.clip)
+        h_amp = torch.where(ok, (g * D_t).sum(), zero)
+        if dD_t is None:  # sigma not learned, or dW does not depend on it
+            return zero, h_amp
+        dD_t = to_device(dD_t, weight.device).double()
+        return torch.where(ok, a * (g * dD_t).sum(), zero), h_amp
 
     def _keep_update(self, name: str, dw: Tensor, ok: Tensor) -> Tensor:
         """Store this step's all-reduced ``D_t`` (and ``dD_t/dsigma``) for the next step's
@@ -731,6 +731,17 @@ def _stepped_flag(stepped: bool | Tensor, like: Tensor) -> Tensor:
     raise TypeError(
         f"optimizer_stepped must be a bool or a one-element tensor, got {type(stepped).__name__}"
     )
+
+
+def _log_step(
+    log_value: Tensor, lr: float, h: Tensor, bounds: tuple[float, float] | None
+) -> Tensor:
+    """``log v - lr * v * h`` (gradient descent on ``log v`` for ``dL/dv = h``), clamped to
+    ``log`` of ``bounds``."""
+    log_value = log_value - lr * torch.exp(log_value) * h
+    if bounds is None:
+        return log_value
+    return log_value.clamp(math.log(bounds[0]), math.log(bounds[1]))
 
 
 def _random_update(signs: Tensor, dw: Tensor) -> Tensor:
