@@ -104,3 +104,37 @@ def run_skips(rank: int, world: int, init_file: str, out_dir: str) -> None:
         os.path.join(out_dir, f"skips-rank{rank}.pt"),
     )
     dist.destroy_process_group()
+
+
+def run_learned(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """DDP with learned sigma and amplitude: a warm-up epoch, then two active epochs; at one
+    active step rank 1 drops its records (it joins the stacked dW/dsigma all-reduce with
+    zeros). The gradients (DDP) and D_t (the learner) are all-reduced, so h must agree."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = TinySNN()
+    net = DDP(model)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    cfg = CFG.replace(learn=("sigma", "amplitude"), sigma_lr=20.0, amplitude_lr=20.0)
+    plast = DASSDP(net, cfg)
+    history = []
+    for epoch in range(3):
+        plast.set_epoch(epoch)
+        for i in range(STEPS):
+            x, y = global_batch(epoch, i, 8 * world)
+            x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if (epoch, i) == (1, 2) and rank == 1:
+                dassdp.reset(model)  # this rank's sites have no records for this step
+            plast.step(loss)
+            dassdp.reset(model)
+            history.append(plast.learned)
+    torch.save(
+        {"model": model.state_dict(), "history": history, "counters": plast.counters},
+        os.path.join(out_dir, f"learned-rank{rank}.pt"),
+    )
+    dist.destroy_process_group()

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ddp_worker import run, run_skips
+from ddp_worker import run, run_learned, run_skips
 
 pytestmark = pytest.mark.distributed
 
@@ -104,3 +104,24 @@ def test_device_side_skips_hold_on_every_rank(tmp_path):
     warm = r0["snapshots"][1][1]
     assert all(torch.equal(w, warm) for _, w in r0["snapshots"][2:5])  # skipped: unchanged
     assert not torch.equal(r0["snapshots"][5][1], warm)
+
+
+def _learned_entry(rank, world, init, out):
+    run_learned(rank, world, init, out)
+
+
+def test_learned_sigma_and_amplitude_agree_on_every_rank(tmp_path):
+    mp.spawn(
+        functools.partial(_learned_entry, world=2, init=str(tmp_path / "init"), out=str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    r0, r1 = load(tmp_path, "learned-rank0"), load(tmp_path, "learned-rank1")
+    for key in r0["model"]:
+        assert torch.equal(r0["model"][key], r1["model"][key]), key
+    assert r0["history"] == r1["history"]  # bit-identical learned values at every step
+    assert r0["counters"] == r1["counters"] and r0["counters"]["skipped_no_records"] == 1
+    last = r0["history"][-1]
+    assert all(v["sigma"] != 1.0 and v["amplitude"] != 1.0 for v in last.values())
+    # the skipped step (epoch 1, step 2 = index 6) and the one after it leave them unchanged
+    assert r0["history"][5] == r0["history"][6] == r0["history"][7]

@@ -69,6 +69,9 @@ def test_variants_build_the_intended_learner_config(config_file: Path) -> None:
     assert learner("uniform-drift").control == "uniform_drift"
     assert learner("projection-only").sites == "projection"
     assert learner("mid-only").sites == "mid"
+    for name, gate in (("dassdp-learned", "fitted"), ("ssdp-learned", "one")):
+        assert learner(name).learn == ("sigma", "amplitude") and learner(name).gate == gate
+    assert learner("dassdp").learn == ()
 
 
 def test_compat_needs_a_model_with_compat_sites(tmp_path: Path) -> None:

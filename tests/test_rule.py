@@ -346,3 +346,67 @@ def test_post_states_errors_are_named():
     delta_w(pre, bad, None, post_states="all", check=False, **kw)
     with pytest.raises(ValueError, match="out of range"):
         delta_w(pre, bad, None, post_states="all", **kw)
+
+
+def naive_dw_dsigma(pre, post, G, *, A_plus, A_minus, sigma):
+    """d/dsigma of the oracle's dW, written out: g (tau_post - tau_pre)^2 / sigma^3."""
+    p, q = pre.fired.double(), post.fired.double()
+    lam = q[:, :, None] * p[:, None, :]
+    diff2 = (post.latency[:, :, None] - pre.latency[:, None, :]).double() ** 2
+    dg = torch.exp(-diff2 / (2 * sigma**2)) * diff2 / sigma**3
+    G = torch.ones(p.shape[0], dtype=torch.float64) if G is None else G.double()
+    return (G[:, None, None] * dg * (A_plus * lam - A_minus * (1 - lam))).mean(0)
+
+
+@pytest.mark.parametrize("states", ["auto", "occurring", "all", "spiked"])
+@pytest.mark.parametrize("sigma", [0.4, 1.0, 3.0])
+def test_sigma_grad_returns_dw_and_its_derivative_in_one_pass(states, sigma):
+    gen = torch.Generator().manual_seed(11)
+    B, c_in, c_out, T = 13, 9, 6, 4
+    pre = fired_latency(random_activity(T, B, c_in, 0.4, gen))
+    post = fired_latency(random_activity(T, B, c_out, 0.3, gen))
+    G = torch.rand(B, generator=gen, dtype=torch.float64) * 2
+    kw = dict(T=T, A_plus=1.5e-3, A_minus=1e-4, dtype=torch.float64, post_states=states)
+    with GemmInner() as mode:
+        sig = torch.tensor(sigma, dtype=torch.float64)
+        both = delta_w(pre, post, G, sigma=sig, chunk=4, sigma_grad=True, **kw)
+    assert both.shape == (2, c_out, c_in) and both.is_contiguous()
+    plain = delta_w(pre, post, G, sigma=sigma, **kw)
+    assert (both[0] - plain).abs().max().item() <= 1e-15
+    slow = naive_dw_dsigma(pre, post, G, A_plus=1.5e-3, A_minus=1e-4, sigma=sigma)
+    assert (both[1] - slow).abs().max().item() <= 1e-15
+    eps = 1e-6 * sigma  # and it is the derivative of dW: a central difference agrees
+    up, down = (delta_w(pre, post, G, sigma=sigma + e, **kw) for e in (eps, -eps))
+    fd = (up - down) / (2 * eps)
+    torch.testing.assert_close(both[1], fd, rtol=1e-6, atol=1e-12)
+    one = {"auto": T + 1, "occurring": T + 1, "all": 2 * (T + 1), "spiked": T + 1}[states]
+    assert mode.inner == B * one  # one GEMM pass (chunked), not two
+
+
+def test_sigma_grad_is_float32_too_and_refuses_a_clip():
+    gen = torch.Generator().manual_seed(4)
+    pre = fired_latency(random_activity(3, 5, 4, 0.5, gen))
+    post = fired_latency(random_activity(3, 5, 3, 0.5, gen))
+    kw = dict(T=3, A_plus=1.0, A_minus=0.5)
+    both = delta_w(pre, post, None, sigma=torch.tensor(1.5), sigma_grad=True, **kw)
+    assert both.dtype == torch.float32
+    ref = delta_w(pre, post, None, sigma=1.5, dtype=torch.float64, sigma_grad=True, **kw)
+    torch.testing.assert_close(both.double(), ref, rtol=1e-6, atol=1e-7)
+    inf = delta_w(pre, post, None, sigma=float("inf"), sigma_grad=True, **kw)
+    assert torch.equal(inf[1], torch.zeros_like(inf[1]))  # no kernel: no dependence on sigma
+    with pytest.raises(ValueError, match="sigma_grad=True needs clip=None"):
+        delta_w(pre, post, None, sigma=1.0, clip=0.1, sigma_grad=True, **kw)
+
+
+def test_a_tensor_sigma_reads_nothing_back():
+    gen = torch.Generator().manual_seed(2)
+    pre = fired_latency(random_activity(3, 6, 5, 0.3, gen))
+    post = fired_latency(random_activity(3, 6, 4, 0.3, gen))
+    sigma = torch.tensor(0.8, dtype=torch.float64)
+    kw = dict(T=3, A_plus=1.0, A_minus=0.5, post_states="spiked", check=False)
+    with HostReads() as mode:
+        delta_w(pre, post, None, sigma=sigma, sigma_grad=True, **kw)
+        delta_w(pre, post, None, sigma=sigma, **kw)
+    assert mode.n == 0
+    K = kernel_table(3, sigma, dtype=torch.float64, sigma_grad=True)
+    torch.testing.assert_close(K[0], kernel_table(3, 0.8, dtype=torch.float64), rtol=0, atol=0)

@@ -145,3 +145,39 @@ def test_the_counter_sees_what_it_should():
         torch.masked_select(t, t > 0)  # a boolean mask
     assert mode.total >= 3
     assert all(where.startswith("?") for _, where in mode.calls)  # not dassdp code
+
+
+def test_learned_sigma_and_amplitude_make_no_host_sync():
+    # Learning adds the hypergradient (a read of .grad, the stored D_t), the stacked
+    # dD/dsigma GEMM and the log-space updates: all on the device, skipped steps included.
+    run = Run(learn=("sigma", "amplitude"), sigma_range=(0.25, 4.0), amplitude_range=(0.1, 10.0))
+    with SyncCounter() as warmup:
+        run.step()
+    run.step()
+    run.plast.set_epoch(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        run.plast.fit()
+    phases = {}
+    for phase, stepped, scale in (
+        ("first", True, 1.0),  # no stored update yet
+        ("learning", True, 1.0),  # h from the last step's D_t
+        ("skipped", torch.zeros(()), 1.0),
+        ("nonfinite", True, float("nan")),
+        ("after_skips", True, 1.0),
+    ):
+        loss = run.forward_backward() * scale
+        with SyncCounter() as phases[phase]:
+            run.plast.step(loss, optimizer_stepped=stepped)
+        dassdp.reset(run.model)
+        if phase == "learning":
+            learned = run.plast.last_metrics()  # reads (outside the counters)
+    assert warmup.total == 0, dict(warmup.calls)
+    for phase, counter in phases.items():
+        assert counter.total == 0, (phase, dict(counter.calls))
+    for site in learned.values():
+        assert {"sigma", "amplitude", "hypergrad_sigma", "hypergrad_amplitude"} <= set(site)
+    assert all(m["hypergrad_amplitude"] != 0 for m in learned.values())
+    assert run.plast.counters["applied"] == 3
+    after = run.plast.last_metrics()  # the step after the skips has nothing to learn from
+    assert all(m["hypergrad_amplitude"] == 0 for m in after.values())

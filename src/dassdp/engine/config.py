@@ -71,8 +71,13 @@ class PlasticityConfig:
         preset: ``"default"`` (the paper) or ``"compat"`` (the authors' released code).
         sites: the model's site preset (``"default"``, ``"compat"``, ``"classifier"``, ...).
         warmup_epochs: epochs that only record (S, L); must be < ``epochs``.
-        A_plus, A_minus, sigma, clip, gate, latency, apply, control, dtype: see
+        A_plus, A_minus, sigma, clip, gate, latency, apply, control, dtype, debug: see
             :class:`dassdp.DASSDPConfig`.
+        learn: what each site learns by the one-step hypergradient of the task loss, a list
+            of ``sigma`` and/or ``amplitude`` (``[]``: nothing); ``None`` takes the preset's
+            (nothing).
+        sigma_lr, amplitude_lr: step sizes of the learned log sigma / log amplitude.
+        sigma_range, amplitude_range: ``[lo, hi]`` bounds of the learned values, or ``None``.
     """
 
     enabled: bool = True
@@ -88,6 +93,12 @@ class PlasticityConfig:
     apply: str | None = None
     control: str | None = None
     dtype: str | None = None
+    debug: bool = False
+    learn: list[str] | None = None
+    sigma_lr: float | None = None
+    amplitude_lr: float | None = None
+    sigma_range: list[float] | None = None
+    amplitude_range: list[float] | None = None
 
 
 @dataclass
@@ -233,6 +244,9 @@ def _type_name(tp: Any) -> str:
         return "null"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        return f"a list of {_type_name(item)}"
     origin = typing.get_origin(tp)
     return getattr(origin or tp, "__name__", str(tp))
 
@@ -278,7 +292,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif origin is dict and isinstance(value, Mapping):
         return dict(value)
     elif origin is list and isinstance(value, Sequence) and not isinstance(value, str):
-        (item,) = typing.get_args(tp)
+        (item,) = typing.get_args(tp) or (Any,)
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 

@@ -5,7 +5,8 @@ when ``torch.utils.tensorboard`` imports): ``epoch``, ``lr``, ``train`` and ``te
 (``loss``, ``acc1``, ``acc5`` in percent, ``samples``), ``nonfinite_steps``,
 ``firing_rate`` (per neuron layer: mean spikes per neuron per time step over the training
 epoch), ``plasticity`` (phase, counters of this epoch, per-site synchrony / gate / |dW|
-averaged over the epoch's recorded steps, and the gate fit ``k``, ``mu``, ``sd``) and
+averaged over the epoch's recorded steps, with ``plasticity.learn`` also the learned
+``sigma``, ``amplitude`` and their hypergradients, and the gate fit ``k``, ``mu``, ``sd``) and
 ``epoch_time_s``. Meters keep running sums on the device and synchronise once per epoch:
 their per-step ``update`` reads nothing back to the host.
 """

@@ -17,6 +17,8 @@ name               overrides (on top of ``dassdp``)
 baseline           plasticity.enabled=false
 dassdp             plasticity.enabled=true, gate=fitted, control=none (the paper's rule)
 ssdp               plasticity.gate=one (two-factor SSDP, G = 1)
+dassdp-learned     plasticity.learn=[sigma, amplitude] (sigma and a by one-step hypergradient)
+ssdp-learned       plasticity.gate=one, plasticity.learn=[sigma, amplitude]
 compat             preset=compat, latency=last, A_minus=5e-4, sites=compat (released code)
 no-kernel          plasticity.sigma=.inf (no latency kernel)
 classifier-only    plasticity.sites=classifier
@@ -54,6 +56,14 @@ VARIANTS: dict[str, Variant] = {
         "DA-SSDP: fitted dopamine gate",
     ),
     "ssdp": Variant(("plasticity.gate=one",), "two-factor SSDP (gate G = 1)"),
+    "dassdp-learned": Variant(
+        ("plasticity.learn=[sigma, amplitude]",),
+        "DA-SSDP with sigma and amplitude learned by one-step hypergradient",
+    ),
+    "ssdp-learned": Variant(
+        ("plasticity.gate=one", "plasticity.learn=[sigma, amplitude]"),
+        "two-factor SSDP with sigma and amplitude learned by one-step hypergradient",
+    ),
     "compat": Variant(
         (
             "plasticity.preset=compat",

@@ -23,6 +23,12 @@ only when asked for (:attr:`DASSDP.counters`, :meth:`DASSDP.last_metrics`, ``boo
 value :meth:`DASSDP.step` returns, :meth:`DASSDP.state_dict`), and once when the gate is
 fitted at the end of warm-up. ``DASSDPConfig(debug=True)`` (or ``DASSDP_DEBUG=1``) adds range
 checks that do read values back.
+
+``DASSDPConfig(learn=("sigma", "amplitude"))`` learns each site's kernel width and an
+amplitude scale ``a`` (``dW = clip(a D)``) by the one-step hypergradient of the next step's
+loss: the next step's gradient, already in the site weight's ``.grad`` when :meth:`DASSDP.step`
+runs, is paired with the stored ``D_t`` and ``dD_t/dsigma`` (computed in the same GEMM as
+``D_t``, all-reduced with it), so this too stays on the device and agrees on every rank.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ COUNTERS = (
 DEBUG_ENV = "DASSDP_DEBUG"
 WARMUP_NOTICE_STEPS = 1000  # steps after which a never-set epoch is reported
 CONTROLS = ("none", "shuffled_latency", "random_update", "uniform_drift")
+LEARNABLE = ("sigma", "amplitude")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -95,6 +102,26 @@ class DASSDPConfig:
         debug: check invariants in every step (latencies in ``0..T``, the unit states the
             rule assumes, a finite ``dW``); each check reads a value back to the host, so it
             is off by default. The environment variable ``DASSDP_DEBUG=1`` turns it on too.
+        learn: what each site learns from the task loss, a tuple of ``"sigma"`` and/or
+            ``"amplitude"`` (default ``()``: nothing, the fixed rule). Per site the learner
+            keeps a kernel width ``sigma`` (initially ``sigma``) and an amplitude scale ``a``
+            (initially 1), both in log space; the update becomes ``dW_t = clip(a D_t)`` with
+            ``D_t`` the pre-clip rule. At the next step the one-step hypergradients of that
+            step's loss ``L_{t+1}`` (whose gradient ``g_{t+1}`` is in the site weight's
+            ``.grad``) are ``h_sigma = <g_{t+1}, a dD_t/dsigma>`` and
+            ``h_a = <g_{t+1}, D_t>`` (entries where the clip binds excluded), and
+            ``log sigma -= sigma_lr * sigma * h_sigma``, ``log a -= amplitude_lr * a * h_a``.
+            ``apply="post_step"``: ``step`` runs after ``optimizer.step()``, whose ``.grad``
+            (unscaled by a grad scaler, clipped if the loop clips it) is ``g_{t+1}`` at the
+            weights ``dW_t`` moved. ``apply="grad"``: ``step`` runs before
+            ``optimizer.step()``; the hypergradient reads ``.grad`` before ``dW`` is
+            subtracted from it (unscale it first under a grad scaler), and is then exact up
+            to the optimizer's per-step scaling of ``dW_t`` (``lr`` for SGD). Without a
+            ``.grad`` (``zero_grad()`` called before ``step``), or after a step that applied
+            nothing, ``h = 0``; a skipped step moves neither value.
+        sigma_lr, amplitude_lr: step sizes of the two log-space updates (``>= 0``).
+        sigma_range, amplitude_range: ``(lo, hi)`` bounds (``0 < lo <= hi``, finite) the
+            learned values are clamped to, or ``None``; the initial value must lie inside.
     """
 
     A_plus: float = 1.5e-3
@@ -112,6 +139,11 @@ class DASSDPConfig:
     dtype: str = "float32"
     seed: int = 0
     debug: bool = False
+    learn: tuple[str, ...] = ()
+    sigma_lr: float = 1.0
+    amplitude_lr: float = 1.0
+    sigma_range: tuple[float, float] | None = None
+    amplitude_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         for name in ("A_plus", "A_minus"):
@@ -139,6 +171,44 @@ class DASSDPConfig:
             raise ValueError(f"sites must be a preset name, got {self.sites!r}")
         if not isinstance(self.debug, bool):
             raise ValueError(f"debug must be true or false, got {self.debug!r}")
+        self._check_learning()
+
+    def _check_learning(self) -> None:
+        learn = self.learn
+        if isinstance(learn, str) or not isinstance(learn, tuple | list):
+            raise ValueError(
+                f"learn must be a tuple of names from {LEARNABLE} (e.g. ('sigma', 'amplitude'), "
+                f"or () for none), got {learn!r}"
+            )
+        unknown = [x for x in learn if x not in LEARNABLE]
+        if unknown or len(set(learn)) != len(learn):
+            raise ValueError(
+                f"learn must name each of {LEARNABLE} at most once, got {tuple(learn)!r}"
+            )
+        object.__setattr__(self, "learn", tuple(learn))
+        for name in ("sigma_lr", "amplitude_lr"):
+            value = getattr(self, name)
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if not ok or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name, init in (("sigma_range", self.sigma), ("amplitude_range", 1.0)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            pair = tuple(value) if isinstance(value, tuple | list) else ()
+            numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in pair)
+            if len(pair) != 2 or not numbers or not all(math.isfinite(v) for v in pair):
+                raise ValueError(f"{name} must be None or (lo, hi) finite numbers, got {value!r}")
+            lo, hi = float(pair[0]), float(pair[1])
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} must satisfy 0 < lo <= hi, got {value!r}")
+            object.__setattr__(self, name, (lo, hi))
+            learned = name.removesuffix("_range") in self.learn
+            if learned and not lo <= init <= hi:
+                what = f"sigma={init!r}" if name == "sigma_range" else "the initial amplitude 1"
+                raise ValueError(f"{name}={value!r} must contain {what}")
+        if "sigma" in self.learn and math.isinf(self.sigma):
+            raise ValueError("learn=('sigma', ...) needs a finite sigma to start from, got inf")
 
     @classmethod
     def compat(cls, **overrides: Any) -> DASSDPConfig:
@@ -201,6 +271,13 @@ class DASSDP:
         self._calls = 0  # step() calls, a Python int (the counters may live on the device)
         self._epoch_set = False
         self._warned: set[str] = set()
+        # learned sigma / amplitude (config.learn): per site log sigma, log a (0-d float64 on
+        # the steps' device) and the last step's (step index, D_t, dD_t/dsigma or None)
+        self._step_index = 0
+        self._learned: dict[str, dict[str, Tensor]] = {}
+        self._prev: dict[str, tuple[int, Tensor, Tensor | None]] = {}
+        if self.config.learn:
+            self._init_learned()
 
     # ----------------------------------------------------------------- schedule
     @property
@@ -387,6 +464,7 @@ class DASSDP:
         if self._counts.device != row.device:  # the first step (or after a checkpoint)
             self._counts = to_device(self._counts, row.device)
         self._counts += row
+        self._step_index += 1  # host-side: which step a stored D_t belongs to
 
     def _join_skipped_update(self) -> None:
         """DDP, a rank without records after warm-up: the others all-reduce every site's dW
@@ -395,10 +473,10 @@ class DASSDP:
             self.fit()
         for name in self.sites:
             weight = self.recorder.layers[name].weight
-            dw = torch.zeros(
-                weight.shape[:2], dtype=DTYPES[self.config.dtype], device=weight.device
-            )
+            shape = (2, *weight.shape[:2]) if self._learns_sigma else weight.shape[:2]
+            dw = torch.zeros(shape, dtype=DTYPES[self.config.dtype], device=weight.device)
             D.all_reduce_(dw, "mean")
+            self._prev.pop(name, None)  # no update this step: nothing for the next one to learn
 
     def fit(self) -> dict[str, GateFit]:
         """Fit every site's gate from the (all-reduced) warm-up statistics; done once."""
@@ -426,6 +504,10 @@ class DASSDP:
         cfg, dtype = self.config, DTYPES[self.config.dtype]
         G = gate_values(S, self.fits[name] if self.fits else None, cfg.gate)
         layer = self.recorder.layers[name]
+        # learned sigma / a: first the hypergradient of the last step's update (apply="grad":
+        # .grad is still the task gradient here, dW is subtracted below)
+        learned = self._learn_step(name, layer, ok) if cfg.learn else {}
+        sigma = torch.exp(self._learned[name]["log_sigma"]) if self._learns_sigma else cfg.sigma
         pre, post = record.pre, record.post
         if cfg.control == "shuffled_latency":
             pre, post = self._shuffle(pre), self._shuffle(post)
@@ -446,30 +528,134 @@ class DASSDP:
                 G,
                 post_states="spiked" if spiked else "auto",
                 silent_post=spec.silent_post,
+                sigma=sigma,
+                sigma_grad=self._learns_sigma,  # then [2, C_out, C_in]: D and dD/dsigma
             )
         if cfg.control == "random_update":
-            signs = torch.randint(0, 2, dw.shape, generator=self._generator).mul_(2).sub_(1)
-            dw = to_device(signs, dw.device).to(dw) * (dw.norm() / math.sqrt(dw.numel()))
-        D.all_reduce_(dw, "mean")
+            signs = torch.randint(0, 2, dw.shape[-2:], generator=self._generator).mul_(2).sub_(1)
+            dw = _random_update(to_device(signs, dw.device).to(dw), dw)
+        D.all_reduce_(dw, "mean")  # with dD/dsigma stacked: one all-reduce for both
+        if cfg.learn:
+            dw = self._keep_update(name, dw, ok)  # stores D_t (after the all-reduce); a D_t
         if cfg.clip is not None:
             dw.clamp_(-cfg.clip, cfg.clip)
         if self.debug and not bool(torch.isfinite(dw).all()):
             raise RuntimeError(f"DA-SSDP debug: site {name!r} has a non-finite dW")
         dw.mul_(ok)  # a skipped step (on any rank) changes nothing
         self._apply(layer, dw)
-        self._set_metrics(name, _site_metrics(record, S, G, dw), ok)
+        self._set_metrics(name, {**_site_metrics(record, S, G, dw), **learned}, ok)
+
+    # ---------------------------------------------------------- learned sigma, a
+    @property
+    def _learns_sigma(self) -> bool:
+        """sigma is learned and dW depends on it (not under the uniform-drift control)."""
+        return "sigma" in self.config.learn and self.config.control != "uniform_drift"
+
+    def _init_learned(self) -> None:
+        """Every site's log sigma = log(config.sigma), log a = 0; no stored update."""
+        log_sigma = math.log(self.config.sigma)  # inf for sigma=inf (then not learned)
+        self._learned = {
+            name: {
+                "log_sigma": torch.full((), log_sigma, dtype=torch.float64),
+                "log_amplitude": torch.zeros((), dtype=torch.float64),
+            }
+            for name in self.sites
+        }
+        self._prev = {}
+
+    def _learn_step(self, name: str, layer: nn.Module, ok: Tensor) -> dict[str, Tensor]:
+        """One hypergradient step of the site's log sigma and log a (:meth:`_hypergradients`).
+
+        Returns:
+            The metrics ``sigma``, ``amplitude`` (after the step: the values this step's
+            update uses) and ``hypergrad_sigma`` / ``hypergrad_amplitude`` for what is learned.
+        """
+        cfg, weight, state = self.config, layer.weight, self._learned[name]
+        for key, value in state.items():
+            if value.device != weight.device:  # the first step (or after a checkpoint)
+                state[key] = to_device(value, weight.device)
+        log_s, log_a = state["log_sigma"], state["log_amplitude"]
+        h_sigma, h_amp = self._hypergradients(name, weight, torch.exp(log_a), ok)
+        out = {}
+        if "sigma" in cfg.learn:
+            log_s = state["log_sigma"] = _log_step(log_s, cfg.sigma_lr, h_sigma, cfg.sigma_range)
+            out["hypergrad_sigma"] = h_sigma
+        if "amplitude" in cfg.learn:
+            log_a = _log_step(log_a, cfg.amplitude_lr, h_amp, cfg.amplitude_range)
+            state["log_amplitude"] = log_a
+            out["hypergrad_amplitude"] = h_amp
+        return {"sigma": torch.exp(log_s), "amplitude": torch.exp(log_a), **out}
+
+    def _hypergradients(
+        self, name: str, weight: Tensor, a: Tensor, ok: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``(h_sigma, h_a)``, 0-d float64 on the device: the previous step's ``D_t`` and
+        ``dD_t/dsigma`` against the gradient now in ``weight.grad`` (``[C_out, C_in, ...]``),
+        where ``|a D_t| < clip``.
+
+        0 when there is no previous update to learn from (the first step after warm-up, the
+        previous step was skipped or had no records), no ``.grad``, or this step is skipped
+        (``ok`` false: a ``where``, so a non-finite gradient cannot leak in).
+        """
+        zero = torch.zeros((), dtype=torch.float64, device=weight.device)
+        prev, grad = self._prev.get(name), weight.grad
+        if prev is None or prev[0] != self._step_index - 1 or grad is None:
+            return zero, zero
+        _, D_t, dD_t = prev
+        D_t = to_device(D_t, weight.device).double()
+        g = grad.detach().reshape(D_t.shape).double()
+        if self.config.clip is not None:  # d clip(x)/dx = 0 where the clip binds
+            g = g * ((a * D_t).abs() < self.config.clip)
+        h_amp = torch.where(ok, (g * D_t).sum(), zero)
+        if dD_t is None:  # sigma not learned, or dW does not depend on it
+            return zero, h_amp
+        dD_t = to_device(dD_t, weight.device).double()
+        return torch.where(ok, a * (g * dD_t).sum(), zero), h_amp
+
+    def _keep_update(self, name: str, dw: Tensor, ok: Tensor) -> Tensor:
+        """Store this step's all-reduced ``D_t`` (and ``dD_t/dsigma``) for the next step's
+        hypergradient (zero when the step is skipped: nothing was applied); return ``a D_t``."""
+        dD = None
+        if self._learns_sigma:
+            dw, dD = dw[0], dw[1]
+            dD = torch.where(ok, dD, 0.0)
+        kept = torch.where(ok, dw, 0.0)
+        self._prev[name] = (self._step_index, kept, dD)
+        if "amplitude" not in self.config.learn:
+            return dw
+        return dw * torch.exp(self._learned[name]["log_amplitude"]).to(dw.dtype)
+
+    @property
+    def learned(self) -> dict[str, dict[str, float]]:
+        """Per site, the current ``sigma`` and ``amplitude`` (learned ones move; the others
+        show the config's sigma and 1). Empty without ``config.learn``. Two host reads a site."""
+        return {
+            name: {
+                "sigma": math.exp(float(state["log_sigma"])),
+                "amplitude": math.exp(float(state["log_amplitude"])),
+            }
+            for name, state in self._learned.items()
+        }
 
     def _set_metrics(self, name: str, metrics: dict[str, Tensor], ok: Tensor) -> None:
         """Keep a site's metrics of the last step that counted (chosen on the device)."""
         old = self._metrics.get(name)
-        if old is not None:
-            metrics = {k: torch.where(ok, v, old[k]) for k, v in metrics.items()}
+        if old is not None:  # (the learned values' metrics start after warm-up)
+            metrics = {k: torch.where(ok, v, old[k]) if k in old else v for k, v in metrics.items()}
         self._metrics[name] = metrics
 
     def _window_mean_dw(
-        self, record: SiteRecord, G: Tensor, *, post_states: str, silent_post: int | None
+        self,
+        record: SiteRecord,
+        G: Tensor,
+        *,
+        post_states: str,
+        silent_post: int | None,
+        sigma: float | Tensor,
+        sigma_grad: bool,
     ) -> Tensor:
-        """``dW`` of the record, the mean over its windows (one per training forward)."""
+        """``dW`` of the record, the mean over its windows (one per training forward); with
+        ``sigma_grad`` ``[2, C_out, C_in]``: ``D`` and ``dD/dsigma``."""
         cfg, dws, start = self.config, [], 0
         for part in record.split():
             b = part.pre.fired.shape[0]
@@ -480,12 +666,13 @@ class DASSDP:
                 T=part.T,
                 A_plus=cfg.A_plus,
                 A_minus=cfg.A_minus,
-                sigma=cfg.sigma,
+                sigma=sigma,
                 clip=None,
                 dtype=DTYPES[cfg.dtype],
                 post_states=post_states,
                 silent_post=silent_post,
                 check=self.debug,
+                sigma_grad=sigma_grad,
             )
             dws.append(dw)
             start += b
@@ -512,7 +699,10 @@ class DASSDP:
     # ----------------------------------------------------------------- metrics
     def last_metrics(self, *, as_tensors: bool = False) -> dict[str, dict[str, Any]]:
         """Per site, from the last recorded step: ``synchrony`` (mean S), ``gate_mean``,
-        ``dw_abs_mean``, ``dw_abs_max`` (0 in warm-up), ``pre_fired``, ``post_fired``.
+        ``dw_abs_mean``, ``dw_abs_max`` (0 in warm-up), ``pre_fired``, ``post_fired``; with
+        ``config.learn``, after warm-up also ``sigma`` and ``amplitude`` (the values this
+        step's update used) and ``hypergrad_sigma`` / ``hypergrad_amplitude`` (``h`` of
+        what is learned; 0 when the previous step applied nothing).
 
         Floats (one host read each), or with ``as_tensors=True`` 0-d tensors on the device
         (no sync: to accumulate on the device, weighted by :attr:`last_step_recorded`).
@@ -538,9 +728,12 @@ class DASSDP:
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Epoch, gate sums, fitted gates, counters, generator. Under DDP this is a collective
+        """Epoch, gate sums, fitted gates, counters, generator, and with ``config.learn`` the
+        learned values (``learned``: per site ``log_sigma``, ``log_amplitude`` and the last
+        step's ``D``, ``dD_dsigma`` the next step learns from). Under DDP this is a collective
         (call it on every rank): warm-up sums are gathered on rank 0, which holds the total."""
         totals = {name: self._gather_sums(stats) for name, stats in self.stats.items()}
+        extra = {"learned": self._learned_state()} if self.config.learn else {}
         return {
             "epoch": self.epoch,
             "sites": list(self.sites),
@@ -549,7 +742,49 @@ class DASSDP:
             "counters": self.counters,
             "generator": self._generator.get_state(),
             "config": self.config.to_dict(),
+            **extra,
         }
+
+    def _learned_state(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name, state in self._learned.items():
+            prev = self._prev.get(name)
+            if prev is None or prev[0] != self._step_index:  # stale: the next step ignores it
+                prev = (0, None, None)
+            D_t, dD = (None if t is None else t.detach().cpu().clone() for t in prev[1:])
+            out[name] = {
+                "log_sigma": float(state["log_sigma"]),  # float64: exact
+                "log_amplitude": float(state["log_amplitude"]),
+                "D": D_t,
+                "dD_dsigma": dD,
+            }
+        return out
+
+    def _load_learned(self, learned: Mapping[str, Any] | None) -> None:
+        """Restore :meth:`_learned_state`; without it (an older checkpoint, or one written
+        without learning) the learned values start from the config."""
+        if not self.config.learn:
+            if learned:
+                warnings.warn(
+                    "the DA-SSDP checkpoint has learned sigma/amplitude values, but this "
+                    "learner's config.learn is empty: they are ignored",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return
+        self._init_learned()
+        if learned is None:
+            return
+        missing = sorted(set(self.sites) - set(learned))
+        if missing:
+            raise ValueError(f"checkpoint DA-SSDP learned values lack the site(s) {missing}")
+        for name in self.sites:
+            item = learned[name]
+            for key in ("log_sigma", "log_amplitude"):
+                value = float(item[key])
+                self._learned[name][key] = torch.full((), value, dtype=torch.float64)
+            if item.get("D") is not None:
+                self._prev[name] = (self._step_index, item["D"], item.get("dD_dsigma"))
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict`; the sites must match by name."""
@@ -575,6 +810,7 @@ class DASSDP:
         self._counts = values.to(self._counts.device)
         self._generator.set_state(state["generator"])
         self._epoch_set = True
+        self._load_learned(state.get("learned"))
 
     def close(self) -> None:
         """Remove every hook; the learner records nothing afterwards."""
@@ -599,6 +835,29 @@ def _stepped_flag(stepped: bool | Tensor, like: Tensor) -> Tensor:
     raise TypeError(
         f"optimizer_stepped must be a bool or a one-element tensor, got {type(stepped).__name__}"
     )
+
+
+def _log_step(
+    log_value: Tensor, lr: float, h: Tensor, bounds: tuple[float, float] | None
+) -> Tensor:
+    """``log v - lr * v * h`` (gradient descent on ``log v`` for ``dL/dv = h``), clamped to
+    ``log`` of ``bounds``."""
+    log_value = log_value - lr * torch.exp(log_value) * h
+    if bounds is None:
+        return log_value
+    return log_value.clamp(math.log(bounds[0]), math.log(bounds[1]))
+
+
+def _random_update(signs: Tensor, dw: Tensor) -> Tensor:
+    """The ``random_update`` control: ``signs`` times the RMS of ``dw``. With a stacked
+    ``[2, C_out, C_in]`` (``D``, ``dD/dsigma``) also the derivative of that RMS,
+    ``signs <D, dD> / (|D| sqrt(n))`` (0 where ``D = 0``)."""
+    if dw.dim() == 2:
+        return signs * (dw.norm() / math.sqrt(dw.numel()))
+    D_t, dD = dw[0], dw[1]
+    norm, root = D_t.norm(), math.sqrt(D_t.numel())
+    slope = torch.where(norm > 0, (D_t * dD).sum() / (norm * root), 0.0)
+    return torch.stack((signs * (norm / root), signs * slope))
 
 
 def _site_metrics(

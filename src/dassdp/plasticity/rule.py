@@ -148,27 +148,41 @@ def synchrony(pre_fired: Tensor, post_fired: Tensor, dtype: torch.dtype = torch.
 
 def kernel_table(
     T: int,
-    sigma: float,
+    sigma: float | Tensor,
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    sigma_grad: bool = False,
 ) -> Tensor:
     """Latency kernel ``K[v, u] = exp(-(v - u)^2 / (2 sigma^2))`` for ``v, u`` in ``0..T``.
 
-    ``sigma = inf`` gives a table of ones (the no-kernel ablation).
+    ``sigma = inf`` gives a table of ones (the no-kernel ablation). ``sigma`` may be a 0-d
+    tensor on ``device`` (a learned width: nothing is read back to the host; it must be
+    finite and > 0, which is not checked).
+
+    With ``sigma_grad=True`` the derivative ``dK/dsigma = K (v - u)^2 / sigma^3`` is stacked
+    behind ``K``: a ``[2, T+1, T+1]`` tensor (``K``, ``dK/dsigma``).
 
     Returns:
-        ``[T+1, T+1]`` tensor.
+        ``[T+1, T+1]`` tensor (``[2, T+1, T+1]`` with ``sigma_grad``).
     """
     if T < 0:
         raise ValueError(f"T must be >= 0, got {T}")
-    if not sigma > 0:
+    tensor = isinstance(sigma, Tensor)
+    if not tensor and not sigma > 0:
         raise ValueError(f"sigma must be > 0 (inf allowed), got {sigma}")
     steps = torch.arange(T + 1, dtype=dtype, device=device)
     diff = steps[:, None] - steps[None, :]
-    if math.isinf(sigma):
-        return torch.ones_like(diff)
-    return torch.exp(-(diff**2) / (2.0 * sigma**2))
+    if not tensor and math.isinf(sigma):
+        K = torch.ones_like(diff)
+        return torch.stack((K, torch.zeros_like(diff))) if sigma_grad else K
+    if tensor:
+        sigma = sigma.to(dtype=dtype, device=diff.device)
+    sq = diff**2
+    K = torch.exp(-sq / (2.0 * sigma**2))
+    if not sigma_grad:
+        return K
+    return torch.stack((K, K * sq / sigma**3))
 
 
 def delta_w(
@@ -179,13 +193,14 @@ def delta_w(
     T: int,
     A_plus: float,
     A_minus: float,
-    sigma: float,
+    sigma: float | Tensor,
     clip: float | None = None,
     dtype: torch.dtype = torch.float32,
     chunk: int | None = None,
     post_states: str = "auto",
     silent_post: int | None = None,
     check: bool = True,
+    sigma_grad: bool = False,
 ) -> Tensor:
     """The DA-SSDP weight change as one GEMM over unit states (module docstring).
 
@@ -195,7 +210,8 @@ def delta_w(
         gate: ``[B]`` per-sample dopamine gate ``G``; ``None`` means ``G = 1``.
         T: number of time steps (latencies lie in ``0..T``).
         A_plus, A_minus: potentiation / depression amplitudes.
-        sigma: kernel width in time steps (``inf``: no kernel).
+        sigma: kernel width in time steps (``inf``: no kernel), or a 0-d tensor on the
+            activity's device (a learned width; finite and > 0, not checked, not read back).
         clip: clip ``dW`` to ``[-clip, clip]``; ``None``: no clipping.
         dtype: compute dtype (float32 or float64).
         chunk: samples per GEMM; ``None`` sizes it so that one chunk's factors (``chunk * S *
@@ -211,9 +227,15 @@ def delta_w(
             (``None``: ``T``).
         check: verify the latency range (and the ``"spiked"`` structure); each check reads a
             value back to the host, so the learner runs them in debug mode only.
+        sigma_grad: also return ``dW/dsigma`` (the learned kernel width's hypergradient
+            needs it), computed in the same pass: the table ``F`` and its derivative (``K``
+            replaced by ``dK/dsigma = K (v-u)^2 / sigma^3``) are placed side by side, so each
+            chunk is one gather and one GEMM with ``2 C_in`` output columns. Needs
+            ``clip=None`` (the derivative of a clipped update is the caller's business).
 
     Returns:
-        ``[C_out, C_in]`` weight change (unclipped when ``clip`` is None).
+        ``[C_out, C_in]`` weight change (unclipped when ``clip`` is None); with
+        ``sigma_grad``, ``[2, C_out, C_in]``: the unclipped change and its ``d/dsigma``.
     """
     _check_batch(pre.fired, post.fired)
     if post_states not in POST_STATES:
@@ -226,7 +248,13 @@ def delta_w(
     B, C_out = post.fired.shape
     C_in = pre.fired.shape[1]
     device = post.fired.device
-    F = state_table(T, sigma, A_plus, A_minus, dtype=dtype, device=device)
+    if sigma_grad and clip is not None:
+        raise ValueError(f"sigma_grad=True needs clip=None (dW is returned unclipped), got {clip}")
+    F = state_table(T, sigma, A_plus, A_minus, dtype=dtype, device=device, sigma_grad=sigma_grad)
+    k = 2 if sigma_grad else 1  # tables side by side: F[s, (k, s_pre)]
+    if sigma_grad:
+        F = torch.cat((F[0], F[1]), dim=1)  # [2(T+1), 2 * 2(T+1)]
+    width = k * C_in  # output columns of the GEMM
     G = torch.ones(B, dtype=dtype, device=device) if gate is None else gate.to(dtype)
     if G.shape != (B,):
         raise ValueError(f"gate must have shape [B]=[{B}], got {tuple(G.shape)}")
@@ -234,7 +262,7 @@ def delta_w(
         raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
 
     def samples(states: int) -> int:  # per chunk: two factors and one row of long states
-        per_sample = states * (C_in + C_out) * F.element_size() + 8 * max(C_in, C_out)
+        per_sample = states * (width + C_out) * F.element_size() + 8 * max(width, C_out)
         return chunk or max(1, FACTOR_BUDGET // max(1, per_sample))
 
     E = torch.eye(F.shape[0], dtype=dtype, device=device)  # one-hot rows of the states
@@ -257,16 +285,21 @@ def delta_w(
         F = torch.cat((F[fill : fill + 1], F[T + 1 : 2 * T + 1]))
     S = F.shape[0]
     n = samples(S)
-    dw = torch.zeros(C_out, C_in, dtype=dtype, device=device)
+    dw = torch.zeros(C_out, width, dtype=dtype, device=device)
     for lo in range(0, B, n):
         part = slice(lo, lo + n)
         m = post.fired[part].shape[0]
         # X^T[(s, b), j] = G[b] E[s, state_post[b, j]];  Y[(s, b), i] = F[s, state_pre[b, i]]
         Xt = E.index_select(1, _states(post, part, T).flatten()).view(S, m, C_out)
         Xt.mul_(G[part].view(1, m, 1))
-        Y = F.index_select(1, _states(pre, part, T).flatten())  # [S, m * C_in]
-        dw.addmm_(Xt.view(S * m, C_out).T, Y.view(S * m, C_in), alpha=1.0 / B)
+        pre_states = _states(pre, part, T)
+        if sigma_grad:  # Y[(s, b), (k, i)] = F_k[s, state_pre[b, i]]: the k-th table's columns
+            pre_states = torch.stack((pre_states, pre_states + 2 * (T + 1)), dim=1)
+        Y = F.index_select(1, pre_states.flatten())  # [S, m * width]
+        dw.addmm_(Xt.view(S * m, C_out).T, Y.view(S * m, width), alpha=1.0 / B)
         del Xt, Y
+    if sigma_grad:
+        return dw.view(C_out, 2, C_in).transpose(0, 1).contiguous()
     return dw.clamp_(-clip, clip) if clip is not None else dw
 
 
@@ -278,19 +311,24 @@ that the GEMM runs near full speed (``dassdp bench rule``)."""
 
 def state_table(
     T: int,
-    sigma: float,
+    sigma: float | Tensor,
     A_plus: float,
     A_minus: float,
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    sigma_grad: bool = False,
 ) -> Tensor:
     """The per-pair term as a table over unit states ``s = v + (T+1) f`` (latency ``v``,
-    fired ``f``): ``F[s_post, s_pre] = K[v, u] ((A+ + A-) q p - A-)``, ``[2(T+1), 2(T+1)]``."""
-    K = kernel_table(T, sigma, dtype=dtype, device=device)
+    fired ``f``): ``F[s_post, s_pre] = K[v, u] ((A+ + A-) q p - A-)``, ``[2(T+1), 2(T+1)]``.
+
+    With ``sigma_grad=True``: ``[2, 2(T+1), 2(T+1)]``, ``F`` and ``dF/dsigma`` (the same
+    table with ``K`` replaced by ``dK/dsigma``, :func:`kernel_table`)."""
+    K = kernel_table(T, sigma, dtype=dtype, device=device, sigma_grad=sigma_grad)
     fired = torch.arange(2 * (T + 1), device=device) > T
     both = (fired[:, None] & fired[None, :]).to(dtype)
-    return K.repeat(2, 2) * ((A_plus + A_minus) * both - A_minus)
+    reps = (1, 2, 2) if sigma_grad else (2, 2)
+    return K.repeat(*reps) * ((A_plus + A_minus) * both - A_minus)
 
 
 def _states(act: Activity, part: slice, T: int) -> Tensor:
