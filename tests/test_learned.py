@@ -439,7 +439,7 @@ def test_engine_runs_log_the_learned_values_and_resume_bit_identically(tmp_path)
     ("plasticity", "match"),
     [
         ({"learn": "sigma"}, "plasticity.learn must be a list of str or null, got 'sigma'"),
-        ({"learn": [1]}, "plasticity.learn must be a list of str or null"),
+        ({"learn": [1]}, r"plasticity.learn\[0\] must be str, got 1"),
         ({"learn": ["tau"]}, r"plasticity: learn must name each of \('sigma', 'amplitude'\)"),
         ({"learn": ["sigma"], "sigma_lr": -1}, "plasticity: sigma_lr must be a finite number"),
         ({"learn": ["sigma"], "sigma_range": [1]}, "plasticity: sigma_range must be None or"),

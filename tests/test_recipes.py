@@ -230,7 +230,7 @@ def config_error(**changes) -> str:
         ({"transform": {"interpolation": "cubic"}}, "transform.interpolation must be null or one"),
         ({"transform": {"scale": [0.5]}}, "transform.scale must be [lo, hi]"),
         ({"transform": {"scale": [0.5, 1.5]}}, "transform.scale must be [lo, hi]"),
-        ({"transform": {"scale": "big"}}, "transform.scale must be list or null"),
+        ({"transform": {"scale": "big"}}, "transform.scale must be a list of float or null"),
         ({"transform": {"ratio": [2.0, 1.0]}}, "transform.ratio must be [lo, hi]"),
         ({"transform": {"hflip": 1.5}}, "transform.hflip must be a probability"),
         ({"transform": {"crop_pct": 0.0}}, "transform.crop_pct must be in (0, 1]"),
