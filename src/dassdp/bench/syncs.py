@@ -239,8 +239,7 @@ def markdown(
     from dassdp.bench.report import provenance
 
     lines = [
-        "Host syncs and dispatched operators in one training step of "
-        f"{setup} with DA-SSDP",
+        f"Host syncs and dispatched operators in one training step of {setup} with DA-SSDP",
         "(forward, cross-entropy, backward, AdamW step, `DASSDP.step`, `dassdp.reset`),",
         "counted with a `TorchDispatchMode`, in the warm-up epoch and after it (the gate",
         "fitted), per LIF backend. *host syncs*: calls of `aten._local_scalar_dense`",
