@@ -4,8 +4,9 @@ Each setting is a real ``dassdp train`` run (``--nproc N``) of the same small jo
 synthetic dataset, ``spiking_cnn`` at T=4 with DA-SSDP (warm-up 1 epoch, then dW every
 step), the same *global* batch split over the ranks (per-rank batch = global / N). The
 rate is the training images of the last epoch over that epoch's wall time (which also
-holds a short test pass), read back from the run's ``metrics.jsonl``. With ``--device cuda`` every setting, ``--nproc 1``
-included, runs under torchrun with NCCL (one GPU per rank), so one GPU checks the NCCL path.
+holds a short test pass), read back from the run's ``metrics.jsonl``. With ``--device cuda``
+every setting, ``--nproc 1`` included, runs under torchrun with NCCL (one GPU per rank), so
+one GPU checks the NCCL path.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], csv_path: Path) ->
         "|---:|---|---|---:|---:|---:|---:|---|",
     ]
     lines += [
-        f"| {r['ranks']} | {r['device']} | {r['backend']} | {r['per_rank_batch']} | {r['epoch_s']:.2f} | {r['images_per_s']:.1f} "
+        f"| {r['ranks']} | {r['device']} | {r['backend']} | {r['per_rank_batch']} | "
+        f"{r['epoch_s']:.2f} | {r['images_per_s']:.1f} "
         f"| {r['images_per_s'] / base:.2f}x | {r['replicas_identical']} |"
         for r in rows
     ]

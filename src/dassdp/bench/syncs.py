@@ -144,14 +144,14 @@ def measure(
         if log:
             log(f"  {backend:<7} {LABELS[quantity]:<48} {count:6d}  {detail}")
 
+    torch.manual_seed(seed)
+    base = create_model(model_name, num_classes=10, T=T).to(dev).train()
+    in_ch = next(m.in_channels for m in base.modules() if isinstance(m, torch.nn.Conv2d))
     gen = torch.Generator().manual_seed(seed)
-    xs = [torch.rand(batch, 3, size, size, generator=gen).to(dev) for _ in range(4)]
+    xs = [torch.rand(batch, in_ch, size, size, generator=gen).to(dev) for _ in range(4)]
     y = torch.randint(0, 10, (batch,), generator=gen).to(dev)
     lif_x = (1.5 * torch.randn(T, batch, lif_channels, 8, 8, generator=gen)).to(dev)
     lif_g = torch.randn(T, batch, lif_channels, 8, 8, generator=gen).to(dev)
-
-    torch.manual_seed(seed)
-    base = create_model(model_name, num_classes=10, T=T).to(dev).train()
     for backend in backends:
         factory = lif_factory(backend)
         # neuron-layer op count: [T, B, C, 8, 8]
@@ -193,7 +193,7 @@ def measure(
         for phase in ("warmup", "active"):
             step(xs[0])  # untimed first step of the phase (lazy init; the gate fit)
             step(xs[1])
-            fb, loss = count_ops(lambda: fwd_bwd(xs[2]))  # noqa: B023
+            fb, loss = count_ops(lambda: fwd_bwd(xs[2]))
             n, detail = syncs_of(fb)
             add(f"fwd_bwd_syncs_{phase}", backend, n, detail)
             opt.step()
@@ -201,10 +201,10 @@ def measure(
             n, detail = syncs_of(ps)
             add(f"plast_step_syncs_{phase}", backend, n, detail)
             dassdp.reset(model)
-            whole, _ = count_ops(lambda: step(xs[3]))  # noqa: B023
+            whole, _ = count_ops(lambda: step(xs[3]))
             add(f"step_ops_{phase}", backend, whole["ops"])
             if cuda and phase == "active":
-                add("step_cuda_kernels_active", backend, _cuda_kernels(lambda: step(xs[3])))  # noqa: B023
+                add("step_cuda_kernels_active", backend, _cuda_kernels(lambda: step(xs[3])))
             if phase == "warmup":
                 plast.set_epoch(1)
                 with warnings.catch_warnings():

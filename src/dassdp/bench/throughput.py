@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 
 from dassdp.bench.devstats import AMP_CHOICES
 from dassdp.bench.report import add_output_arguments, add_run_arguments, provenance
+from dassdp.bench.syncs import lif_factory
 
 HELP = "training images/s of spikingresformer_cifar: our LIF vs SpikingJelly 2.0's LIFNode"
 
@@ -90,13 +90,12 @@ def build(model_name: str, backend: str, *, T: int, seed: int, device: Any) -> A
     import torch
 
     from dassdp import create_model
-    from dassdp.neurons import LIF
 
     kwargs: dict[str, Any] = {"num_classes": 10, "T": T}
     if backend == "spikingjelly":
         kwargs["neuron_layer"] = spikingjelly_lif()
     elif backend == LOOP_BACKEND:
-        kwargs["neuron_layer"] = functools.partial(LIF, fused=False)
+        kwargs["neuron_layer"] = lif_factory("loop")
     elif backend != "dassdp":
         raise ValueError(f"backend must be one of {ALL_BACKENDS}, got {backend!r}")
     torch.manual_seed(seed)
@@ -275,7 +274,7 @@ def bench_neuron(
     makers: dict[str, Callable[[], Any]] = {
         "dassdp": LIF,
         "spikingjelly": lambda: spikingjelly_lif()(),
-        LOOP_BACKEND: lambda: LIF(fused=False),
+        LOOP_BACKEND: lif_factory("loop"),
     }
     layers = {b: makers[b]() for b in backends}
     times: dict[str, list[float]] = {b: [] for b in backends}
