@@ -68,7 +68,7 @@ step pytest-cuda 150 $PY -m pytest -m cuda -q -ra -p no:cacheprovider -o addopts
 step bench-syncs 60 $PY -m dassdp bench syncs --device cuda
 step bench-overhead-cifar 60 $PY -m dassdp bench overhead --device cuda --model spikingresformer_cifar --batch 128 --reps 3
 step bench-overhead-imagenet 60 $PY -m dassdp bench overhead --device cuda --model spikingresformer_l --size 224 --batch 16 --reps 3 --section "overhead (cuda, ImageNet recipe)"
-step bench-throughput 60 $PY -m dassdp bench throughput --device cuda --batch 32 128 --reps 5
+step bench-throughput 60 $PY -m dassdp bench throughput --device cuda --batch 32 128 --reps 5 --neurons dassdp spikingjelly dassdp-torch
 step bench-rule 45 $PY -m dassdp bench rule --device cuda --sizes classifier-cifar10 projection-cifar classifier-imagenet-l projection-imagenet-l
 
 [ "${DRY_RUN:-0}" = 1 ] && exit 0

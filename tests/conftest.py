@@ -6,7 +6,7 @@ import torch
 
 torch.set_num_threads(1)
 
-CUDA_SKIP_REASON = "needs a CUDA GPU (run scripts/gpu_check.sh on a GPU machine)"
+CUDA_SKIP_REASON = "needs a CUDA GPU"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -34,7 +34,11 @@ def test_bench_ddp_tiny(tmp_path):
     assert [r["ranks"] for r in rows] == ["1"] and float(rows[0]["images_per_s"]) > 0
     assert int(rows[0]["train_images"]) == 64
     text = doc.read_text()
-    assert "## models\n\nkept" in text and "## ddp" in text and "| 1 | 32 |" in text
+    assert (
+        "## models\n\nkept" in text
+        and "## ddp" in text
+        and "| 1 | cpu | none (1 process) | 32 |" in text
+    )
 
 
 def test_job_config_splits_the_global_batch():

@@ -107,5 +107,7 @@ def test_section_option_writes_a_second_section_and_keeps_the_default(tmp_path, 
     assert text.index("## models\n") < text.index("## models (batch 2)")
     assert "| spiking_cnn |" in text[text.index("## models (batch 2)") :]
     assert "'## models (batch 2)' section" in capsys.readouterr().out
-    assert bench.run(_parse([*argv, "--section", "models (batch 2)"])) == 0  # replaced, not added
+    again = [*argv, "--section", "models (batch 2)", "--note", "two other jobs ran"]
+    assert bench.run(_parse(again)) == 0  # replaced, not added
     assert doc.read_text().count("## models (batch 2)") == 1
+    assert "Note: two other jobs ran" in doc.read_text()

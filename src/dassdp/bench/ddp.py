@@ -1,10 +1,12 @@
-"""``dassdp bench ddp``: training images/s with 1 vs N torchrun ranks (gloo on CPU).
+"""``dassdp bench ddp``: training images/s with 1 vs N torchrun ranks (gloo on CPU, NCCL on CUDA).
 
 Each setting is a real ``dassdp train`` run (``--nproc N``) of the same small job: the
 synthetic dataset, ``spiking_cnn`` at T=4 with DA-SSDP (warm-up 1 epoch, then dW every
 step), the same *global* batch split over the ranks (per-rank batch = global / N). The
 rate is the training images of the last epoch over that epoch's wall time (which also
-holds a short test pass), read back from the run's ``metrics.jsonl``.
+holds a short test pass), read back from the run's ``metrics.jsonl``. With ``--device cuda``
+every setting, ``--nproc 1`` included, runs under torchrun with NCCL (one GPU per rank), so
+one GPU checks the NCCL path.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from typing import Any
 
 from dassdp.bench.report import add_output_arguments
 
-HELP = "training images/s with 1 vs N DDP ranks (torchrun, gloo on CPU)"
+HELP = "training images/s with 1 vs N DDP ranks (torchrun; gloo on CPU, NCCL on CUDA)"
 
 
-def job_config(global_batch: int, nproc: int, epochs: int, subset: int) -> dict[str, Any]:
+def job_config(
+    global_batch: int, nproc: int, epochs: int, subset: int, device: str = "cpu"
+) -> dict[str, Any]:
     """The benchmark's training config for ``nproc`` ranks (per-rank batch = global / N)."""
     if global_batch % nproc:
         raise ValueError(f"--batch {global_batch} is not divisible by {nproc} ranks")
@@ -43,20 +47,22 @@ def job_config(global_batch: int, nproc: int, epochs: int, subset: int) -> dict[
         "progress": False,
         "tensorboard": False,
         "plasticity": {"warmup_epochs": 1},
+        "device": device,
     }
 
 
 def run_setting(
-    nproc: int, global_batch: int, epochs: int, subset: int, work: Path
+    nproc: int, global_batch: int, epochs: int, subset: int, work: Path, device: str = "cpu"
 ) -> dict[str, Any]:
     """Train once with ``nproc`` ranks; returns the row for the table."""
     import yaml
 
     cfg_path = work / f"ddp{nproc}.yaml"
-    cfg_path.write_text(yaml.safe_dump(job_config(global_batch, nproc, epochs, subset)))
+    cfg_path.write_text(yaml.safe_dump(job_config(global_batch, nproc, epochs, subset, device)))
     out = work / f"run{nproc}"
     cmd = [sys.executable, "-m", "dassdp", "train", "--config", str(cfg_path), "--out", str(out)]
-    if nproc > 1:
+    cuda = device.startswith("cuda")
+    if nproc > 1 or cuda:  # CUDA: torchrun + NCCL even for one rank
         cmd += ["--nproc", str(nproc)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -66,6 +72,8 @@ def run_setting(
     images = last["train"]["samples"]
     return {
         "ranks": nproc,
+        "device": device,
+        "backend": "nccl" if cuda else ("gloo" if nproc > 1 else "none (1 process)"),
         "global_batch": global_batch,
         "per_rank_batch": global_batch // nproc,
         "train_images": images,
@@ -81,17 +89,20 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], csv_path: Path) ->
         "Real `dassdp train` runs of one job (synthetic 16x16 images, `spiking_cnn` 16-32-128,",
         "T=4, DA-SSDP applying dW after a 1-epoch warm-up) with the global batch split over",
         "the ranks; rate = last epoch's training images / its wall time (a 128-image test",
-        "pass included). 1 torch thread per rank; gloo on CPU.",
+        "pass included). 1 torch thread per rank; gloo on CPU; on CUDA every run (one rank",
+        "too) goes through torchrun with NCCL, one GPU per rank.",
         "",
         f"- command: `{env['command']}`",
         f"- torch {env['torch']}, CPU: {env['cpu']} ({env['cores']} cores), "
         f"Python {env['python']}; date: {env['date']}; CSV: `{csv_path}`",
         "",
-        "| ranks | per-rank batch | epoch s | images / s | speed-up | replicas identical |",
-        "|---:|---:|---:|---:|---:|---|",
+        "| ranks | device | backend | per-rank batch | epoch s | images / s | speed-up "
+        "| replicas identical |",
+        "|---:|---|---|---:|---:|---:|---:|---|",
     ]
     lines += [
-        f"| {r['ranks']} | {r['per_rank_batch']} | {r['epoch_s']:.2f} | {r['images_per_s']:.1f} "
+        f"| {r['ranks']} | {r['device']} | {r['backend']} | {r['per_rank_batch']} | "
+        f"{r['epoch_s']:.2f} | {r['images_per_s']:.1f} "
         f"| {r['images_per_s'] / base:.2f}x | {r['replicas_identical']} |"
         for r in rows
     ]
@@ -110,19 +121,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=512,
         help="training images per epoch (default 512: all synthetic ones)",
     )
-    add_output_arguments(parser, "ddp", per_device=False)
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, or cuda (one GPU per rank, NCCL; default cpu)"
+    )
+    add_output_arguments(parser, "ddp", per_device=True)
 
 
 def run(args: argparse.Namespace) -> int:
     from dassdp.bench.report import environment, write_csv, write_section
+    from dassdp.bench.timing import default_csv, device_of, section_name
 
     if min(args.nproc) < 1 or args.epochs < 2:
         raise ValueError("--nproc values must be >= 1 and --epochs >= 2 (warm-up + one)")
+    device = device_of(args.device).type  # ranks pick cuda:LOCAL_RANK themselves
+    if device == "cuda":
+        import torch
+
+        if max(args.nproc) > torch.cuda.device_count():
+            raise ValueError(
+                f"--nproc {max(args.nproc)}: only {torch.cuda.device_count()} GPU(s) here"
+            )
+    out = args.out if args.out is not None else default_csv("ddp", device)
     with tempfile.TemporaryDirectory(prefix="dassdp-bench-ddp-") as tmp:
         rows = []
         for n in args.nproc:
-            rows.append(run_setting(n, args.batch, args.epochs, args.subset, Path(tmp)))
+            rows.append(run_setting(n, args.batch, args.epochs, args.subset, Path(tmp), device))
             print(f"{n} rank(s): {rows[-1]['images_per_s']:.1f} images/s", flush=True)
-    write_csv(args.out, rows)
-    write_section(args, "ddp", markdown(rows, environment(), args.out), args.out)
+    write_csv(out, rows)
+    write_section(args, section_name("ddp", device), markdown(rows, environment(), out), out)
     return 0

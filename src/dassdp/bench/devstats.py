@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
@@ -161,11 +161,6 @@ def kernel_unit(device: Any) -> str:
     if torch.device(device).type == "cuda":
         return "CUDA kernels (profiler)"
     return "aten ops dispatched (CPU proxy of kernel launches)"
-
-
-@contextlib.contextmanager
-def _noop() -> Iterator[None]:
-    yield
 
 
 def range_device_ms(prof: Any, names: tuple[str, ...]) -> dict[str, float]:

@@ -17,6 +17,15 @@ share of the ``off`` step. On a busy CPU the step times are seconds with noise o
 percent, so the difference of two medians cannot resolve a fraction of a percent; the own
 time is the precise measure and both are reported.
 
+On CUDA nothing inside a step synchronises: each step is timed with CUDA events (one
+synchronisation per round, after the three steps), DA-SSDP's own time is the device time of
+the kernels launched inside ``plast.step`` and the recorder's hooks (``record_function``
+ranges read by ``torch.profiler`` in ``--profile-steps`` extra steps per condition), and the
+peak memory of one more step per condition is ``torch.cuda.max_memory_allocated`` (on the
+CPU: the process's peak RSS, all three models resident). ``--amp fp16|bf16`` runs forward
+and loss under autocast (fp16 with a grad scaler whose skip reaches ``plast.step`` as
+``optimizer_stepped``, a device tensor).
+
 The ``active`` learner records during the warm-up rounds (epoch 0), then moves to epoch 1 and
 fits its gate from them (one round: every record has the same loss, so the fit falls back to
 ``G = 1`` with a warning; the cost of computing and applying the update is the same).
@@ -33,6 +42,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dassdp.bench.devstats import AMP_CHOICES
 from dassdp.bench.report import add_output_arguments, add_run_arguments, provenance
 
 HELP = "training-step overhead of DA-SSDP (warm-up and active) on spikingresformer_cifar"
@@ -41,11 +51,18 @@ CONDITIONS = ("off", "warmup", "active")
 TARGETS = {"warmup": 0.5, "active": 2.0}  # maximum overhead, percent of the plain step
 
 
+PLAST_RANGE, HOOK_RANGE = "dassdp::plast.step", "dassdp::recorder_hook"
+
+
 @contextlib.contextmanager
 def _timed_recorder_hooks(acc: dict[int, float], device: Any) -> Iterator[bool]:
     """Time every call of the DA-SSDP recorder's forward hooks, summed per recorder in ``acc``
     (keyed by ``id(recorder)``). Wraps the recorder's hook class for the duration only; yields
-    False (and times nothing) if that class is not found."""
+    False (and times nothing) if that class is not found. On CUDA nothing is synchronised:
+    each call runs inside a ``record_function`` range (:data:`HOOK_RANGE`) whose kernels'
+    device time a profiled step reads (``acc`` stays untouched)."""
+    import torch
+
     from dassdp.bench.timing import sync
     from dassdp.plasticity import recorder as rec
 
@@ -54,8 +71,13 @@ def _timed_recorder_hooks(acc: dict[int, float], device: Any) -> Iterator[bool]:
         yield False
         return
     original = cls.__call__
+    cuda = torch.device(device).type == "cuda"
 
     def timed_call(self: Any, x: object) -> None:
+        if cuda:
+            with torch.profiler.record_function(HOOK_RANGE):
+                original(self, x)
+            return
         sync(device)
         start = time.perf_counter()
         original(self, x)
@@ -70,88 +92,69 @@ def _timed_recorder_hooks(acc: dict[int, float], device: Any) -> Iterator[bool]:
         cls.__call__ = original
 
 
-def _train_step(
-    model: Any, opt: Any, plast: Any, x: Any, y: Any, device: Any
-) -> tuple[float, float]:
-    """One training step; returns ``(step seconds, plast.step seconds)`` (0 without a learner).
-
-    On CUDA the step is timed with CUDA events and nothing inside it synchronises (the
-    learner's own device time comes from :func:`_profile_own` instead: ``nan`` here)."""
+def _train_step(run: dict[str, Any], x: Any, y: Any, device: Any, amp: str = "none") -> Any:
+    """One training step of ``run`` (model, opt, plast, scaler). On the CPU returns ``(step
+    seconds, plast.step seconds)``; on CUDA a pair of recorded CUDA events around the step
+    (nothing synchronised; ``plast.step`` runs in a :data:`PLAST_RANGE` range)."""
     import torch
     import torch.nn.functional as F
 
     import dassdp
+    from dassdp.bench.devstats import autocast, scaler_stepped
     from dassdp.bench.timing import sync
 
-    sync(device)
-    if torch.device(device).type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    model, opt, plast, scaler = run["model"], run["opt"], run["plast"], run["scaler"]
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        start_ev = torch.cuda.Event(enable_timing=True)
+        end_ev = torch.cuda.Event(enable_timing=True)
+        start_ev.record()
+    else:
+        sync(device)
+        start = time.perf_counter()
+    with autocast(device, amp):
         loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=True)
+    stepped: Any = True
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        before = scaler._scale.clone()
+        scaler.step(opt)
+        scaler.update()
+        stepped = scaler_stepped(scaler, before)  # a device tensor: no host read
+    else:
         loss.backward()
         opt.step()
-        if plast is not None:
-            plast.step(loss.detach())
-        dassdp.reset(model)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3, float("nan") if plast is not None else 0.0
-    start_s = time.perf_counter()
-    loss = F.cross_entropy(model(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
     plast_s = 0.0
     if plast is not None:
-        sync(device)
-        t0 = time.perf_counter()
-        plast.step(loss)
-        sync(device)
-        plast_s = time.perf_counter() - t0
+        if cuda:
+            with torch.profiler.record_function(PLAST_RANGE):
+                plast.step(loss.detach(), optimizer_stepped=stepped)
+        else:
+            t0 = time.perf_counter()
+            plast.step(loss.detach(), optimizer_stepped=stepped)
+            plast_s = time.perf_counter() - t0
     dassdp.reset(model)
-    sync(device)
-    return time.perf_counter() - start_s, plast_s
+    if cuda:
+        end_ev.record()
+        return start_ev, end_ev
+    return time.perf_counter() - start, plast_s
 
 
-def _profile_own(run: dict[str, Any], x: Any, y: Any, device: Any) -> dict[str, float]:
-    """CUDA: one more step under the profiler; the device milliseconds of the kernels launched
-    inside ``plast.step`` and inside the recorder's forward hooks (``record_function`` ranges,
-    no synchronisation added), and the step's peak allocated memory."""
+def _profiled_own_ms(run: dict[str, Any], x: Any, y: Any, device: Any, amp: str, steps: int):  # type: ignore[no-untyped-def]
+    """CUDA: device milliseconds per step of the kernels launched inside ``plast.step`` and
+    the recorder's hooks, from ``steps`` profiled steps; returns ``(plast_ms, hooks_ms)``."""
     import torch
-    import torch.nn.functional as F
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import ProfilerActivity, profile
 
-    import dassdp
-    from dassdp.bench.devstats import peak_memory_mib, range_device_ms, reset_peak_memory
-    from dassdp.plasticity import recorder as rec
+    from dassdp.bench.devstats import range_device_ms
 
-    model, opt, plast = run["model"], run["opt"], run["plast"]
-    cls = rec._SourceHook
-    original = cls.__call__
-
-    def ranged(self: Any, tensor: object) -> None:
-        with record_function("dassdp.hooks"):
-            original(self, tensor)
-
-    reset_peak_memory(device)
-    cls.__call__ = ranged
-    try:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if plast is not None:
-                with record_function("dassdp.step"):
-                    plast.step(loss.detach())
-            dassdp.reset(model)
-            torch.cuda.synchronize(device)
-    finally:
-        cls.__call__ = original
-    ms = range_device_ms(prof, ("dassdp.step", "dassdp.hooks"))
-    return {"plast_ms": ms["dassdp.step"], "hooks_ms": ms["dassdp.hooks"],
-            "peak_mib": peak_memory_mib(device)}  # fmt: skip
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            _train_step(run, x, y, device, amp)
+        torch.cuda.synchronize(device)
+    ms = range_device_ms(prof, (PLAST_RANGE, HOOK_RANGE))
+    return ms[PLAST_RANGE] / steps, ms[HOOK_RANGE] / steps
 
 
 def bench_batch(
@@ -164,17 +167,21 @@ def bench_batch(
     warmup: int = 1,
     device: str = "cpu",
     seed: int = 0,
+    amp: str = "none",
+    profile_steps: int = 2,
     log: Any = None,
 ) -> list[dict[str, Any]]:
     """Measure the three conditions at one batch size; returns one row per condition."""
     import torch
 
     from dassdp import DASSDP, DASSDPConfig, create_model
+    from dassdp.bench.devstats import grad_scaler, memory_kind, peak_memory_mib, reset_peak_memory
     from dassdp.bench.timing import median
 
     if warmup < 1 or reps < 1:
         raise ValueError("overhead needs >= 1 warm-up round (the active learner records in it)")
     dev = torch.device(device)
+    cuda = dev.type == "cuda"
     torch.manual_seed(seed)
     base = create_model(model_name, num_classes=10, T=T).to(dev).train()
     in_ch = _in_channels(base)
@@ -191,21 +198,25 @@ def bench_batch(
             plast = DASSDP(model, DASSDPConfig(warmup_epochs=1))
             plast.set_epoch(0)
         runs[cond] = {
-            "model": model, "opt": opt, "plast": plast, "step": [], "plast_s": [], "hooks_s": [],
+            "model": model, "opt": opt, "plast": plast, "scaler": grad_scaler(dev, amp),
+            "step": [], "plast_s": [], "hooks_s": [],
         }  # fmt: skip
     del base
 
-    cuda = dev.type == "cuda"
     hook_s: dict[int, float] = {}
     for r in range(warmup + reps):
         order = CONDITIONS[r % 3 :] + CONDITIONS[: r % 3]  # rotate who goes first
+        events = {}
         for cond in order:
             run = runs[cond]
             key = id(run["plast"].recorder) if run["plast"] is not None else 0
             hook_s[key] = 0.0
-            hooks = _timed_recorder_hooks(hook_s, dev) if not cuda else contextlib.nullcontext()
-            with hooks as hooks_timed:
-                step_s, plast_s = _train_step(run["model"], run["opt"], run["plast"], x, y, dev)
+            with _timed_recorder_hooks(hook_s, dev) as hooks_timed:
+                got = _train_step(run, x, y, dev, amp)
+            if cuda:
+                events[cond] = got
+                continue
+            step_s, plast_s = got
             if r >= warmup:
                 run["step"].append(step_s)
                 run["plast_s"].append(plast_s)
@@ -216,15 +227,37 @@ def bench_batch(
                     f"  batch {batch} {tag:<11} {cond:<7} step {step_s:8.3f} s  plast.step "
                     f"{plast_s * 1e3:8.2f} ms  hooks {hook_s[key] * 1e3:7.2f} ms"
                 )
+        if cuda:  # one synchronisation per round, after all three steps
+            torch.cuda.synchronize(dev)
+            for cond in order:
+                step_s = events[cond][0].elapsed_time(events[cond][1]) / 1e3
+                if r >= warmup:
+                    runs[cond]["step"].append(step_s)
+                if log:
+                    tag = "warm-up" if r < warmup else f"round {r - warmup + 1}/{reps}"
+                    log(f"  batch {batch} {tag:<11} {cond:<7} step {step_s:8.4f} s (CUDA events)")
         if r == warmup - 1:  # the active learner has recorded: leave warm-up, fit the gate
             _leave_warmup(runs["active"]["plast"])
 
-    if cuda:  # the learner's own kernels, from the profiler (no sync in the timed steps)
+    applied = {c: r["plast"].counters["applied"] if r["plast"] else 0 for c, r in runs.items()}
+    if cuda:  # DA-SSDP's own kernel time from profiled steps (not the timed ones)
         for cond in CONDITIONS:
-            own = _profile_own(runs[cond], x, y, dev)
-            runs[cond]["plast_s"] = [own["plast_ms"] / 1e3]
-            runs[cond]["hooks_s"] = [own["hooks_ms"] / 1e3]
-            runs[cond]["peak_mib"] = own["peak_mib"]
+            run = runs[cond]
+            if run["plast"] is None:
+                run["plast_s"], run["hooks_s"] = [0.0], [0.0]
+                continue
+            with _timed_recorder_hooks(hook_s, dev):
+                plast_ms, hooks_ms = _profiled_own_ms(run, x, y, dev, amp, profile_steps)
+            run["plast_s"], run["hooks_s"] = [plast_ms / 1e3], [hooks_ms / 1e3]
+            if log:
+                log(f"  batch {batch} profiled {cond:<7} plast.step {plast_ms:.3f} ms "
+                    f"hooks {hooks_ms:.3f} ms (device time)")  # fmt: skip
+    peaks = {}
+    for cond in CONDITIONS:  # peak memory of one more step per condition
+        reset_peak_memory(dev)
+        _train_step(runs[cond], x, y, dev, amp)
+        peaks[cond] = peak_memory_mib(dev)
+
     off = median(runs["off"]["step"])
     rows = []
     for cond in CONDITIONS:
@@ -236,26 +269,28 @@ def bench_batch(
         overhead = 100.0 * (step - off) / off
         direct = 100.0 * (plast_ms / 1e3) / off
         own = 100.0 * (own_ms / 1e3) / off
-        counters = run["plast"].counters if run["plast"] is not None else {}
         row = {
             "model": model_name,
             "batch": batch,
             "input": f"{in_ch}x{size}x{size}",
             "T": T,
             "device": device,
+            "amp": amp,
             "condition": cond,
             "reps": reps,
-            "step_s": round(step, 4),
-            "step_s_min": round(min(run["step"]), 4),
-            "step_s_max": round(max(run["step"]), 4),
+            "step_s": round(step, 5 if cuda else 4),
+            "step_s_min": round(min(run["step"]), 5 if cuda else 4),
+            "step_s_max": round(max(run["step"]), 5 if cuda else 4),
             "overhead_pct": round(overhead, 2),
             "plast_step_ms": round(plast_ms, 3),
             "plast_step_pct": round(direct, 4),
             "hooks_ms": round(hooks_ms, 3),
             "own_ms": round(own_ms, 3),
             "own_pct": round(own, 4),
-            "applied": counters.get("applied", 0),
-            "cuda_peak_mib": round(run["peak_mib"], 1) if "peak_mib" in run else "",
+            "own_time": "profiler device time" if cuda else "host wall time",
+            "applied": applied[cond],
+            "peak_mem_mib": round(peaks[cond], 1),
+            "mem_kind": memory_kind(dev),
             "target_pct": TARGETS.get(cond, ""),
             "met_by_step_diff": _met(cond, overhead),
             "met_by_plast_step": _met(cond, direct),
@@ -303,26 +338,25 @@ def markdown(
         "shared CPU with steps of seconds its noise (see min-max) is far above the targets.",
         "*own share* = DA-SSDP's own time (`plast.step` + the recorder's forward hooks, each",
         "timed directly) / median `off` step: the precise measure. On CUDA the step is timed",
-        "with CUDA events and nothing inside it synchronises; DA-SSDP's own time is then the",
-        "device time of the kernels launched inside `plast.step` and the recorder hooks",
-        "(`torch.profiler` `record_function` ranges, one extra step per condition), and the",
-        "CSV's `cuda_peak_mib` is that step's `torch.cuda.max_memory_allocated`.",
+        "with CUDA events and the own time is the device time of the kernels launched in",
+        "`plast.step` and the hooks (profiler, `record_function` ranges; no sync added).",
+        "*peak MiB*: `max_memory_allocated` of one step on CUDA; process peak RSS on the CPU.",
         "",
         "- targets: <= 0.5 % in warm-up, <= 2 % after warm-up",
         *provenance(env, csv_path, load),
         "",
-        "| model | batch | input | T | condition | step s (median) | min-max s | overhead "
-        "| plast.step ms | hooks ms | own share | target | met (overhead / own share) |",
-        "|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "| model | batch | input | T | amp | condition | step s (median) | min-max s | overhead "
+        "| plast.step ms | hooks ms | own share | peak MiB | target | met (overhead / own share) |",
+        "|---|---:|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         target = f"<= {r['target_pct']} %" if r["target_pct"] != "" else ""
         met = f"{r['met_by_step_diff']} / {r['met_by_own_time']}" if target else ""
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['input']} | {r['T']} | {r['condition']} | "
-            f"{r['step_s']:.3f} | {r['step_s_min']:.3f}-{r['step_s_max']:.3f} | "
+            f"| {r['model']} | {r['batch']} | {r['input']} | {r['T']} | {r['amp']} | "
+            f"{r['condition']} | {r['step_s']:.4f} | {r['step_s_min']:.4f}-{r['step_s_max']:.4f} | "
             f"{r['overhead_pct']:+.2f} % | {r['plast_step_ms']:.2f} | {r['hooks_ms']:.2f} | "
-            f"{r['own_pct']:.3f} % | {target} | {met} |"
+            f"{r['own_pct']:.3f} % | {r['peak_mem_mib']:.0f} | {target} | {met} |"
         )
     return "\n".join(lines)
 
@@ -344,6 +378,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--T", type=int, default=4, help="time steps (default 4)")
     parser.add_argument("--reps", type=int, default=3, help="timed rounds (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    parser.add_argument(
+        "--amp", choices=AMP_CHOICES, default="none", help="precision: none, fp16 or bf16"
+    )
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=2,
+        help="CUDA: profiled steps per condition for DA-SSDP's own device time (default 2)",
+    )
     add_run_arguments(parser, "seed of weights and inputs")
     add_output_arguments(parser, "overhead", per_device=True)
 
@@ -354,8 +397,11 @@ def run(args: argparse.Namespace) -> int:
     from dassdp.bench.report import environment, write_csv, write_section
     from dassdp.bench.timing import default_csv, device_of, load_average, section_name
 
-    if min([*args.batch, args.size, args.T, args.reps, args.threads, args.warmup]) < 1:
-        raise ValueError("--batch, --size, --T, --reps, --warmup and --threads must be >= 1")
+    sizes = [*args.batch, args.size, args.T, args.reps, args.threads, args.warmup]
+    if min([*sizes, args.profile_steps]) < 1:
+        raise ValueError(
+            "--batch, --size, --T, --reps, --warmup, --threads and --profile-steps must be >= 1"
+        )
     device = str(device_of(args.device))
     out = args.out if args.out is not None else default_csv("overhead", device)
     torch.set_num_threads(args.threads)
@@ -365,8 +411,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.model}: batch {batch}, {args.size}x{args.size}, T={args.T}", flush=True)
         got = bench_batch(
             args.model, batch=batch, size=args.size, T=args.T, reps=args.reps,
-            warmup=args.warmup, device=device, seed=args.seed,
-            log=lambda s: print(s, flush=True),
+            warmup=args.warmup, device=device, seed=args.seed, amp=args.amp,
+            profile_steps=args.profile_steps, log=lambda s: print(s, flush=True),
         )  # fmt: skip
         for r in got:
             print(

@@ -101,6 +101,9 @@ def write_section(args: Any, name: str, body: str, csv_path: Path) -> None:
     """Write ``body`` as the ``args.section`` (default ``name``) section of ``args.doc`` and
     say where the CSV and the section went."""
     heading = args.section or name
+    note = getattr(args, "note", None)
+    if note:
+        body = body.rstrip() + f"\n\nNote: {note}\n"
     replace_section(args.doc, heading, body)
     print(f"wrote {csv_path} and the '## {heading}' section of {args.doc}")
 
@@ -142,4 +145,9 @@ def add_output_arguments(parser: Any, name: str, *, per_device: bool = True) -> 
         help=f"heading of the section to write instead (default '{name}'"
         + (f", or '{name} (cuda)' on a GPU)" if per_device else ")")
         + ": keeps the default section, e.g. for a run with other batch sizes",
+    )
+    parser.add_argument(
+        "--note",
+        default=None,
+        help="a sentence appended to the section (e.g. what else loaded the machine)",
     )

@@ -144,14 +144,14 @@ def measure(
         if log:
             log(f"  {backend:<7} {LABELS[quantity]:<48} {count:6d}  {detail}")
 
+    torch.manual_seed(seed)
+    base = create_model(model_name, num_classes=10, T=T).to(dev).train()
+    in_ch = next(m.in_channels for m in base.modules() if isinstance(m, torch.nn.Conv2d))
     gen = torch.Generator().manual_seed(seed)
-    xs = [torch.rand(batch, 3, size, size, generator=gen).to(dev) for _ in range(4)]
+    xs = [torch.rand(batch, in_ch, size, size, generator=gen).to(dev) for _ in range(4)]
     y = torch.randint(0, 10, (batch,), generator=gen).to(dev)
     lif_x = (1.5 * torch.randn(T, batch, lif_channels, 8, 8, generator=gen)).to(dev)
     lif_g = torch.randn(T, batch, lif_channels, 8, 8, generator=gen).to(dev)
-
-    torch.manual_seed(seed)
-    base = create_model(model_name, num_classes=10, T=T).to(dev).train()
     for backend in backends:
         factory = lif_factory(backend)
         # neuron-layer op count: [T, B, C, 8, 8]

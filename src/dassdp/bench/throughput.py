@@ -28,40 +28,28 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dassdp.bench.devstats import AMP_CHOICES
 from dassdp.bench.report import add_output_arguments, add_run_arguments, provenance
+from dassdp.bench.syncs import lif_factory
 
 HELP = "training images/s of spikingresformer_cifar: our LIF vs SpikingJelly 2.0's LIFNode"
 
 TARGET_RATIO = 1.0
 BACKENDS = ("dassdp", "spikingjelly")
 LOOP_BACKEND = "dassdp-loop"  # our LIF with the fused kernel off (--loop-baseline)
-TORCH_BACKEND = "dassdp-torch"  # on CUDA: our LIF on its torch path (before the Triton kernel)
+TORCH_BACKEND = "dassdp-torch"  # our LIF on its torch path: what "auto" ran on CUDA before Triton
 ALL_BACKENDS = (*BACKENDS, LOOP_BACKEND, TORCH_BACKEND)
 NEURON_NAMES = {
     "dassdp": "dassdp.neurons.LIF",
     "spikingjelly": "LIFNode (step_mode=m)",
-    LOOP_BACKEND: "dassdp.neurons.LIF(backend='loop')",
+    LOOP_BACKEND: "dassdp.neurons.LIF(fused=False)",
     TORCH_BACKEND: "dassdp.neurons.LIF(backend='torch')",
 }
-
-
-def backends_for(device: Any, loop_baseline: bool) -> tuple[str, ...]:
-    """The compared backends: ours and SpikingJelly's, the autograd loop with
-    ``loop_baseline``, and on CUDA our torch-path LIF (what ``auto`` ran before Triton)."""
-    import torch
-
-    extra = (LOOP_BACKEND,) if loop_baseline else ()
-    if torch.device(device).type == "cuda":
-        extra += (TORCH_BACKEND,)
-    return (*BACKENDS, *extra)
-
-
 INSTALL_HINT = "pip install --no-deps spikingjelly==2.0.0 'loguru>=0.7,<1'"
 
 
@@ -104,19 +92,29 @@ def build(model_name: str, backend: str, *, T: int, seed: int, device: Any) -> A
     import torch
 
     from dassdp import create_model
-    from dassdp.neurons import LIF
 
     kwargs: dict[str, Any] = {"num_classes": 10, "T": T}
     if backend == "spikingjelly":
         kwargs["neuron_layer"] = spikingjelly_lif()
     elif backend == LOOP_BACKEND:
-        kwargs["neuron_layer"] = functools.partial(LIF, backend="loop")
+        kwargs["neuron_layer"] = lif_factory("loop")
     elif backend == TORCH_BACKEND:
-        kwargs["neuron_layer"] = functools.partial(LIF, backend="torch")
+        kwargs["neuron_layer"] = lif_factory("torch")
     elif backend != "dassdp":
         raise ValueError(f"backend must be one of {ALL_BACKENDS}, got {backend!r}")
     torch.manual_seed(seed)
     return create_model(model_name, **kwargs).to(device).train()
+
+
+def _backends(neurons: tuple[str, ...], loop_baseline: bool) -> tuple[str, ...]:
+    """The neuron backends to run, in order (``dassdp-loop`` added by ``loop_baseline``)."""
+    bad = [n for n in neurons if n not in ALL_BACKENDS]
+    if bad or not neurons:
+        raise ValueError(f"--neurons must be among {ALL_BACKENDS}, got {list(neurons)}")
+    out = tuple(dict.fromkeys(neurons))
+    if loop_baseline and LOOP_BACKEND not in out:
+        out = (*out, LOOP_BACKEND)
+    return out
 
 
 def bench_throughput(
@@ -131,45 +129,69 @@ def bench_throughput(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
     loop_baseline: bool = False,
+    neurons: tuple[str, ...] = BACKENDS,
+    amp: str = "none",
 ) -> list[dict[str, Any]]:
-    """Measure both backends (and ``dassdp-loop`` with ``loop_baseline``) at one batch size;
-    returns one row per backend."""
+    """Measure the ``neurons`` backends (and ``dassdp-loop`` with ``loop_baseline``) at one
+    batch size; returns one row per backend. Ratios to SpikingJelly need both ``dassdp`` and
+    ``spikingjelly`` (else empty)."""
     import torch
     import torch.nn.functional as F
 
     import dassdp
-    from dassdp.bench.devstats import count_kernels, peak_memory_mib, reset_peak_memory
+    from dassdp.bench.devstats import (
+        autocast,
+        count_kernels,
+        grad_scaler,
+        kernel_unit,
+        memory_kind,
+        peak_memory_mib,
+        reset_peak_memory,
+    )
     from dassdp.bench.timing import median, sync
 
     if warmup < 1 or reps < 1:
         raise ValueError("throughput needs >= 1 warm-up step and >= 1 timed step")
     dev = torch.device(device)
-    backends = backends_for(dev, loop_baseline)
+    backends = _backends(tuple(neurons), loop_baseline)
     models = {b: build(model_name, b, T=T, seed=seed, device=dev) for b in backends}
     # Identical weights whatever the neuron class did to the RNG stream.
+    ref = backends[0]
     for b in backends[1:]:
-        models[b].load_state_dict(copy.deepcopy(models["dassdp"].state_dict()))
-    in_ch = next(m for m in models["dassdp"].modules() if isinstance(m, torch.nn.Conv2d))
+        models[b].load_state_dict(copy.deepcopy(models[ref].state_dict()))
+    in_ch = next(m for m in models[ref].modules() if isinstance(m, torch.nn.Conv2d))
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, in_ch.in_channels, size, size, generator=gen).to(dev)
     y = torch.randint(0, 10, (batch,), generator=gen).to(dev)
     opts = {
         b: torch.optim.AdamW(m.parameters(), lr=5e-4, weight_decay=0.01) for b, m in models.items()
     }
+    scalers = {b: grad_scaler(dev, amp) for b in backends}
     times: dict[str, list[float]] = {b: [] for b in backends}
     logits: dict[str, Any] = {}
+
+    def train_step(b: str) -> Any:
+        model, opt, scaler = models[b], opts[b], scalers[b]
+        with autocast(dev, amp):
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        dassdp.reset(model)
+        return out
+
     for r in range(warmup + reps):
         order = backends if r % 2 == 0 else backends[::-1]
         for b in order:
-            model, opt = models[b], opts[b]
             sync(dev)
             start = time.perf_counter()
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            dassdp.reset(model)
+            out = train_step(b)
             sync(dev)
             sec = time.perf_counter() - start
             if r == 0:
@@ -179,29 +201,22 @@ def bench_throughput(
             if log:
                 tag = "warm-up" if r < warmup else f"step {r - warmup + 1}/{reps}"
                 log(f"  batch {batch} {tag:<9} {b:<12} {sec:8.3f} s")
-    diff = max(float((logits[b] - logits["dassdp"]).abs().max()) for b in backends[1:])
-    kernels, peak = {}, {}
-    for b in backends:  # one more step each: kernels launched, and (CUDA) peak memory
-        model, opt = models[b], opts[b]
-
-        def one_step(model: Any = model, opt: Any = opt) -> None:
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            dassdp.reset(model)
-
+    kernels, peaks = {}, {}
+    for b in backends:  # one more step each: kernels launched, peak memory
+        kernels[b] = count_kernels(lambda b=b: train_step(b), dev)[0]
         reset_peak_memory(dev)
-        kernels[b], _ = count_kernels(one_step, dev)
-        peak[b] = round(peak_memory_mib(dev), 1) if dev.type == "cuda" else ""
+        train_step(b)
+        peaks[b] = peak_memory_mib(dev)
+    diff = max([float((logits[b] - logits[ref]).abs().max()) for b in backends[1:]], default=0.0)
     ips = {b: batch / median(times[b]) for b in backends}
-    ratio = ips["dassdp"] / ips["spikingjelly"]
+    with_sj = "dassdp" in ips and "spikingjelly" in ips
+    ratio: Any = round(ips["dassdp"] / ips["spikingjelly"], 3) if with_sj else ""
+    by_min: Any = round(min(times["spikingjelly"]) / min(times["dassdp"]), 3) if with_sj else ""
     before: dict[str, Any] = {"loop_ratio_over_sj": "", "speedup_fused_over_loop": ""}
-    if loop_baseline:
-        before = {
-            "loop_ratio_over_sj": round(ips[LOOP_BACKEND] / ips["spikingjelly"], 3),
-            "speedup_fused_over_loop": round(ips["dassdp"] / ips[LOOP_BACKEND], 3),
-        }
+    if loop_baseline and with_sj:
+        before["loop_ratio_over_sj"] = round(ips[LOOP_BACKEND] / ips["spikingjelly"], 3)
+    if loop_baseline and "dassdp" in ips:
+        before["speedup_fused_over_loop"] = round(ips["dassdp"] / ips[LOOP_BACKEND], 3)
     rows = []
     for b in backends:
         rows.append(
@@ -213,18 +228,20 @@ def bench_throughput(
                 "input": f"{in_ch.in_channels}x{size}x{size}",
                 "T": T,
                 "device": device,
+                "amp": amp,
                 "reps": reps,
                 "step_s": round(median(times[b]), 4),
                 "step_s_min": round(min(times[b]), 4),
                 "step_s_max": round(max(times[b]), 4),
                 "images_per_s": round(ips[b], 3),
-                "ratio_ours_over_sj": round(ratio, 3),
-                "ratio_by_min_step": round(min(times["spikingjelly"]) / min(times["dassdp"]), 3),
+                "ratio_ours_over_sj": ratio,
+                "ratio_by_min_step": by_min,
                 "first_logits_max_abs_diff": f"{diff:.3g}",
-                "target_met": "yes" if ratio >= TARGET_RATIO else "no",
+                "target_met": ("yes" if ratio >= TARGET_RATIO else "no") if with_sj else "",
                 "kernels_per_step": kernels[b],
-                "kernel_unit": "cuda kernels" if dev.type == "cuda" else "aten ops",
-                "cuda_peak_mib": peak[b],
+                "kernel_unit": kernel_unit(dev),
+                "peak_mem_mib": round(peaks[b], 1),
+                "mem_kind": memory_kind(dev),
                 **before,
             }
         )
@@ -239,6 +256,7 @@ def bench_neuron(
     device: str = "cpu",
     seed: int = 0,
     loop_baseline: bool = False,
+    neurons: tuple[str, ...] = BACKENDS,
 ) -> dict[str, float]:
     """Forward + backward of the neuron alone on ``x [T, B, C, H, W]`` = ``shape``, the
     backends (with ``loop_baseline`` also ``dassdp-loop``) interleaved; returns the median
@@ -256,13 +274,14 @@ def bench_neuron(
     gen = torch.Generator().manual_seed(seed)
     x = (1.5 * torch.randn(shape, generator=gen)).to(dev).requires_grad_(True)
     grad = torch.randn(shape, generator=gen).to(dev)
-    backends = backends_for(dev, loop_baseline)
-    neurons = {
-        "dassdp": LIF(),
-        "spikingjelly": spikingjelly_lif()(),
-        LOOP_BACKEND: LIF(backend="loop"),
-        TORCH_BACKEND: LIF(backend="torch"),
+    backends = _backends(tuple(neurons), loop_baseline)
+    makers: dict[str, Callable[[], Any]] = {
+        "dassdp": LIF,
+        "spikingjelly": lambda: spikingjelly_lif()(),
+        LOOP_BACKEND: lif_factory("loop"),
+        TORCH_BACKEND: lif_factory("torch"),
     }
+    layers = {b: makers[b]() for b in backends}
     times: dict[str, list[float]] = {b: [] for b in backends}
 
     def call(neuron: Any) -> None:
@@ -274,7 +293,7 @@ def bench_neuron(
 
     for r in range(warmup + reps):
         for b in backends if r % 2 == 0 else backends[::-1]:
-            sec, _ = timed(lambda b=b: call(neurons[b]), dev)
+            sec, _ = timed(lambda b=b: call(layers[b]), dev)
             if r >= warmup:
                 times[b].append(sec)
     return {b: median(times[b]) * 1e3 for b in backends}
@@ -288,6 +307,8 @@ def markdown(
     sj_version: str,
 ) -> str:
     """The ``## throughput`` section body."""
+    kernel_note = rows[0]["kernel_unit"] if rows else ""
+    mem_note = rows[0]["mem_kind"] if rows else ""
     lines = [
         "Training images/s of the same architecture with our multi-step LIF and with",
         f"SpikingJelly {sj_version}'s `LIFNode(tau=2., v_threshold=1., v_reset=0., "
@@ -304,29 +325,28 @@ def markdown(
         "multi-step kernel (`lif_multistep_fused`); `dassdp-loop` rows (`--loop-baseline`) are",
         "the same model with `LIF(fused=False)`, the autograd loop over time steps that was our",
         "LIF before it, timed in the same interleaved run (*ratio* columns stay fused / SJ).",
-        "*kernels / step*: one more training step per backend, counted: CUDA kernels seen by",
-        "the profiler on a GPU (Triton's included), aten operators dispatched on the CPU (the",
-        "proxy of kernel launches); *peak MiB*: that step's `torch.cuda.max_memory_allocated`",
-        "(CUDA only). On CUDA `dassdp` is the Triton LIF (`backend='auto'`) and `dassdp-torch`",
-        "the same model on the torch path, what `auto` ran before the Triton kernel.",
         "SpikingJelly is installed for this benchmark only (`pip install --no-deps",
-        "spikingjelly==2.0.0 'loguru>=0.7,<1'`); it is not a dependency of dassdp.",
+        "spikingjelly==2.0.0 'loguru>=0.7,<1'`); it is not a dependency of dassdp; without it",
+        "run `--neurons dassdp dassdp-loop` (no ratio columns). *amp*: `none` = float32,",
+        "`bf16`/`fp16` = forward and loss under autocast (fp16 with a grad scaler).",
+        f"*kernels / step*: {kernel_note} in one training step. *peak MiB*:",
+        f"{mem_note} of one training step.",
         "",
         *provenance(env, csv_path, load),
         "",
-        "| model | neurons | batch | input | T | step s (median) | min-max s | images / s "
+        "| model | neurons | batch | input | T | amp | step s (median) | min-max s | images / s "
         "| ratio ours / SJ | ratio by min step | LIF op ms | LIF op ratio | logit diff "
-        "| target met | kernels / step | peak MiB |",
-        "|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| kernels / step | peak MiB | target met |",
+        "|---|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['backend']} | {r['batch']} | {r['input']} | {r['T']} | "
-            f"{r['step_s']:.3f} | {r['step_s_min']:.3f}-{r['step_s_max']:.3f} | "
-            f"{r['images_per_s']:.2f} | {r['ratio_ours_over_sj']:.3f} | "
-            f"{r['ratio_by_min_step']:.3f} | {r['lif_op_ms']:.1f} | {r['lif_op_ratio']:.3f} | "
-            f"{r['first_logits_max_abs_diff']} | {r['target_met']} | "
-            f"{r.get('kernels_per_step', '')} | {r.get('cuda_peak_mib', '')} |"
+            f"{r['amp']} | {r['step_s']:.3f} | {r['step_s_min']:.3f}-{r['step_s_max']:.3f} | "
+            f"{r['images_per_s']:.2f} | {_f3(r['ratio_ours_over_sj'])} | "
+            f"{_f3(r['ratio_by_min_step'])} | {r['lif_op_ms']:.1f} | {_f3(r['lif_op_ratio'])} | "
+            f"{r['first_logits_max_abs_diff']} | {r['kernels_per_step']} | "
+            f"{r['peak_mem_mib']:.0f} | {r['target_met']} |"
         )
     before_after = [r for r in rows if r["backend"] == "dassdp" and r["loop_ratio_over_sj"] != ""]
     if before_after:
@@ -343,6 +363,10 @@ def markdown(
             f"{r['lif_op_ms']:.1f} ms ({loop_ms / r['lif_op_ms']:.2f}x)"
         )
     return "\n".join(lines)
+
+
+def _f3(value: Any) -> str:
+    return f"{value:.3f}" if value != "" else "-"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -372,6 +396,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also time our model with the fused LIF off (LIF(fused=False), the autograd loop) "
         "in the same interleaved run, and report the before/after ratio",
     )
+    parser.add_argument(
+        "--neurons",
+        nargs="+",
+        choices=ALL_BACKENDS,
+        default=list(BACKENDS),
+        help="neuron backends to time (default dassdp spikingjelly; without SpikingJelly "
+        "installed e.g. dassdp dassdp-loop)",
+    )
+    parser.add_argument(
+        "--amp", choices=AMP_CHOICES, default="none", help="precision: none, fp16 or bf16"
+    )
     add_run_arguments(parser, "seed of weights and inputs")
     add_output_arguments(parser, "throughput", per_device=True)
 
@@ -390,11 +425,13 @@ def run(args: argparse.Namespace) -> int:
             "--batch, --size, --T, --reps, --warmup, --threads, --neuron-channels and "
             "--neuron-reps must be >= 1"
         )
-    try:
-        spikingjelly_lif()
-    except RuntimeError as err:
-        print(f"dassdp bench throughput: {err}", file=sys.stderr)
-        return 3
+    neurons = _backends(tuple(args.neurons), args.loop_baseline)
+    if "spikingjelly" in neurons:
+        try:
+            spikingjelly_lif()
+        except RuntimeError as err:
+            print(f"dassdp bench throughput: {err}", file=sys.stderr)
+            return 3
     device = str(device_of(args.device))
     out = args.out if args.out is not None else default_csv("throughput", device)
     torch.set_num_threads(args.threads)
@@ -406,25 +443,31 @@ def run(args: argparse.Namespace) -> int:
             args.model, batch=batch, size=args.size, T=args.T, reps=args.reps,
             warmup=args.warmup, device=device, seed=args.seed,
             log=lambda s: print(s, flush=True), loop_baseline=args.loop_baseline,
+            neurons=tuple(args.neurons), amp=args.amp,
         )  # fmt: skip
         shape = (args.T, batch, args.neuron_channels, args.size, args.size)
         lif = bench_neuron(
             shape, reps=args.neuron_reps, device=device, seed=args.seed,
-            loop_baseline=args.loop_baseline,
+            loop_baseline=args.loop_baseline, neurons=tuple(args.neurons),
         )  # fmt: skip
         for r in got:
             r["lif_op_shape"] = "x".join(str(d) for d in shape)
             r["lif_op_ms"] = round(lif[r["backend"]], 3)
-            r["lif_op_ratio"] = round(lif["spikingjelly"] / lif["dassdp"], 3)
+            r["lif_op_ratio"] = (
+                round(lif["spikingjelly"] / lif["dassdp"], 3)
+                if "spikingjelly" in lif and "dassdp" in lif
+                else ""
+            )
         for r in got:
             print(
                 f"batch {batch:<4} {r['backend']:<12} LIF op {r['lif_op_ms']:8.2f} ms  "
                 f"{r['images_per_s']:8.2f} images/s  "
-                f"ratio ours/SJ {r['ratio_ours_over_sj']:.3f}  "
+                f"ratio ours/SJ {_f3(r['ratio_ours_over_sj'])}  "
+                f"{r['kernels_per_step']} kernels/step  peak {r['peak_mem_mib']:.0f} MiB  "
                 f"logit diff {r['first_logits_max_abs_diff']}",
                 flush=True,
             )
-        if args.loop_baseline:
+        if args.loop_baseline and got[0]["loop_ratio_over_sj"] != "":
             print(
                 f"batch {batch:<4} before/after: ours/SJ {got[0]['loop_ratio_over_sj']:.3f} "
                 f"(loop) -> {got[0]['ratio_ours_over_sj']:.3f} (fused), fused/loop "
