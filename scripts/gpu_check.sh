@@ -64,12 +64,12 @@ if [ "${DRY_RUN:-0}" != 1 ]; then
     export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-step pytest-cuda 150 $PY -m pytest -m cuda -q -ra -p no:cacheprovider -o addopts="" tests/test_cuda.py
-step bench-syncs 60 $PY -m dassdp bench syncs --device cuda
+step pytest-cuda 120 $PY -m pytest -m cuda -q -ra -p no:cacheprovider -o addopts="" tests/test_cuda.py
+step bench-syncs 50 $PY -m dassdp bench syncs --device cuda
 step bench-overhead-cifar 60 $PY -m dassdp bench overhead --device cuda --model spikingresformer_cifar --batch 128 --reps 3
-step bench-overhead-imagenet 60 $PY -m dassdp bench overhead --device cuda --model spikingresformer_l --size 224 --batch 16 --reps 3 --section "overhead (cuda, ImageNet recipe)"
 step bench-throughput 60 $PY -m dassdp bench throughput --device cuda --batch 32 128 --reps 5 --neurons dassdp spikingjelly dassdp-torch
-step bench-rule 45 $PY -m dassdp bench rule --device cuda --sizes classifier-cifar10 projection-cifar classifier-imagenet-l projection-imagenet-l
+step bench-rule 40 $PY -m dassdp bench rule --device cuda --sizes classifier-cifar10 projection-cifar classifier-imagenet-l projection-imagenet-l
+step bench-overhead-imagenet 50 $PY -m dassdp bench overhead --device cuda --model spikingresformer_l --size 224 --batch 16 --reps 3 --section "overhead (cuda, ImageNet recipe)"
 
 [ "${DRY_RUN:-0}" = 1 ] && exit 0
 echo "gpu_check: done in $(($(date +%s) - START))s; failed steps: $(awk '$2 != 0 {print $1}' "$STATUS" | tr '\n' ' ')" | tee -a "$LOG"
