@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from dassdp._recompute import is_recomputing
 from dassdp.plasticity.rule import LATENCY_MODES, Activity, finalize_latency, first_last_active
 from dassdp.plasticity.sites import SiteSpec, Source
 
@@ -233,7 +234,7 @@ class Recorder:
             port = src.port
 
         def fn(mod: nn.Module, args: tuple, out: object) -> None:
-            if self.enabled and mod.training:
+            if self.enabled and mod.training and not is_recomputing():  # checkpointing
                 hook(args[0] if port == "input" else out)
 
         self._handles.append(module.register_forward_hook(fn))
