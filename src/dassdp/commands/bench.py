@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "overhead": "overhead",
     "throughput": "throughput",
     "ddp": "ddp",
+    "train-step": "train_step",
 }
 
 
