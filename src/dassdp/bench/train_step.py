@@ -63,6 +63,11 @@ def rss_mib(key):
             return int(line.split()[1]) / 1024
     return float("nan")
 
+if cfg["allocator"] == "tuned":  # as dassdp._malloc.tune_allocator (the CLI) does
+    import ctypes, ctypes.util
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.mallopt(-4, 0)  # M_MMAP_MAX
+    libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD
 torch.set_num_threads(cfg["threads"])
 torch.manual_seed(cfg["seed"])
 model = create_model(cfg["model"], num_classes=10, T=cfg["T"], **cfg["model_args"]).train()
@@ -72,7 +77,7 @@ y = torch.randint(0, 10, (cfg["batch"],), generator=gen)
 opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
 built = rss_mib("VmRSS")
 steps = []
-for _ in range(cfg["steps"]):
+for _ in range(cfg["warmup"] + cfg["steps"]):
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["amp"] == "bf16"):
         loss = F.cross_entropy(model(x), y)
@@ -85,7 +90,7 @@ for _ in range(cfg["steps"]):
     steps.append({"sec": sec, "minflt": r1.ru_minflt - r0.ru_minflt,
                   "sys_share": (r1.ru_stime - r0.ru_stime) / cpu if cpu > 0 else 0.0})
 print(json.dumps({"peak_rss_mib": rss_mib("VmHWM"), "built_rss_mib": built,
-                  "steps": steps, "torch": torch.__version__}))
+                  "steps": steps[cfg["warmup"]:], "torch": torch.__version__}))
 """
 
 
@@ -275,22 +280,28 @@ def markdown(
         "variant's of the same batch and amp (same run, same load). *peak RSS*: a fresh",
         "process per row (`VmHWM` after the steps; *built* = RSS after building the model);",
         "*RSS ratio* over the first row of the same amp (the baseline when there is one);",
-        "*faults/step* and *sys %* (kernel share of CPU time) from `getrusage` there.",
+        "*fresh images/s*, *faults/step* and *sys %* (kernel share of CPU time, `getrusage`)",
+        "there, over its steps after `--rss-warmup` steps.",
+        "*allocator*: `tuned` = the glibc settings the `dassdp` CLI applies at start-up",
+        "(`dassdp._malloc`: `M_MMAP_MAX=0`, `M_TRIM_THRESHOLD=-1`; opt out:",
+        "`DASSDP_MALLOC_TUNE=0`), `default` = glibc's; the interleaved timing runs in the",
+        "`dassdp` process itself (tuned unless opted out): its images/s sit in those rows.",
         "`baseline` rows: the same fresh-process measurement with another checkout's",
         "sources (`--baseline-src`), its default model; their images/s are that process's",
         "(not interleaved).",
         "",
         *provenance(env, csv_path, load),
         "",
-        "| model | variant | amp | batch | images / s | ratio | fresh images / s | peak RSS MiB "
-        "| RSS ratio | built MiB | faults / step | sys % |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | variant | amp | allocator | batch | images / s | ratio | fresh images / s "
+        "| peak RSS MiB | RSS ratio | built MiB | faults / step | sys % |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ips = "" if r["images_per_s"] == "" else f"{r['images_per_s']:.2f}"
         ratio = "" if r["ratio"] == "" else f"{r['ratio']:.3f}"
         lines.append(
-            f"| {r['model']} | {r['variant']} | {r['amp']} | {r['batch']} | {ips} | {ratio} | "
+            f"| {r['model']} | {r['variant']} | {r['amp']} | {r['allocator']} | {r['batch']} | "
+            f"{ips} | {ratio} | "
             f"{r['fresh_images_per_s']:.2f} | {r['peak_rss_mib']:.0f} | "
             f"{r['rss_ratio']:.3f} | {r['built_rss_mib']:.0f} | {r['minflt_per_step']:.0f} | "
             f"{100 * r['sys_share']:.1f} |"
@@ -352,6 +363,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rss-steps", type=int, default=1, help="steps of each fresh RSS process (default 1)"
     )
     parser.add_argument(
+        "--rss-warmup",
+        type=int,
+        default=0,
+        help="steps of each fresh process before the ones its times and faults come from "
+        "(default 0; its peak RSS covers all)",
+    )
+    parser.add_argument(
+        "--allocator",
+        nargs="+",
+        default=["tuned"],
+        choices=["tuned", "default"],
+        help="glibc settings of the fresh processes: 'tuned' (what the dassdp CLI applies, "
+        "dassdp._malloc) and/or 'default' (default tuned)",
+    )
+    parser.add_argument(
         "--no-time", action="store_true", help="skip the interleaved timing (memory only)"
     )
     parser.add_argument(
@@ -372,6 +398,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from dassdp._malloc import allocator_tuned
     from dassdp.bench.report import environment, write_csv, write_section
     from dassdp.bench.timing import load_average, median
 
@@ -379,8 +406,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {args.device}: bench train-step measures the CPU only")
     if min([*args.batch, args.size, args.T, args.steps, args.rss_steps, args.threads]) < 1:
         raise ValueError("--batch, --size, --T, --steps, --rss-steps, --threads must be >= 1")
-    if args.warmup < 0:
-        raise ValueError("--warmup must be >= 0")
+    if min(args.warmup, args.rss_warmup) < 0:
+        raise ValueError("--warmup and --rss-warmup must be >= 0")
     torch.set_num_threads(args.threads)
     stages = _num_stages(args.model)
     configs = [(v, a) for a in args.amp for v in args.variants]
@@ -397,25 +424,32 @@ def run(args: argparse.Namespace) -> int:
                 args.model, configs, batch=batch, size=args.size, T=args.T, steps=args.steps,
                 warmup=args.warmup, seed=args.seed, log=lambda s: print(s, flush=True),
             )  # fmt: skip
-        todo: list[tuple[str, str, str | None]] = [(v, a, None) for v, a in configs]
+        todo = [(v, a, al, None) for v, a in configs for al in args.allocator]
         if args.baseline_src:  # first: the reference of the RSS ratios
-            todo = [("baseline", a, args.baseline_src) for a in args.amp] + todo
+            base = [
+                ("baseline", a, al, args.baseline_src) for a in args.amp for al in args.allocator
+            ]
+            todo = base + todo
         ref_rss: dict[str, float] = {}
         ref_ips: dict[str, float] = {}
-        for variant, amp, src in todo:
+        here = "tuned" if allocator_tuned() else "default"  # the interleaved run's allocator
+        for variant, amp, allocator, src in todo:
             cfg = {
                 "model": args.model, "batch": batch, "size": args.size, "T": args.T,
-                "steps": args.rss_steps, "amp": amp, "threads": args.threads,
+                "steps": args.rss_steps, "warmup": args.rss_warmup, "amp": amp,
+                "threads": args.threads, "allocator": allocator,
                 "seed": args.seed, "in_channels": in_ch,
                 "model_args": {} if src else model_args(variant, stages),
             }  # fmt: skip
             got = fresh_process(cfg, src)
             step_s = median([s["sec"] for s in got["steps"]])
-            ips = round(batch / median(times[(variant, amp)]), 3) if (variant, amp) in times else ""
+            timed = (variant, amp) in times and allocator == here
+            ips = round(batch / median(times[(variant, amp)]), 3) if timed else ""
             row = {
                 "model": args.model,
                 "variant": variant,
                 "amp": amp,
+                "allocator": allocator,
                 "batch": batch,
                 "size": args.size,
                 "T": args.T,
@@ -434,7 +468,7 @@ def run(args: argparse.Namespace) -> int:
             rss = ref_rss.setdefault(amp, row["peak_rss_mib"])
             row["rss_ratio"] = round(row["peak_rss_mib"] / rss, 3)
             print(
-                f"batch {batch:<4} {variant:<16} {amp:<5} {ips!s:>8} images/s  "
+                f"batch {batch:<4} {variant:<16} {amp:<5} {allocator:<7} {ips!s:>8} images/s  "
                 f"ratio {row['ratio']!s:>6}  peak RSS {row['peak_rss_mib']:8.0f} MiB "
                 f"(x{row['rss_ratio']:.3f})  fresh {row['fresh_images_per_s']:.2f} images/s  "
                 f"faults/step {row['minflt_per_step']}  sys {100 * row['sys_share']:.1f} %",
