@@ -253,3 +253,19 @@ def test_checkpointed_model_learns_the_same_dassdp_update():
     for n in p:
         torch.testing.assert_close(c[n], p[n], rtol=1e-6, atol=1e-7, msg=n)
     assert not torch.equal(p[site], _small_resformer().state_dict()[site])
+
+
+def test_config_model_args_carry_the_memory_options():
+    from dassdp.engine import ConfigError, config_from_dict
+    from engine_fixtures import tiny_dict
+
+    cfg = config_from_dict(tiny_dict(model_args={"spike_saving": False}))
+    assert cfg.model_args == {"spike_saving": False}
+    ok = tiny_dict(model="spikingresformer_cifar", model_args={"checkpoint_stages": [0, 2]})
+    assert config_from_dict(ok).model_args["checkpoint_stages"] == [0, 2]
+    for bad, msg in [
+        ({"checkpoint_stages": [3]}, "checkpoint_stages: 3 is not a stage index"),
+        ({"spike_saving": "yes"}, "spike_saving must be true or false"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            config_from_dict(tiny_dict(model="spikingresformer_cifar", model_args=bad))
