@@ -40,7 +40,7 @@ def mark_spikes(t: Tensor) -> Tensor:
     every view of it, as ``bool``; returns ``t``. The mark lapses if ``t`` is later modified
     in place. Only a tensor that owns its memory is marked: a view (``t._base`` set) is left
     unmarked, since its base may hold other values (mark the tensor it is a view of)."""
-    if t._base is None:
+    if t._base is None and not torch.compiler.is_compiling():
         setattr(t, _MARK, t._version)
     return t
 
@@ -83,8 +83,9 @@ def _unpack(kept: Any) -> Tensor:
 @contextlib.contextmanager
 def spike_saving(enabled: bool = True) -> Iterator[None]:
     """Within this context autograd saves marked spike tensors as ``bool`` (see the module
-    docstring). With ``enabled=False`` (or with grad disabled) nothing changes."""
-    if not enabled or not torch.is_grad_enabled():
+    docstring). With ``enabled=False``, with grad disabled, or while ``torch.compile``
+    traces (the compiled graph plans its own saved tensors) nothing changes."""
+    if not enabled or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         yield
         return
     with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
