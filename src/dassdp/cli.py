@@ -54,6 +54,9 @@ def add_subcommands(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from dassdp._malloc import tune_allocator
+
+    tune_allocator()  # glibc: reuse heap for large tensors (opt out: DASSDP_MALLOC_TUNE=0)
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)

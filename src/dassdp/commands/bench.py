@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, str] = {
     "throughput": "throughput",
     "ddp": "ddp",
     "syncs": "syncs",
+    "train-step": "train_step",
 }
 
 

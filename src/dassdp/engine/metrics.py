@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from dassdp._io import atomic_write_text
+from dassdp._recompute import is_recomputing
 from dassdp.plasticity import distributed as D
 
 __all__ = [
@@ -103,7 +104,7 @@ class FiringRates:
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if not module.training:
+            if not module.training or is_recomputing():  # not twice under checkpointing
                 return
             out = output[0] if isinstance(output, tuple) else output
             with torch.no_grad():

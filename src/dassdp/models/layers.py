@@ -1,15 +1,28 @@
-"""Shared pieces of the spiking models: time-major helpers and pre-activation conv blocks."""
+"""Shared pieces of the spiking models: time-major helpers, pre-activation conv blocks and
+activation checkpointing of a block (:func:`checkpointed`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from dassdp._recompute import recomputing
 from dassdp.neurons import LIF
 from dassdp.plasticity.sites import SiteSpec
 
-__all__ = ["NeuronLayer", "SpikeConvBN", "pick_preset", "seq_apply", "to_time_major"]
+__all__ = [
+    "NeuronLayer",
+    "SpikeConvBN",
+    "check_stage_indices",
+    "checkpointed",
+    "pick_preset",
+    "seq_apply",
+    "to_time_major",
+]
 
 # A factory for a multi-step neuron module ([T, B, ...] -> [T, B, ...]), e.g. LIF or PLIF.
 NeuronLayer = Callable[[], nn.Module]
@@ -85,3 +98,59 @@ def pick_preset(
             f"{model}: unknown DA-SSDP site preset {preset!r}; choose one of {sorted(presets)}"
         )
     return presets[preset]()
+
+
+def check_stage_indices(stages: Iterable[int], num_stages: int, key: str) -> tuple[int, ...]:
+    """``stages`` as a sorted tuple of distinct stage indices in ``[0, num_stages)``; anything
+    else (a non-integer, out of range, a repeat) is a ``ValueError`` naming ``key``."""
+    if isinstance(stages, str | bytes) or not isinstance(stages, Iterable):
+        raise ValueError(f"{key} must be a list of stage indices, got {stages!r}")
+    out = list(stages)
+    for i in out:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_stages:
+            raise ValueError(
+                f"{key}: {i!r} is not a stage index; this model has stages 0..{num_stages - 1}"
+            )
+    if len(set(out)) != len(out):
+        raise ValueError(f"{key} lists a stage twice: {out}")
+    return tuple(sorted(out))
+
+
+def checkpointed(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` with activation checkpointing (``torch.utils.checkpoint``,
+    ``use_reentrant=False``): the activations inside are not kept but recomputed in the
+    backward. The result and every gradient are those of ``module(x)``.
+
+    The recomputation is an exact replay: the module's buffers (BatchNorm running statistics,
+    DSSA running firing rates) are set back to their values before the forward for it and
+    restored afterwards, so they are updated once per forward and the recomputed activations
+    equal the original ones; it runs under :func:`dassdp._recompute.recomputing`, so
+    recording hooks (DA-SSDP recorder, firing rates) skip it. Without grad it is a plain call.
+    """
+    if not torch.is_grad_enabled():
+        return module(x)
+    before: list[Tensor] = []
+
+    @contextlib.contextmanager
+    def forward_ctx() -> Iterator[None]:
+        before[:] = [b.detach().clone() for b in module.buffers()]
+        yield
+
+    @contextlib.contextmanager
+    def recompute_ctx() -> Iterator[None]:
+        buffers = list(module.buffers())
+        after = [b.detach().clone() for b in buffers]
+        try:
+            with torch.no_grad():
+                for b, v in zip(buffers, before, strict=True):
+                    b.copy_(v)
+            with recomputing():
+                yield
+        finally:  # also when the recomputation stops early
+            with torch.no_grad():
+                for b, v in zip(buffers, after, strict=True):
+                    b.copy_(v)
+
+    return checkpoint(  # type: ignore[no-any-return]
+        module, x, use_reentrant=False, context_fn=lambda: (forward_ctx(), recompute_ctx())
+    )

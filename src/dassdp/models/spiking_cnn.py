@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from dassdp.models.layers import NeuronLayer, pick_preset, seq_apply, to_time_major
 from dassdp.models.registry import register_model
-from dassdp.neurons import LIF
+from dassdp.neurons import LIF, mark_spikes, spike_saving
 from dassdp.plasticity.sites import SiteSpec
 
 __all__ = ["SpikingCNN", "spiking_cnn"]
@@ -31,6 +31,9 @@ class SpikingCNN(nn.Module):
 
     ``norm=False`` removes the three BatchNorms (batch statistics are per rank under DDP on
     CPU); ``v_threshold`` is passed to every neuron (lower it to keep a norm-free net firing).
+    ``spike_saving`` (default on): autograd keeps the spikes it saves (the neurons' outputs
+    and their max pools) as ``bool`` (:func:`dassdp.neurons.spike_saving`; bit-identical
+    gradients, less memory).
     """
 
     def __init__(
@@ -43,10 +46,14 @@ class SpikingCNN(nn.Module):
         norm: bool = True,
         v_threshold: float = 1.0,
         neuron_layer: NeuronLayer = LIF,
+        spike_saving: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(spike_saving, bool):
+            raise ValueError(f"spike_saving must be true or false, got {spike_saving!r}")
         c1, c2 = channels
         self.T = int(T)
+        self.spike_saving = spike_saving
         self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(c1) if norm else nn.Identity()
         self.lif1 = neuron_layer(v_threshold=v_threshold)
@@ -64,14 +71,16 @@ class SpikingCNN(nn.Module):
         self.classifier = nn.Linear(hidden, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = to_time_major(x, self.T)  # [T, B, C, H, W]
-        x = self.lif1(seq_apply(lambda z: self.bn1(self.conv1(z)), x))
-        x = seq_apply(self.pool1, x)
-        x = self.lif2(seq_apply(lambda z: self.bn2(self.conv2(z)), x))
-        x = seq_apply(self.pool2, x)
-        x = seq_apply(self.pool3, x).flatten(2)  # [T, B, c2 * 16] spikes
-        x = self.lif3(seq_apply(self.bn3, self.fc1(x)))  # [T, B, hidden] spikes
-        return self.classifier(x).mean(0)  # [T, B, classes] -> [B, classes]
+        with spike_saving(self.spike_saving):
+            x = to_time_major(x, self.T)  # [T, B, C, H, W]
+            x = self.lif1(seq_apply(lambda z: self.bn1(self.conv1(z)), x))
+            # Max pools of spikes are spikes: marked, so that autograd may save them as bool.
+            x = seq_apply(lambda z: mark_spikes(self.pool1(z)), x)
+            x = self.lif2(seq_apply(lambda z: self.bn2(self.conv2(z)), x))
+            x = seq_apply(lambda z: mark_spikes(self.pool2(z)), x)
+            x = seq_apply(lambda z: mark_spikes(self.pool3(z)), x).flatten(2)  # [T, B, c2*16]
+            x = self.lif3(seq_apply(self.bn3, self.fc1(x)))  # [T, B, hidden] spikes
+            return self.classifier(x).mean(0)  # [T, B, classes] -> [B, classes]
 
     def dassdp_sites(self, preset: str = "default") -> dict[str, SiteSpec]:
         """DA-SSDP sites: the classifier and the last hidden layer (post: its LIF spikes).

@@ -29,14 +29,31 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dassdp.models.layers import NeuronLayer, SpikeConvBN, pick_preset, seq_apply, to_time_major
+from dassdp.models.layers import (
+    NeuronLayer,
+    SpikeConvBN,
+    check_stage_indices,
+    checkpointed,
+    pick_preset,
+    seq_apply,
+    to_time_major,
+)
 from dassdp.models.registry import register_model
-from dassdp.neurons import LIF, PLIF
+from dassdp.neurons import LIF, PLIF, spike_saving
 from dassdp.plasticity.sites import SiteSpec
 
 __all__ = ["DSSA", "GWFFN", "SpikingResformer"]
 
 _MIN_RATE = 1e-6  # floor on a firing rate so that a silent layer scales by a finite factor
+
+
+def _scaled(product: Tensor, scale: Tensor) -> Tensor:
+    """``product * scale``, in place when that keeps the dtype (the matmul backward does not
+    need its output): one ``[T, B, h, N, HW]`` temporary fewer, the same values. Under bf16
+    autocast the product is bf16 and ``scale`` fp32: out of place, promoted as before."""
+    if product.dtype == torch.result_type(product, scale):
+        return product.mul_(scale)
+    return product * scale
 
 
 class DSSA(nn.Module):
@@ -92,9 +109,9 @@ class DSSA(nn.Module):
         y1, y2 = y[:, :, :, :d], y[:, :, :, d:]
         sx = s.reshape(T, B, h, d, H * W)  # [T, B, h, d, HW]
         c1 = self._rate("rate_x", sx).mul(d).rsqrt().view(1, 1, h, 1, 1)
-        attn = self.lif_attn(y1.transpose(-1, -2) @ sx * c1)  # [T, B, h, N, HW] spikes
+        attn = self.lif_attn(_scaled(y1.transpose(-1, -2) @ sx, c1))  # [T, B, h, N, HW] spikes
         c2 = self._rate("rate_attn", attn).mul(y.shape[-1]).rsqrt().view(1, 1, h, 1, 1)
-        out = self.lif_out((y2 @ attn * c2).reshape(T, B, C, H, W))  # [T, B, C, H, W] spikes
+        out = self.lif_out(_scaled(y2 @ attn, c2).reshape(T, B, C, H, W))  # [T, B, C, H, W]
         return x + seq_apply(lambda z: self.proj_bn(self.proj(z)), out)
 
 
@@ -179,6 +196,12 @@ class SpikingResformer(nn.Module):
 
     Output: logits ``[B, num_classes]``, the classifier applied per time step and averaged.
     The classifier sees ``[T, B, C]`` (time-major), so DA-SSDP recorders read per-step activity.
+
+    ``spike_saving`` (default on): autograd keeps the spikes it saves for the backward as
+    ``bool`` (:func:`dassdp.neurons.spike_saving`; bit-identical gradients, less memory).
+    ``checkpoint_stages``: indices of stages run with activation checkpointing
+    (:func:`dassdp.models.layers.checkpointed`): less memory, one more forward of those stages
+    in the backward; same outputs, gradients and DA-SSDP records.
     """
 
     def __init__(
@@ -193,11 +216,19 @@ class SpikingResformer(nn.Module):
         stem: str = "imagenet",
         group_size: int = 64,
         neuron_layer: NeuronLayer = LIF,
+        spike_saving: bool = True,
+        checkpoint_stages: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if not len(dims) == len(depths) == len(num_heads) == len(patch_sizes):
             raise ValueError("dims, depths, num_heads and patch_sizes must have the same length")
+        if not isinstance(spike_saving, bool):
+            raise ValueError(f"spike_saving must be true or false, got {spike_saving!r}")
         self.T = int(T)
+        self.spike_saving = spike_saving
+        self.checkpoint_stages = check_stage_indices(
+            checkpoint_stages, len(dims), "checkpoint_stages"
+        )
         self.stem = Stem(in_channels, dims[0], stem)
         self.stages = nn.ModuleList(
             Stage(
@@ -224,10 +255,11 @@ class SpikingResformer(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Time-major residual stream after the last stage, pooled: ``[T, B, C]``."""
-        x = self.stem(to_time_major(x, self.T))  # [T, B, C0, H, W]
-        for stage in self.stages:
-            x = stage(x)
-        return x.mean(dim=(-2, -1))
+        with spike_saving(self.spike_saving):
+            x = self.stem(to_time_major(x, self.T))  # [T, B, C0, H, W]
+            for i, stage in enumerate(self.stages):
+                x = checkpointed(stage, x) if i in self.checkpoint_stages else stage(x)
+            return x.mean(dim=(-2, -1))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.forward_features(x)).mean(0)  # [T, B, K] -> [B, K]

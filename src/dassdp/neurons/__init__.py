@@ -3,7 +3,7 @@
 The math is in :mod:`dassdp.neurons.functional` (pure functions), the surrogate gradients
 in :mod:`dassdp.neurons.surrogate`, the one-kernel Triton LIF in
 :mod:`dassdp.neurons.triton_lif` (imported only when used), and :class:`LIF` / :class:`PLIF`
-are module shells.
+are module shells; :mod:`dassdp.neurons.saving` lets autograd save spikes as ``bool``.
 """
 
 from dassdp.neurons.functional import (
@@ -19,6 +19,7 @@ from dassdp.neurons.functional import (
     triton_available,
 )
 from dassdp.neurons.modules import LIF, PLIF
+from dassdp.neurons.saving import is_marked_spikes, mark_spikes, observe_saved, spike_saving
 from dassdp.neurons.surrogate import SURROGATES, atan_spike, get_surrogate, sigmoid_spike
 
 __all__ = [
@@ -30,12 +31,16 @@ __all__ = [
     "atan_spike",
     "fused_supported",
     "get_surrogate",
+    "is_marked_spikes",
     "lif_multistep",
     "lif_multistep_fused",
     "lif_multistep_loop",
     "lif_multistep_triton",
     "lif_step",
+    "mark_spikes",
+    "observe_saved",
     "resolve_backend",
     "sigmoid_spike",
+    "spike_saving",
     "triton_available",
 ]

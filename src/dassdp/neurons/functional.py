@@ -29,10 +29,11 @@ Fused multi-step (:func:`lif_multistep_fused`, the ``"torch"`` backend)
 -----------------------------------------------------------------------
 The forward runs the same operations as the step above, in the same order (so spikes and
 membranes are bit-identical to the autograd loop), but without recording a graph: it keeps
-only ``H`` ``[T, ...]`` and the spikes as a bool mask (plus ``X`` when a learnable ``k``
-needs its gradient). The backward is written by hand. With ``k = 1 / tau``, surrogate
-``σ'[t] = sg(H[t] - V_th)``, incoming gradients ``gS[t]`` (and ``gV_out[t]`` for the
-returned membrane, else 0) and the reset derivative ``R[t] = dV[t] / dH[t]``::
+only ``H`` ``[T, ...]`` (plus ``X`` when a learnable ``k`` needs its gradient); the
+backward rebuilds the spikes from it as ``H >= V_th``, the forward's own comparison. The
+backward is written by hand. With ``k = 1 / tau``, surrogate ``σ'[t] = sg(H[t] - V_th)``,
+incoming gradients ``gS[t]`` (and ``gV_out[t]`` for the returned membrane, else 0) and the
+reset derivative ``R[t] = dV[t] / dH[t]``::
 
     R[t] = 1 - S[t]                         hard reset, detach_reset
          = 1                                soft reset, detach_reset
@@ -246,7 +247,9 @@ class _FusedLIF(torch.autograd.Function):
             s_out.copy_(s_mask)
         k_needs_grad = k_tensor is not None and ctx.needs_input_grad[1]
         x_saved = x if k_needs_grad and params.decay_input else None
-        ctx.save_for_backward(h_seq, s_mask, x_saved, k_tensor)
+        # The spike mask is not saved: the backward rebuilds it as H >= V_th, the very
+        # comparison made here (T x N bytes less kept per neuron layer).
+        ctx.save_for_backward(h_seq, x_saved, k_tensor)
         ctx.k_num, ctx.params, ctx.return_membrane = k_num, params, return_membrane
         ctx.k_needs_grad = k_needs_grad
         if return_membrane:
@@ -256,15 +259,18 @@ class _FusedLIF(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_s: Tensor, g_v_out: Tensor | None = None):  # type: ignore[override]
-        h_seq, s_mask, x_saved, k_tensor = ctx.saved_tensors
+        h_seq, x_saved, k_tensor = ctx.saved_tensors
         p = ctx.params
+        need_mask = p.v_reset is not None or ctx.k_needs_grad
+        s_mask = torch.ge(h_seq, p.v_threshold) if need_mask else None  # as the forward
         k: Tensor | float = ctx.k_num if k_tensor is None else k_tensor.reshape(())
         v_r = 0.0 if p.v_reset is None else p.v_reset
         alpha = get_surrogate(p.surrogate)[1] if p.alpha is None else p.alpha
         sg = _surrogate_grad_(h_seq - p.v_threshold, p.surrogate, float(alpha))
         # R = dV/dH: a tensor, or the number 1 (soft reset, detached).
         if p.detach_reset:
-            r: Tensor | float = (~s_mask).to(h_seq.dtype) if p.v_reset is not None else 1.0
+            hard = s_mask is not None and p.v_reset is not None
+            r: Tensor | float = (~s_mask).to(h_seq.dtype) if hard else 1.0  # type: ignore[operator]
         elif p.v_reset is not None:  # 1 - S + (V_r - H) sg
             r = torch.rsub(h_seq, v_r).mul_(sg).add_(~s_mask)
         else:  # 1 - V_th sg

@@ -11,6 +11,9 @@ fused torch kernel elsewhere), ``"triton"``, ``"torch"`` (fused multi-step torch
 backward). All give the same spikes and gradients up to float rounding. ``fused=False`` is a
 deprecated alias of ``backend="loop"``.
 
+Both mark their output spikes (:func:`dassdp.neurons.saving.mark_spikes`), so that a model
+running under :func:`dassdp.neurons.saving.spike_saving` lets autograd keep them as ``bool``.
+
 Neither module reads a device value back to the host in ``forward`` / ``backward``: PLIF's
 ``1 / tau = sigmoid(w)`` stays a tensor (only the :attr:`PLIF.tau` property reads it).
 """
@@ -23,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from dassdp.neurons.functional import LIFParams, check_backend, lif_multistep
+from dassdp.neurons.saving import mark_spikes
 
 __all__ = ["LIF", "PLIF"]
 
@@ -65,7 +69,8 @@ class LIF(nn.Module):
         return self.backend != "loop"
 
     def forward(self, x: Tensor) -> Tensor:
-        return lif_multistep(x, self.params, backend=self.backend)  # type: ignore[return-value]
+        out = lif_multistep(x, self.params, backend=self.backend)
+        return mark_spikes(out)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
         p = self.params
@@ -117,7 +122,8 @@ class PLIF(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         inv_tau = torch.sigmoid(self.w)  # 0-d, w's dtype: never read on the host
-        return lif_multistep(x, self.params, inv_tau, backend=self.backend)  # type: ignore[return-value]
+        out = lif_multistep(x, self.params, inv_tau, backend=self.backend)
+        return mark_spikes(out)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
         # init_tau, not the current tau: printing a model must not read a device value.

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dassdp._recompute import is_recomputing
 from dassdp.plasticity.rule import LATENCY_MODES, Activity, finalize_latency, first_last_active
 from dassdp.plasticity.sites import DASSDPWarning, SiteSpec, Source
 
@@ -366,7 +367,8 @@ class Recorder:
             port = src.port
 
         def fn(mod: nn.Module, args: tuple, out: object) -> None:
-            if self.enabled and mod.training and torch.is_grad_enabled():
+            # not under no_grad (metrics passes), nor in a checkpointed stage's recomputation
+            if self.enabled and mod.training and torch.is_grad_enabled() and not is_recomputing():
                 hook(args[0] if port == "input" else out)
 
         self._handles.append(module.register_forward_hook(fn))
