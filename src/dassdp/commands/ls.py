@@ -130,7 +130,7 @@ def site_firing(
     }
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     was_training = model.training
-    recorder = Recorder(model, specs, T=T)
+    recorder = Recorder(model, specs, T=T, grad_only=False)  # it runs under no_grad
     sums = {name: [0.0, 0.0] for name in specs}
     count = 0
     try:

@@ -315,6 +315,9 @@ class Recorder:
         sites: ``{layer name: SiteSpec}``; each layer is validated as a DA-SSDP site.
         T: time steps, needed to unflatten ``[T*B, ...]`` tensors (``None``: unknown).
         latency: ``"first"`` or ``"last"``.
+        grad_only: record only forwards with autograd enabled (default: a train-mode pass
+            under ``torch.no_grad()``, e.g. for metrics, is not a training step); ``False``
+            records those too (``dassdp ls sites`` measures firing that way).
     """
 
     def __init__(
@@ -324,12 +327,14 @@ class Recorder:
         *,
         T: int | None = None,
         latency: str = "first",
+        grad_only: bool = True,
     ) -> None:
         if latency not in LATENCY_MODES:
             raise ValueError(f"latency must be one of {LATENCY_MODES}, got {latency!r}")
         if T is not None and (isinstance(T, bool) or not isinstance(T, int) or T < 1):
             raise ValueError(f"T must be a positive int or None, got {T!r}")
         self.model, self.T, self.latency = model, T, latency
+        self.grad_only = grad_only
         self.enabled = True
         self.closed = False
         self.layers: dict[str, nn.Module] = {}
@@ -368,13 +373,15 @@ class Recorder:
 
         def fn(mod: nn.Module, args: tuple, out: object) -> None:
             # not under no_grad (metrics passes), nor in a checkpointed stage's recomputation
-            if self.enabled and mod.training and torch.is_grad_enabled() and not is_recomputing():
+            grad_ok = torch.is_grad_enabled() or not self.grad_only
+            if self.enabled and mod.training and grad_ok and not is_recomputing():
                 hook(args[0] if port == "input" else out)
 
         self._handles.append(module.register_forward_hook(fn))
 
     def _on_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not (self.enabled and model.training and torch.is_grad_enabled()):
+        grad_ok = torch.is_grad_enabled() or not self.grad_only
+        if not (self.enabled and model.training and grad_ok):
             return
         for pre, post in self._hooks.values():
             pre.end_window()
