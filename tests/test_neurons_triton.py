@@ -338,9 +338,8 @@ def test_kernels_compile_for_a_cuda_gpu_without_fma(monkeypatch, dtype):
 
     monkeypatch.delenv("TRITON_INTERPRET")
     fwd, bwd = triton_lif._kernels()
-    tl = triton_lif.tl
     const = dict(K=1 / 3, K_FROM_PTR=True, V_TH=1.0, V_R=-0.5, HARD_RESET=True, DECAY_INPUT=True)
-    const.update(CDT=tl.float32, BLOCK=1024)
+    const.update(F64=False, BLOCK=1024)
     fwd_const = dict(const, STORE_V=True, STORE_H=True, STORE_S=True)
     bwd_const = dict(const, DETACH_RESET=False, SURROGATE=1, ALPHA=4.0, HAS_GS=True, HAS_GV=True)
     bwd_const.update(LOAD_S=True, NEED_GX=True, NEED_GK=True)

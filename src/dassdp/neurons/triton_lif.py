@@ -81,14 +81,17 @@ def _lif_fwd(
     STORE_V: tl.constexpr,
     STORE_H: tl.constexpr,
     STORE_S: tl.constexpr,
-    CDT: tl.constexpr,
+    F64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    zero = tl.full([BLOCK], 0.0, CDT)
+    if F64:  # the compute dtype, as a constexpr flag (older Triton cannot take a dtype)
+        zero = tl.full([BLOCK], 0.0, tl.float64)
+    else:
+        zero = tl.full([BLOCK], 0.0, tl.float32)
     if K_FROM_PTR:
-        k = zero + tl.load(k_ptr).to(CDT)
+        k = zero + tl.load(k_ptr).to(zero.dtype)
     else:
         k = zero + K
     v_th = zero + V_TH
@@ -96,13 +99,13 @@ def _lif_fwd(
     v = zero  # V[-1] = 0
     xp, sp, vp, hp, sbp = x_ptr + offs, s_ptr + offs, v_ptr + offs, h_ptr + offs, sb_ptr + offs
     for _ in range(T):
-        x = tl.load(xp, mask=mask, other=0.0).to(CDT)
+        x = tl.load(xp, mask=mask, other=0.0).to(zero.dtype)
         if DECAY_INPUT:  # H = V + (X - (V - V_r)) k
             h = v + (x - (v - v_r)) * k
         else:  # H = V - (V - V_r) k + X
             h = v - (v - v_r) * k + x
         spike = h >= v_th
-        s = spike.to(CDT)
+        s = spike.to(zero.dtype)
         if HARD_RESET:  # V = V_r where it spiked, else H
             v = tl.where(spike, v_r, h)
         else:  # V = H - V_th S
@@ -147,15 +150,18 @@ def _lif_bwd(
     LOAD_S: tl.constexpr,
     NEED_GX: tl.constexpr,
     NEED_GK: tl.constexpr,
-    CDT: tl.constexpr,
+    F64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    zero = tl.full([BLOCK], 0.0, CDT)
+    if F64:  # the compute dtype, as a constexpr flag (older Triton cannot take a dtype)
+        zero = tl.full([BLOCK], 0.0, tl.float64)
+    else:
+        zero = tl.full([BLOCK], 0.0, tl.float32)
     if K_FROM_PTR:
-        k = zero + tl.load(k_ptr).to(CDT)
+        k = zero + tl.load(k_ptr).to(zero.dtype)
     else:
         k = zero + K
     one = zero + 1.0
@@ -165,11 +171,11 @@ def _lif_bwd(
     # Pointers at step T-1; they walk back by N per step.
     hp, sbp, xp = h_ptr + LAST + offs, sb_ptr + LAST + offs, x_ptr + LAST + offs
     gsp, gvp, gxp = gs_ptr + LAST + offs, gv_ptr + LAST + offs, gx_ptr + LAST + offs
-    h = tl.load(hp, mask=mask, other=0.0).to(CDT)
+    h = tl.load(hp, mask=mask, other=0.0).to(zero.dtype)
     if LOAD_S:
-        s = tl.load(sbp, mask=mask, other=0).to(CDT)
+        s = tl.load(sbp, mask=mask, other=0).to(zero.dtype)
     else:
-        s = (h >= v_th).to(CDT)
+        s = (h >= v_th).to(zero.dtype)
     g_next = zero  # gH[t + 1]
     gk_acc = zero
     for i in range(T):  # t = T - 1 - i
@@ -192,10 +198,10 @@ def _lif_bwd(
                 r = one - v_th * sg
         carry = decay * g_next
         if HAS_GV:
-            carry += tl.load(gvp, mask=mask, other=0.0).to(CDT)
+            carry += tl.load(gvp, mask=mask, other=0.0).to(zero.dtype)
         gh = r * carry
         if HAS_GS:
-            gh += tl.load(gsp, mask=mask, other=0.0).to(CDT) * sg
+            gh += tl.load(gsp, mask=mask, other=0.0).to(zero.dtype) * sg
         if NEED_GX:
             if DECAY_INPUT:
                 tl.store(gxp, (gh * k).to(gx_ptr.dtype.element_ty), mask=mask)
@@ -203,11 +209,11 @@ def _lif_bwd(
                 tl.store(gxp, gh.to(gx_ptr.dtype.element_ty), mask=mask)
         # H[t-1], S[t-1] (zeros before the first step: V[-1] = 0 either way).
         prev_mask = mask & (i < T - 1)
-        h_prev = tl.load(hp - N, mask=prev_mask, other=0.0).to(CDT)
+        h_prev = tl.load(hp - N, mask=prev_mask, other=0.0).to(zero.dtype)
         if LOAD_S:
-            s_prev = tl.load(sbp - N, mask=prev_mask, other=0).to(CDT)
+            s_prev = tl.load(sbp - N, mask=prev_mask, other=0).to(zero.dtype)
         else:
-            s_prev = ((h_prev >= v_th) & prev_mask).to(CDT)
+            s_prev = ((h_prev >= v_th) & prev_mask).to(zero.dtype)
         if NEED_GK:  # dH[t]/dk = X[t] - (V[t-1] - V_r)  or  V_r - V[t-1]
             if HARD_RESET:
                 v_prev = tl.where(s_prev > 0, v_r, h_prev)
@@ -215,7 +221,7 @@ def _lif_bwd(
                 v_prev = h_prev - v_th * s_prev
             v_prev = tl.where(prev_mask, v_prev, zero)
             if DECAY_INPUT:
-                dh_dk = tl.load(xp, mask=mask, other=0.0).to(CDT) - (v_prev - v_r)
+                dh_dk = tl.load(xp, mask=mask, other=0.0).to(zero.dtype) - (v_prev - v_r)
             else:
                 dh_dk = v_r - v_prev
             gk_acc += tl.where(mask, gh * dh_dk, zero)
@@ -256,10 +262,6 @@ def _kernels() -> tuple[Any, Any]:
     return _KERNELS[mode]
 
 
-def _compute_dtype(dtype: torch.dtype) -> Any:
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _block(n: int) -> int:
     return min(_BLOCK_MAX, max(16, triton.next_power_of_2(max(n, 1))))
 
@@ -295,7 +297,7 @@ def _fwd_op(
         sb if save and half else s, N, T,
         K=k_num, K_FROM_PTR=k is not None, V_TH=v_th, V_R=0.0 if v_r is None else v_r,
         HARD_RESET=v_r is not None, DECAY_INPUT=decay_input, STORE_V=return_membrane,
-        STORE_H=save, STORE_S=save and half, CDT=_compute_dtype(x.dtype), BLOCK=block,
+        STORE_H=save, STORE_S=save and half, F64=x.dtype == torch.float64, BLOCK=block,
         enable_fp_fusion=False,
     )  # fmt: skip
     return s, v, h, sb
@@ -349,7 +351,7 @@ def _bwd_op(
         HARD_RESET=v_r is not None, DECAY_INPUT=decay_input, DETACH_RESET=detach_reset,
         SURROGATE=_SURROGATE_IDS[surrogate], ALPHA=alpha, HAS_GS=g_s is not None,
         HAS_GV=g_v is not None, LOAD_S=sb is not None, NEED_GX=need_gx, NEED_GK=need_gk,
-        CDT=_compute_dtype(h.dtype), BLOCK=block, enable_fp_fusion=False,
+        F64=h.dtype == torch.float64, BLOCK=block, enable_fp_fusion=False,
     )  # fmt: skip
     return gx, (gk_part.sum() if need_gk else gk_part)
 

@@ -263,7 +263,8 @@ def delta_w(
 
     def samples(states: int) -> int:  # per chunk: two factors and one row of long states
         per_sample = states * (width + C_out) * F.element_size() + 8 * max(width, C_out)
-        return chunk or max(1, FACTOR_BUDGET // max(1, per_sample))
+        budget = FACTOR_BUDGET if device.type == "cpu" else FACTOR_BUDGET_GPU
+        return chunk or max(1, budget // max(1, per_sample))
 
     E = torch.eye(F.shape[0], dtype=dtype, device=device)  # one-hot rows of the states
     if post_states == "auto":
@@ -307,6 +308,11 @@ FACTOR_BUDGET = 1 << 18
 """Bytes the two factors of one :func:`delta_w` chunk take by default (256 KiB): small
 enough to stay in cache and to keep the rule's peak memory near its output's, large enough
 that the GEMM runs near full speed (``dassdp bench rule``)."""
+
+FACTOR_BUDGET_GPU = 1 << 26
+"""The same on a GPU (64 MiB): there a chunk costs kernel launches, not cache misses, and at
+the paper's site sizes the whole batch is one chunk (measured on an H200: the CPU budget made
+``delta_w`` launch-bound, slower than the pairwise form)."""
 
 
 def state_table(
