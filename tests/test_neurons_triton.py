@@ -4,6 +4,7 @@ backend selection; no host syncs or host-made tensors in the torch and triton ba
 from __future__ import annotations
 
 import collections
+import inspect
 import zlib
 
 import pytest
@@ -356,3 +357,23 @@ def test_kernels_compile_for_a_cuda_gpu_without_fma(monkeypatch, dtype):
     ]
     assert all(k.asm["cubin"] for k in built)
     assert "fma" not in built[0].asm["ptx"]
+
+
+@pytest.mark.parametrize("interpret", [False, True], ids=["compiled", "interpreted"])
+def test_kernel_parameters_in_capitals_are_constexpr(monkeypatch, interpret):
+    # A compiled launch specialises exactly the tl.constexpr parameters; the interpreter and a
+    # compile from an explicit constants dict do not look, so check the jitted signature.
+    if interpret:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for kernel in triton_lif._kernels():
+        fn = getattr(kernel, "fn", kernel)
+        params = inspect.signature(fn).parameters
+        caps = [n for n in params if n.isupper() and n != "N" and n != "T" and n != "LAST"]
+        assert caps, fn
+        for name in caps:
+            assert "constexpr" in str(params[name].annotation), (fn.__name__, name)
+        if not interpret:
+            flags = {p.name: p.is_constexpr for p in kernel.params}
+            assert all(flags[n] for n in caps) and not flags["N"], flags

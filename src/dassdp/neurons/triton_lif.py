@@ -36,8 +36,6 @@ the variable may be set before or after :mod:`dassdp` is imported.
 # The kernels spell out their compile-time (constexpr) branches as if blocks.
 # ruff: noqa: SIM108
 
-from __future__ import annotations
-
 import math
 import types
 from typing import Any
@@ -258,6 +256,9 @@ def _kernels() -> tuple[Any, Any]:
     if mode not in _KERNELS:
         scope = {**globals(), "_ADD": triton.jit(_add)}
         bwd = types.FunctionType(_lif_bwd.__code__, scope, _lif_bwd.__name__)
+        # A function made from a code object has no annotations: without them Triton sees no
+        # tl.constexpr parameter (seen on an H200: "arange's arguments must be constexpr").
+        bwd.__annotations__ = dict(_lif_bwd.__annotations__)
         _KERNELS[mode] = (triton.jit(_lif_fwd), triton.jit(bwd))
     return _KERNELS[mode]
 
