@@ -28,6 +28,7 @@ from dassdp.neurons.functional import LIFParams, lif_multistep
 from dassdp.plasticity.rule import delta_w, fired_latency
 from engine_fixtures import tiny, tiny_dict
 from snn_fixtures import TinySNN
+from test_engine_train import _InfGrad
 
 pytestmark = pytest.mark.cuda
 
@@ -174,17 +175,8 @@ def test_engine_fp16_scaler_skip_is_a_dassdp_skip(tmp_path, apply):
     trainer.fit(stop_after=1)
     criterion, calls = trainer.criterion, itertools.count()
 
-    class InfGrad(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, z):
-            return z.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad * float("inf")
-
     def overflowing(logits, target):
-        return criterion(InfGrad.apply(logits) if next(calls) == 1 else logits, target)
+        return criterion(_InfGrad.apply(logits) if next(calls) == 1 else logits, target)
 
     trainer.criterion = overflowing
     row = trainer.fit()
