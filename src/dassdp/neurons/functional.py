@@ -350,7 +350,6 @@ def lif_multistep_fused(
 _TRITON_OK: list[bool] = []  # filled on the first call of triton_available
 
 
-@torch.compiler.assume_constant_result  # torch.compile: a constant, not traced
 def triton_available() -> bool:
     """Whether the Triton backend can be imported (``triton`` installed and recent enough)."""
     if not _TRITON_OK:
