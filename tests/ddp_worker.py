@@ -17,6 +17,13 @@ CFG = DASSDPConfig(warmup_epochs=1, A_plus=0.02, A_minus=0.004)
 STEPS = 4
 
 
+def _finish() -> None:
+    """Leave the process group together: a rank that tears gloo down while its peer is still
+    between collectives can abort the peer ("terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def global_batch(epoch: int, i: int, size: int):
     gen = torch.Generator().manual_seed(100 * epoch + i)
     return torch.randn(size, 12, generator=gen), torch.randint(0, 4, (size,), generator=gen)
@@ -70,7 +77,7 @@ def run(
         os.path.join(out_dir, f"{tag}-rank{rank}.pt"),
     )
     if world > 1:
-        dist.destroy_process_group()
+        _finish()
 
 
 def run_skips(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -103,7 +110,7 @@ def run_skips(rank: int, world: int, init_file: str, out_dir: str) -> None:
         {"snapshots": snapshots, "counters": plast.counters},
         os.path.join(out_dir, f"skips-rank{rank}.pt"),
     )
-    dist.destroy_process_group()
+    _finish()
 
 
 def run_learned(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -137,4 +144,4 @@ def run_learned(rank: int, world: int, init_file: str, out_dir: str) -> None:
         {"model": model.state_dict(), "history": history, "counters": plast.counters},
         os.path.join(out_dir, f"learned-rank{rank}.pt"),
     )
-    dist.destroy_process_group()
+    _finish()
