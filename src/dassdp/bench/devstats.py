@@ -1,7 +1,8 @@
 """Device facts shared by the benchmarks: AMP settings, peak memory, kernel and op counts.
 
 * ``--amp none|fp16|bf16``: :func:`autocast` around forward + loss, and :func:`grad_scaler`
-  (fp16 only; bf16 has the float32 exponent range and needs none).
+  (fp16 only; bf16 has the float32 exponent range and needs none); whether the scaler stepped
+  is :func:`dassdp.engine.precision.optimizer_stepped`, as in training.
 * Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU this process's peak
   resident set (``VmHWM``), see :func:`peak_memory_mib`.
 * Kernels per call: on CUDA the CUDA kernels the profiler sees (Triton kernels included); on
@@ -29,28 +30,27 @@ __all__ = [
     "peak_memory_mib",
     "range_device_ms",
     "reset_peak_memory",
-    "scaler_stepped",
 ]
 
 AMP_CHOICES = ("none", "fp16", "bf16")
 
 
 def _amp_dtype(amp: str) -> Any:
-    import torch
+    """The autocast dtype of a bench ``--amp`` value (the engine's ``amp`` mapping)."""
+    from dassdp.engine.config import amp_dtype
 
     if amp not in AMP_CHOICES:
         raise ValueError(f"--amp must be one of {AMP_CHOICES}, got {amp!r}")
-    return {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+    return amp_dtype(False if amp == "none" else amp)
 
 
 def autocast(device: Any, amp: str) -> contextlib.AbstractContextManager[Any]:
     """``torch.autocast`` on ``device`` with the ``amp`` dtype (a no-op context for ``none``)."""
     import torch
 
-    dtype = _amp_dtype(amp)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
+    from dassdp.engine.precision import autocast as engine_autocast
+
+    return engine_autocast(torch.device(device), _amp_dtype(amp))
 
 
 def grad_scaler(device: Any, amp: str) -> Any:
@@ -60,13 +60,6 @@ def grad_scaler(device: Any, amp: str) -> Any:
     if _amp_dtype(amp) is not torch.float16:
         return None
     return torch.amp.GradScaler(torch.device(device).type)
-
-
-def scaler_stepped(scaler: Any, scale_before: Any) -> Any:
-    """Whether the scaler stepped the optimizer, as a 0-d bool tensor on the device (no host
-    read): the scaler lowers its scale exactly when it skipped the step. ``scale_before`` is
-    a clone of ``scaler._scale`` taken before ``scaler.update()``."""
-    return scaler._scale >= scale_before
 
 
 def memory_kind(device: Any) -> str:
@@ -107,18 +100,10 @@ def peak_memory_mib(device: Any) -> float:
 def count_aten_ops(fn: Callable[[], Any]) -> tuple[int, Any]:
     """Run ``fn()`` and count the aten operators it dispatches (autograd's backward included);
     returns ``(count, result)``."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from dassdp.bench.syncs import count_ops
 
-    class _Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            _Count.n += 1
-            return func(*args, **(kwargs or {}))
-
-    with _Count():
-        result = fn()
-    return _Count.n, result
+    counts, result = count_ops(fn)
+    return counts["ops"], result
 
 
 def count_cuda_kernels(fn: Callable[[], Any]) -> tuple[int, Any]:

@@ -100,8 +100,9 @@ def _train_step(run: dict[str, Any], x: Any, y: Any, device: Any, amp: str = "no
     import torch.nn.functional as F
 
     import dassdp
-    from dassdp.bench.devstats import autocast, scaler_stepped
+    from dassdp.bench.devstats import autocast
     from dassdp.bench.timing import sync
+    from dassdp.engine.precision import optimizer_stepped
 
     model, opt, plast, scaler = run["model"], run["opt"], run["plast"], run["scaler"]
     cuda = torch.device(device).type == "cuda"
@@ -118,10 +119,9 @@ def _train_step(run: dict[str, Any], x: Any, y: Any, device: Any, amp: str = "no
     stepped: Any = True
     if scaler is not None:
         scaler.scale(loss).backward()
-        before = scaler._scale.clone()
         scaler.step(opt)
+        stepped = optimizer_stepped(scaler, opt)  # a device tensor: no host read
         scaler.update()
-        stepped = scaler_stepped(scaler, before)  # a device tensor: no host read
     else:
         loss.backward()
         opt.step()
