@@ -372,16 +372,20 @@ class Recorder:
             port = src.port
 
         def fn(mod: nn.Module, args: tuple, out: object) -> None:
-            # not under no_grad (metrics passes), nor in a checkpointed stage's recomputation
-            grad_ok = torch.is_grad_enabled() or not self.grad_only
-            if self.enabled and mod.training and grad_ok and not is_recomputing():
+            # nor in a checkpointed stage's recomputation (its forward ran already)
+            if self._recording(mod) and not is_recomputing():
                 hook(args[0] if port == "input" else out)
 
         self._handles.append(module.register_forward_hook(fn))
 
-    def _on_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _recording(self, module: nn.Module) -> bool:
+        """Whether a forward of ``module`` is recorded now: enabled, training, and (with
+        ``grad_only``) not under ``no_grad`` (a metrics pass is not a training step)."""
         grad_ok = torch.is_grad_enabled() or not self.grad_only
-        if not (self.enabled and model.training and grad_ok):
+        return self.enabled and module.training and grad_ok
+
+    def _on_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._recording(model):
             return
         for pre, post in self._hooks.values():
             pre.end_window()
