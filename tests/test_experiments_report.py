@@ -132,3 +132,39 @@ def test_equal_paired_differences_report_an_undefined_p(tmp_path: Path) -> None:
     assert "| dassdp | 3 | 82.00 ± 1.00 | +1.00 | [+1.00, +1.00] | undefined |" in text
     assert "zero variance, so the paired t p is undefined; no test." in text
     assert "**significant**" not in text
+
+
+def test_synchrony_and_gate_over_training_per_epoch(report_dir: Path) -> None:
+    """S and G per epoch (mean ± std over seeds), the view in which gate feedback shows."""
+    text = (report_dir / "report.md").read_text()
+    assert "| dassdp | classifier | 1 | warmup | 0.301 ± 0.001 | – |" in text
+    assert "| dassdp | classifier | 3 | active | 0.321 ± 0.001 | 1.04 ± 0 |" in text
+    assert "learned σ" not in text and not (report_dir / "learned.png").exists()
+
+
+def test_learned_sigma_and_amplitude_are_reported(tmp_path: Path) -> None:
+    out = tmp_path / "compare"
+    shutil.copytree(GOLDEN, out)
+    for seed in range(3):
+        path = out / "dassdp" / f"seed{seed}" / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            site = row["plasticity"]["sites"]["classifier"]
+            if row["plasticity"]["phase"] == "active":
+                site.update(sigma=0.5 * row["epoch"], amplitude=1.1 + 0.1 * seed)
+                site.update(hypergrad_sigma=1e-4, hypergrad_amplitude=-2e-4)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["report", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    header = "| variant | site | epoch | phase | synchrony S | gate G | learned σ | learned a |"
+    assert header in text
+    row = "| dassdp | classifier | 3 | active | 0.321 ± 0.001 | 1.04 ± 0 | 1 ± 0 | 1.2 ± 0.1 |"
+    assert row in text
+    assert "| dassdp | classifier | 1 | warmup | 0.301 ± 0.001 | – | – | – |" in text
+    assert "| baseline |" not in text.split("### Over training")[1].split("\n\n")[1]
+    assert (out / "learned.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "(learned.png)" in text
+    with open(out / "plasticity.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["variant"] == "dassdp" and r["epoch"] == "2"]
+    assert [float(r["amplitude"]) for r in rows] == pytest.approx([1.1, 1.2, 1.3])
+    assert all(float(r["hypergrad_amplitude"]) == -2e-4 for r in rows)

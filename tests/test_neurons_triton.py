@@ -377,3 +377,69 @@ def test_kernel_parameters_in_capitals_are_constexpr(monkeypatch, interpret):
         if not interpret:
             flags = {p.name: p.is_constexpr for p in kernel.params}
             assert all(flags[n] for n in caps) and not flags["N"], flags
+
+
+class _FakeCudaDriver:
+    """Triton's active driver as a CUDA sm_90 device, for compiling without a GPU."""
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+class _CompileOnly:
+    """A jitted kernel whose ``kernel[grid](...)`` goes through Triton's real launcher (the
+    argument binder, constexpr specialisation and compile) and stops before the launch."""
+
+    def __init__(self, kernel, built: list) -> None:
+        self.kernel, self.built = kernel, built
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            from triton.runtime.jit import MockTensor
+
+            args = [
+                MockTensor(a.dtype, list(a.shape)) if isinstance(a, torch.Tensor) else a
+                for a in args
+            ]  # only tensors are replaced: every other argument is bound as given
+            self.built.append(self.kernel.run(*args, grid=grid, warmup=True, **kwargs))
+
+        return launch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("neuron", ["lif-hard", "plif-soft"])
+def test_the_real_launch_path_compiles_for_a_cuda_gpu(monkeypatch, neuron, dtype):
+    """LIF / PLIF forward and backward through the launches exactly as the module makes them
+    (``fn[grid](*args, **constexprs)``): Triton's binder specialises the arguments and compiles
+    both kernels for sm_90; only the launch itself is left out. This reproduces, on the CPU,
+    both failures the first H200 runs hit ("failed to specialize argument of type: dtype";
+    "arange's arguments must be of type tl.constexpr") with the code before their fixes."""
+    from triton.runtime import driver
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(driver, "_active", _FakeCudaDriver())  # restored after the test
+    built: list = []
+    fwd, bwd = triton_lif._kernels()
+    monkeypatch.setattr(triton_lif, "_kernels", lambda: (_CompileOnly(fwd, built),
+                                                         _CompileOnly(bwd, built)))  # fmt: skip
+    hard = neuron == "lif-hard"
+    params = LIFParams(v_reset=0.0 if hard else None, surrogate="atan" if hard else "sigmoid")
+    x = torch.randn(4, 2, 3, 8, dtype=dtype, requires_grad=True)
+    k = None if hard else torch.tensor(0.5, dtype=dtype, requires_grad=True)
+    s, v = triton_lif.lif_multistep_triton_apply(x, k, 0.5, params, True)
+    torch.autograd.backward([s, v], [torch.ones_like(s), torch.ones_like(v)])
+    assert len(built) == 2 and all(kern.asm["cubin"] for kern in built)
+    assert [kern.name for kern in built] == ["_lif_fwd", "_lif_bwd"]
+    for params_ in (fwd, bwd):
+        constexpr = {p.name for p in params_.params if p.is_constexpr}
+        assert {"BLOCK", "F64", "V_TH"} <= constexpr and "N" not in constexpr
+    if dtype == torch.float32:
+        assert "fma" not in built[0].asm["ptx"]  # no contraction: rounds like the torch ops

@@ -32,8 +32,9 @@ def _by_epoch(rows: Rows, key: str, **where: Any) -> tuple[np.ndarray, np.ndarra
     sel = [r for r in rows if all(r.get(k) == v for k, v in where.items())]
     epochs = sorted({r["epoch"] for r in sel})
     vals = [[_f(r[key]) for r in sel if r["epoch"] == e] for e in epochs]
-    mean = np.array([np.nanmean(v) if v else math.nan for v in vals])
-    std = np.array([np.nanstd(v, ddof=1) if len(v) > 1 else 0.0 for v in vals])
+    vals = [[x for x in v if math.isfinite(x)] for v in vals]  # absent (None): not a value
+    mean = np.array([np.mean(v) if v else math.nan for v in vals])
+    std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals])
     return np.array(epochs) + 1, mean, std
 
 
@@ -135,18 +136,37 @@ def _gate_curves(ax: Any, fits: Rows, colors: dict[str, Any]) -> None:
 
 def plasticity_over_time(path: Path, plasticity: Rows, variants: Sequence[str]) -> None:
     sites = list(dict.fromkeys(r["site"] for r in plasticity))
-    fig = Figure(figsize=(4.2 * len(sites), 6.4), layout="constrained")
-    axes = fig.subplots(2, len(sites), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(sites), 9.0), layout="constrained")
+    axes = fig.subplots(3, len(sites), squeeze=False)
     for j, site in enumerate(sites):
         for v, color in _colors(variants).items():
-            for i, key in enumerate(("gate_mean", "dw_abs_mean")):
+            for i, key in enumerate(("synchrony", "gate_mean", "dw_abs_mean")):
                 x, mean, _ = _by_epoch(plasticity, key, variant=v, site=site)
-                if i == 1:
+                if i == 2:
                     mean = np.where(mean > 0, mean, math.nan)  # warm-up: no update
                 if np.isfinite(mean).any():
                     axes[i, j].plot(x, mean, color=color, marker="o", ms=3, label=v)
-        axes[0, j].set(title=f"{site}", ylabel="gate G (epoch mean)")
-        axes[1, j].set(xlabel="epoch", ylabel="|dW| (epoch mean)", yscale="log")
+        axes[0, j].set(title=f"{site}", ylabel="synchrony S (epoch mean)")
+        axes[1, j].set(ylabel="gate G (epoch mean)")
+        axes[2, j].set(xlabel="epoch", ylabel="|dW| (epoch mean)", yscale="log")
+        axes[0, j].legend(fontsize=7)
+    _save(fig, path)
+
+
+def learned_over_time(path: Path, plasticity: Rows, variants: Sequence[str]) -> None:
+    """Learned sigma and amplitude scale per site over training (variants that learn them)."""
+    sites = list(dict.fromkeys(r["site"] for r in plasticity))
+    fig = Figure(figsize=(4.2 * len(sites), 6.0), layout="constrained")
+    axes = fig.subplots(2, len(sites), squeeze=False)
+    for j, site in enumerate(sites):
+        for v, color in _colors(variants).items():
+            for i, key in enumerate(("sigma", "amplitude")):
+                x, mean, std = _by_epoch(plasticity, key, variant=v, site=site)
+                if np.isfinite(mean).any():
+                    axes[i, j].plot(x, mean, color=color, marker="o", ms=3, label=v)
+                    axes[i, j].fill_between(x, mean - std, mean + std, color=color, alpha=0.2)
+        axes[0, j].set(title=f"{site}", ylabel="learned σ (epoch mean)", yscale="log")
+        axes[1, j].set(xlabel="epoch", ylabel="learned amplitude a (epoch mean)", yscale="log")
         axes[0, j].legend(fontsize=7)
     _save(fig, path)
 
@@ -203,6 +223,13 @@ def write_all(
         "plasticity": (
             bool(tables["plasticity"]),
             lambda p: plasticity_over_time(p, tables["plasticity"], variants),
+        ),
+        "learned": (
+            any(
+                r.get("sigma") is not None or r.get("amplitude") is not None
+                for r in tables["plasticity"]
+            ),
+            lambda p: learned_over_time(p, tables["plasticity"], variants),
         ),
         "firing_rates": (
             bool(tables["firing"]),

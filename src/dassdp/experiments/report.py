@@ -330,8 +330,10 @@ def curve_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
 
 
 def plasticity_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """One row per (run, epoch, site): phase, synchrony, gate mean, |dW|, train loss."""
+    """One row per (run, epoch, site): phase, synchrony, gate mean, |dW|, train loss, and the
+    learned sigma / amplitude with their hypergradients (``None`` where nothing is learned)."""
     keys = ("synchrony", "gate_mean", "dw_abs_mean", "dw_abs_max", "pre_fired", "post_fired")
+    keys += LEARNED_KEYS
     out = []
     for r in runs:
         for row in r.rows:
@@ -344,6 +346,9 @@ def plasticity_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
                 base["train_loss"] = row.get("train", {}).get("loss")
                 out.append({**base, **{k: m.get(k) for k in keys}})
     return out
+
+
+LEARNED_KEYS = ("sigma", "amplitude", "hypergrad_sigma", "hypergrad_amplitude")
 
 
 def gate_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
@@ -425,6 +430,35 @@ def _plasticity_md(rows: Sequence[dict[str, Any]], variants: Sequence[str]) -> s
             body.append([v, s, len(act), *cells])
     header = ["variant", "site", "active epochs × seeds", "synchrony S", "gate G", "|dW| mean"]
     return _md_table(header, body) if body else "No active DA-SSDP epochs in these runs.\n"
+
+
+def _learns(rows: Sequence[dict[str, Any]]) -> bool:
+    return any(r.get("sigma") is not None or r.get("amplitude") is not None for r in rows)
+
+
+def _over_training_md(rows: Sequence[dict[str, Any]], variants: Sequence[str]) -> str:
+    """Per variant, site and epoch (mean ± std over seeds): synchrony S and gate G, and the
+    learned sigma and amplitude where a variant learns them. This is where a gate that feeds
+    on itself shows: S rising after warm-up and G climbing above 1 with it."""
+    learned = _learns(rows)
+    body = []
+    for v in variants:
+        mine = [r for r in rows if r["variant"] == v]
+        for s in dict.fromkeys(r["site"] for r in mine):
+            for e in sorted({r["epoch"] for r in mine if r["site"] == s}):
+                at = [r for r in mine if r["site"] == s and r["epoch"] == e]
+                phase = at[0]["phase"]
+                gate = "–" if phase != "active" else _mean_std([r["gate_mean"] for r in at])
+                cells = [v, s, e + 1, phase, _mean_std([r["synchrony"] for r in at]), gate]
+                if learned:
+                    for k in ("sigma", "amplitude"):
+                        vals = [r[k] for r in at if r.get(k) is not None]
+                        cells.append(_mean_std(vals) if vals and phase == "active" else "–")
+                body.append(cells)
+    header = ["variant", "site", "epoch", "phase", "synchrony S", "gate G"]
+    if learned:
+        header += ["learned σ", "learned a"]
+    return _md_table(header, body) if body else ""
 
 
 def _firing_md(rows: Sequence[dict[str, Any]], variants: Sequence[str]) -> str:
@@ -597,7 +631,15 @@ def _markdown(
         "## Plasticity after warm-up\n\n",
         _plasticity_md(tables["plasticity"], variants),
         "\n",
-        fig("plasticity", "Gate mean and |dW| per site over training."),
+        fig("plasticity", "Synchrony S, gate mean and |dW| per site over training."),
+        "### Over training (per epoch, mean ± std over seeds)\n\n",
+        _over_training_md(tables["plasticity"], variants),
+        "\n",
+        fig(
+            "learned",
+            "Learned kernel width σ and amplitude scale a per site over training "
+            "(epoch means; 1 = the configured amplitude).",
+        ),
         "## Firing rates (final epoch, spikes per neuron per step)\n\n",
         _firing_md(tables["firing"], variants),
         "\n",
