@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, str] = {
     "ddp": "ddp",
     "syncs": "syncs",
     "train-step": "train_step",
+    "epoch": "epoch",
 }
 
 
