@@ -39,7 +39,9 @@ def test_train_step_tiny_run_writes_csv_and_section(tmp_path, capsys):
     for r in rows:
         assert float(r["peak_rss_mib"]) > float(r["built_rss_mib"]) > 0
         assert float(r["fresh_images_per_s"]) > 0 and 0 <= float(r["sys_share"]) <= 1
-        assert r["batch"] == "2" and r["amp"] == "fp32"
+        assert r["batch"] == "2" and r["amp"] == "fp32" and r["repeats"] == "1"
+        ratio = float(r["fresh_images_per_s"]) / float(rows[0]["fresh_images_per_s"])
+        assert float(r["fresh_ratio"]) == pytest.approx(ratio, rel=0.01)
     timed = [r for r in rows if r["images_per_s"]]
     # Only the rows of this process's allocator carry the interleaved images/s.
     here = "tuned" if _malloc.allocator_tuned() else "default"
@@ -51,6 +53,36 @@ def test_train_step_tiny_run_writes_csv_and_section(tmp_path, capsys):
     assert "Top operators" in text and "| LIF | float32 |" in text
     printed = capsys.readouterr().out
     assert "top operators" in printed and "saved by autograd" in printed
+
+
+def test_repeats_run_the_fresh_processes_interleaved_and_report_medians(monkeypatch, tmp_path):
+    calls = []
+    secs = iter([4.0, 1.0, 2.0, 2.0, 3.0, 1.5])  # baseline, spike-saving, baseline, ...
+
+    def fake(cfg, src=None):
+        calls.append("baseline" if src else "this")
+        sec = next(secs)
+        steps = [{"sec": sec, "minflt": 10, "sys_share": 0.1}]
+        return {"steps": steps, "peak_rss_mib": 100 * sec, "built_rss_mib": 50}
+
+    monkeypatch.setattr(train_step, "fresh_process", fake)
+    args = _parse(
+        ["train-step", "--model", "spiking_cnn", "--batch", "2", "--no-time", "--repeats", "3",
+         "--variants", "spike-saving", "--baseline-src", SRC,
+         "--out", str(tmp_path / "x.csv"), "--doc", str(tmp_path / "b.md")]
+    )  # fmt: skip
+    assert bench.run(args) == 0
+    assert calls == ["baseline", "this"] * 3
+    base, this = list(csv.DictReader((tmp_path / "x.csv").open()))
+    assert (
+        float(base["fresh_images_per_s"]) == pytest.approx(2 / 3.0, abs=1e-3)
+        and float(base["peak_rss_mib"]) == 300
+    )
+    assert (
+        float(this["fresh_images_per_s"]) == pytest.approx(2 / 1.5, abs=1e-3)
+        and float(this["rss_ratio"]) == 0.5
+    )
+    assert float(this["fresh_ratio"]) == 2.0
 
 
 def test_profile_step_reports_ops_and_saved_spikes_kept_as_bool():
@@ -69,6 +101,7 @@ def test_profile_step_reports_ops_and_saved_spikes_kept_as_bool():
     [
         (["--batch", "0"], "must be >= 1"),
         (["--rss-warmup", "-1"], "must be >= 0"),
+        (["--repeats", "0"], "must be >= 1"),
         (["--device", "cuda"], "CPU only"),
         (["--model", "spiking_cnn", "--variants", "checkpoint-all"], "needs a model with stages"),
         (["--model", "spiking_cnn", "--baseline-src", "/nonexistent", "--no-time"], "no dassdp"),

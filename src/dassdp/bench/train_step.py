@@ -279,9 +279,11 @@ def markdown(
         "interleaved after warm-up; batch / median step; *ratio* = images/s over the first",
         "variant's of the same batch and amp (same run, same load). *peak RSS*: a fresh",
         "process per row (`VmHWM` after the steps; *built* = RSS after building the model);",
-        "*RSS ratio* over the first row of the same amp (the baseline when there is one);",
+        "*RSS ratio* and *fresh ratio* over the first row of the same amp (the baseline when",
+        "there is one);",
         "*fresh images/s*, *faults/step* and *sys %* (kernel share of CPU time, `getrusage`)",
-        "there, over its steps after `--rss-warmup` steps.",
+        "there, over its steps after `--rss-warmup` steps (with `--repeats R`: R fresh",
+        "processes per row, run interleaved, every row once per round; medians).",
         "*allocator*: `tuned` = the glibc settings the `dassdp` CLI applies at start-up",
         "(`dassdp._malloc`: `M_MMAP_MAX=0`, `M_TRIM_THRESHOLD=-1`; opt out:",
         "`DASSDP_MALLOC_TUNE=0`), `default` = glibc's; the interleaved timing runs in the",
@@ -293,8 +295,8 @@ def markdown(
         *provenance(env, csv_path, load),
         "",
         "| model | variant | amp | allocator | batch | images / s | ratio | fresh images / s "
-        "| peak RSS MiB | RSS ratio | built MiB | faults / step | sys % |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| fresh ratio | peak RSS MiB | RSS ratio | built MiB | faults / step | sys % |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ips = "" if r["images_per_s"] == "" else f"{r['images_per_s']:.2f}"
@@ -302,7 +304,7 @@ def markdown(
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['amp']} | {r['allocator']} | {r['batch']} | "
             f"{ips} | {ratio} | "
-            f"{r['fresh_images_per_s']:.2f} | {r['peak_rss_mib']:.0f} | "
+            f"{r['fresh_images_per_s']:.2f} | {r['fresh_ratio']:.3f} | {r['peak_rss_mib']:.0f} | "
             f"{r['rss_ratio']:.3f} | {r['built_rss_mib']:.0f} | {r['minflt_per_step']:.0f} | "
             f"{100 * r['sys_share']:.1f} |"
         )
@@ -370,6 +372,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 0; its peak RSS covers all)",
     )
     parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="fresh processes per row, run interleaved (all rows once, then again, ...); "
+        "the table holds medians (default 1)",
+    )
+    parser.add_argument(
         "--allocator",
         nargs="+",
         default=["tuned"],
@@ -404,8 +413,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.device != "cpu":
         raise ValueError(f"--device {args.device}: bench train-step measures the CPU only")
-    if min([*args.batch, args.size, args.T, args.steps, args.rss_steps, args.threads]) < 1:
-        raise ValueError("--batch, --size, --T, --steps, --rss-steps, --threads must be >= 1")
+    if min([*args.batch, args.size, args.T, args.steps, args.rss_steps, args.threads,
+            args.repeats]) < 1:  # fmt: skip
+        raise ValueError(
+            "--batch, --size, --T, --steps, --rss-steps, --threads, --repeats must be >= 1"
+        )
     if min(args.warmup, args.rss_warmup) < 0:
         raise ValueError("--warmup and --rss-warmup must be >= 0")
     torch.set_num_threads(args.threads)
@@ -432,16 +444,25 @@ def run(args: argparse.Namespace) -> int:
             todo = base + todo
         ref_rss: dict[str, float] = {}
         ref_ips: dict[str, float] = {}
+        ref_fresh: dict[str, float] = {}
         here = "tuned" if allocator_tuned() else "default"  # the interleaved run's allocator
-        for variant, amp, allocator, src in todo:
-            cfg = {
-                "model": args.model, "batch": batch, "size": args.size, "T": args.T,
-                "steps": args.rss_steps, "warmup": args.rss_warmup, "amp": amp,
-                "threads": args.threads, "allocator": allocator,
-                "seed": args.seed, "in_channels": in_ch,
-                "model_args": {} if src else model_args(variant, stages),
-            }  # fmt: skip
-            got = fresh_process(cfg, src)
+        fresh: dict[int, list[dict[str, Any]]] = {}
+        for _ in range(args.repeats):  # interleaved: each repeat runs every row once
+            for i, (variant, amp, allocator, src) in enumerate(todo):
+                cfg = {
+                    "model": args.model, "batch": batch, "size": args.size, "T": args.T,
+                    "steps": args.rss_steps, "warmup": args.rss_warmup, "amp": amp,
+                    "threads": args.threads, "allocator": allocator,
+                    "seed": args.seed, "in_channels": in_ch,
+                    "model_args": {} if src else model_args(variant, stages),
+                }  # fmt: skip
+                fresh.setdefault(i, []).append(fresh_process(cfg, src))
+        for i, (variant, amp, allocator, src) in enumerate(todo):
+            got = {
+                "steps": [s for g in fresh[i] for s in g["steps"]],
+                "peak_rss_mib": median([g["peak_rss_mib"] for g in fresh[i]]),
+                "built_rss_mib": median([g["built_rss_mib"] for g in fresh[i]]),
+            }
             step_s = median([s["sec"] for s in got["steps"]])
             timed = (variant, amp) in times and allocator == here
             ips = round(batch / median(times[(variant, amp)]), 3) if timed else ""
@@ -456,7 +477,9 @@ def run(args: argparse.Namespace) -> int:
                 "source": src or "this checkout",
                 "images_per_s": ips,
                 "ratio": "",
+                "repeats": args.repeats,
                 "fresh_images_per_s": round(batch / step_s, 3),
+                "fresh_ratio": 1.0,
                 "peak_rss_mib": round(got["peak_rss_mib"], 1),
                 "rss_ratio": 1.0,
                 "built_rss_mib": round(got["built_rss_mib"], 1),
@@ -465,6 +488,8 @@ def run(args: argparse.Namespace) -> int:
             }
             if ips != "":
                 row["ratio"] = round(ips / ref_ips.setdefault(amp, ips), 3)
+            fresh_ref = ref_fresh.setdefault(amp, batch / step_s)
+            row["fresh_ratio"] = round((batch / step_s) / fresh_ref, 3)
             rss = ref_rss.setdefault(amp, row["peak_rss_mib"])
             row["rss_ratio"] = round(row["peak_rss_mib"] / rss, 3)
             print(
