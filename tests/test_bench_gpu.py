@@ -93,6 +93,26 @@ def test_count_ops_sees_each_kind_of_host_sync():
         assert op in detail
 
 
+def test_lif_kernels_count_compute_ops_and_triton_launches(monkeypatch):
+    """One LIF layer forward + backward: the Triton backend is its two launches (forward,
+    backward) and nothing else; the torch and loop backends launch many kernels."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(4, 2, 8, requires_grad=True)
+    per_backend = {}
+    for backend in ("loop", "torch", "triton"):
+        neuron = syncs.lif_factory(backend)()
+        with syncs.count_triton_launches() as launches:
+            counts, _ = syncs.count_ops(lambda n=neuron: n(x).sum().backward())
+        per_backend[backend] = (counts["kernels"], launches["launches"])
+    assert per_backend["triton"][1] == 2  # one forward kernel, one backward kernel
+    # outside the kernels: the loss's sum and its backward fill, and the grad accumulation
+    assert per_backend["triton"][0] <= 4
+    assert per_backend["torch"][1] == per_backend["loop"][1] == 0
+    assert per_backend["loop"][0] > per_backend["torch"][0] > 10
+    counts, _ = syncs.count_ops(lambda: torch.empty(3).view(1, 3).t().detach())
+    assert counts["ops"] >= 3 and counts["kernels"] == 0
+
+
 def test_lif_factory_backends():
     from dassdp.neurons import LIF
 
@@ -116,6 +136,7 @@ def test_bench_syncs_tiny_run_writes_before_and_after(tmp_path, capsys):
     got = {r["quantity"]: int(r["count"]) for r in rows}
     assert set(got) == {q for q, _ in syncs.QUANTITIES if "cuda" not in q}
     assert got["lif_ops"] > 0 and got["step_ops_active"] > got["lif_ops"]
+    assert 0 < got["lif_kernels"] < got["lif_ops"]
     assert all(r["backend"] == "torch" for r in rows)
     text = doc.read_text()
     assert "stale" not in text and "stays" in text and text.count("## syncs") == 1

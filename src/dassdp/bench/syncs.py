@@ -23,13 +23,14 @@ the *before* column of the section.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import functools
 import inspect
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +47,49 @@ QUANTITIES = (
     ("fwd_bwd_syncs_active", "host syncs: forward + backward (active)"),
     ("plast_step_syncs_active", "host syncs: DASSDP.step (active)"),
     ("lif_ops", "aten ops: one LIF layer forward + backward"),
+    ("lif_kernels", "kernels: one LIF layer forward + backward"),
     ("step_ops_warmup", "aten ops: training step (warm-up)"),
     ("step_ops_active", "aten ops: training step (active)"),
     ("lif_cuda_kernels", "CUDA kernels: one LIF layer forward + backward"),
     ("step_cuda_kernels_active", "CUDA kernels: training step (active)"),
 )
 LABELS = dict(QUANTITIES)
+# aten ops that launch no kernel on a GPU (allocation, views, metadata); every other aten op
+# is at least one. The CPU count of kernels is the rest, plus each Triton launch.
+NO_KERNEL_OPS = frozenset(
+    [
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "new_empty",
+        "new_empty_strided",
+        "view",
+        "_unsafe_view",
+        "_reshape_alias",
+        "as_strided",
+        "t",
+        "transpose",
+        "permute",
+        "expand",
+        "squeeze",
+        "unsqueeze",
+        "detach",
+        "alias",
+        "select",
+        "slice",
+        "unbind",
+        "split",
+        "split_with_sizes",
+        "chunk",
+        "view_as",
+        "unflatten",
+        "sym_size",
+        "sym_stride",
+        "sym_numel",
+        "sym_storage_offset",
+        "is_same_size",
+    ]
+)
 
 
 def _op_name(func: Any) -> str:
@@ -68,7 +106,9 @@ def _sync_kind(name: str) -> str | None:
 
 def count_ops(fn: Callable[[], Any]) -> tuple[Counter[str], Any]:
     """Run ``fn()`` under a ``TorchDispatchMode``; returns ``(counter, result)`` where the
-    counter has ``"ops"`` (every aten op dispatched) and one key per :data:`SYNC_OPS` name."""
+    counter has ``"ops"`` (every aten op dispatched), ``"kernels"`` (those that launch a
+    kernel: not in :data:`NO_KERNEL_OPS`, not a ``dassdp::`` custom op, whose Triton launches
+    :func:`count_triton_launches` counts) and one key per :data:`SYNC_OPS` name."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     counts: Counter[str] = Counter()
@@ -76,7 +116,10 @@ def count_ops(fn: Callable[[], Any]) -> tuple[Counter[str], Any]:
     class _Mode(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
             counts["ops"] += 1
-            kind = _sync_kind(_op_name(func))
+            name = _op_name(func)
+            if name not in NO_KERNEL_OPS and "dassdp" not in str(func):
+                counts["kernels"] += 1
+            kind = _sync_kind(name)
             if kind is not None:
                 counts[kind] += 1
             return func(*args, **(kwargs or {}))
@@ -84,6 +127,33 @@ def count_ops(fn: Callable[[], Any]) -> tuple[Counter[str], Any]:
     with _Mode():
         result = fn()
     return counts, result
+
+
+@contextlib.contextmanager
+def count_triton_launches() -> Iterator[Counter[str]]:
+    """Count the Triton LIF kernel launches (``counter["launches"]``) made inside the block
+    (a dassdp without the Triton LIF counts none)."""
+    counts: Counter[str] = Counter()
+    try:
+        from dassdp.neurons import triton_lif
+    except ImportError:
+        yield counts
+        return
+
+    class _Counted:
+        def __init__(self, kernel: Any) -> None:
+            self.kernel = kernel
+
+        def __getitem__(self, grid: Any) -> Any:
+            counts["launches"] += 1
+            return self.kernel[grid]
+
+    original = triton_lif._kernels
+    triton_lif._kernels = lambda: tuple(_Counted(k) for k in original())  # type: ignore[assignment]
+    try:
+        yield counts
+    finally:
+        triton_lif._kernels = original  # type: ignore[assignment]
 
 
 def syncs_of(counts: Counter[str]) -> tuple[int, str]:
@@ -163,8 +233,12 @@ def measure(
             dassdp.reset(neuron)
 
         lif_call()  # one-time work (JIT, lazy init) outside the count
-        counts, _ = count_ops(lif_call)
+        with count_triton_launches() as launches:
+            counts, _ = count_ops(lif_call)
         add("lif_ops", backend, counts["ops"], f"input {list(lif_x.shape)}")
+        n_triton = launches["launches"]
+        detail = f"{counts['kernels']} aten + {n_triton} Triton" if n_triton else ""
+        add("lif_kernels", backend, counts["kernels"] + n_triton, detail)
         if cuda:
             add("lif_cuda_kernels", backend, _cuda_kernels(lif_call))
 
@@ -247,7 +321,9 @@ def markdown(
         "`lift_fresh` (a tensor from Python data: a host-to-device copy on a GPU). *aten",
         "ops*: every operator dispatched (each is at least one kernel launch on a GPU: the CPU",
         "proxy of kernel launches); on CUDA the profiler's count of CUDA kernels is added (it",
-        "sees the Triton kernels, which do not go through the dispatcher). The first steps of",
+        "sees the Triton kernels, which do not go through the dispatcher). *kernels*: the aten",
+        "ops that launch a kernel (not allocations, views or metadata) plus each Triton launch",
+        "(counted by wrapping the kernels, also under `TRITON_INTERPRET=1`). The first steps of",
         "each phase are not counted (lazy initialisation, JIT compilation, the gate fit).",
         f"*before*: the base commit {BASE_COMMIT} measured on the CPU with",
         f"`scripts/count_syncs.py` (`{before_path}`; there `loop` is `LIF(fused=False)` and",
