@@ -125,7 +125,7 @@ def measure(args: argparse.Namespace, log: Any = print) -> list[dict[str, Any]]:
                 "threads": threads,
                 "repeats": len(got),
                 "train_samples": got[0]["train_samples"],
-                "epoch_s": round(epoch_s, 3),
+                "epoch_s": round(epoch_s, 4),
                 "images_per_s": round(got[0]["train_samples"] / epoch_s, 1),
                 "wall_s": round(_median([g["wall_s"] for g in got]), 1),
                 "peak_rss_mib": round(_median([g["peak_rss_mib"] for g in got]), 1),
