@@ -26,19 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dassdp.bench.timing import median
+from dassdp.bench.train_step import AMP_MODES, source_dir
+
 __all__ = ["HELP", "add_arguments", "run"]
 
 HELP = "epoch time and peak RSS of `dassdp train` on a config, fresh processes (before/after)"
-
-AMP_MODES = ("fp32", "bf16")
-
-
-def _src_dir(src: str | None) -> str:
-    if src is None:
-        return str(Path(__file__).resolve().parents[2])
-    if not (Path(src) / "dassdp" / "__init__.py").is_file():
-        raise ValueError(f"--baseline-src {src}: no dassdp package in that directory")
-    return str(Path(src).resolve())
 
 
 def train_process(
@@ -53,7 +46,7 @@ def train_process(
 ) -> dict[str, Any]:
     """Run one ``dassdp train`` in a fresh interpreter; its epoch times, wall time, peak RSS."""
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
-    env = dict(os.environ, PYTHONPATH=_src_dir(src), OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, PYTHONPATH=source_dir(src), OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "dassdp", "train", "--config", config, "--out", str(run_dir)]
     cmd += [f"epochs={epochs}", f"threads={threads}", *overrides]
     if amp != "fp32":
@@ -68,7 +61,7 @@ def train_process(
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-3:]
         raise RuntimeError(
-            f"dassdp train failed (exit {proc.returncode}; sources {_src_dir(src)}; "
+            f"dassdp train failed (exit {proc.returncode}; sources {source_dir(src)}; "
             f"{' '.join(cmd[3:])}): {' | '.join(tail)}"
         )
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -78,12 +71,6 @@ def train_process(
         "wall_s": wall,
         "peak_rss_mib": usage.ru_maxrss / 1024,  # KiB on Linux
     }
-
-
-def _median(values: list[float]) -> float:
-    from dassdp.bench.timing import median
-
-    return median(values)
 
 
 def measure(args: argparse.Namespace, log: Any = print) -> list[dict[str, Any]]:
@@ -109,13 +96,13 @@ def measure(args: argparse.Namespace, log: Any = print) -> list[dict[str, Any]]:
                 runs.setdefault((threads, amp, side), []).append(got)
                 log(
                     f"[{rep + 1}/{args.repeats}] {side:<13} {amp:<4} {threads} thread(s): "
-                    f"epoch {_median(got['epoch_s']):.1f} s, wall {got['wall_s']:.1f} s, "
+                    f"epoch {median(got['epoch_s']):.1f} s, wall {got['wall_s']:.1f} s, "
                     f"peak RSS {got['peak_rss_mib']:.0f} MiB"
                 )
     rows = []
     for threads, amp, (side, src) in configs:
         got = runs[(threads, amp, side)]
-        epoch_s = _median([_median(g["epoch_s"]) for g in got])
+        epoch_s = median([median(g["epoch_s"]) for g in got])
         rows.append(
             {
                 "config": args.config,
@@ -127,8 +114,8 @@ def measure(args: argparse.Namespace, log: Any = print) -> list[dict[str, Any]]:
                 "train_samples": got[0]["train_samples"],
                 "epoch_s": round(epoch_s, 4),
                 "images_per_s": round(got[0]["train_samples"] / epoch_s, 1),
-                "wall_s": round(_median([g["wall_s"] for g in got]), 1),
-                "peak_rss_mib": round(_median([g["peak_rss_mib"] for g in got]), 1),
+                "wall_s": round(median([g["wall_s"] for g in got]), 1),
+                "peak_rss_mib": round(median([g["peak_rss_mib"] for g in got]), 1),
             }
         )
     ref_side = sides[0][0]
@@ -224,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     if min([*args.threads, args.epochs, args.repeats]) < 1:
         raise ValueError("--threads, --epochs and --repeats must be >= 1")
     if args.baseline_src:
-        _src_dir(args.baseline_src)  # checked before any run
+        source_dir(args.baseline_src)  # checked before any run
     load_before = load_average()
     rows = measure(args, log=lambda s: print(s, flush=True))
     write_csv(args.out, rows)

@@ -113,16 +113,24 @@ def _num_stages(model_name: str) -> int:
     return len(getattr(model, "stages", ()))
 
 
+def source_dir(src: str | None) -> str:
+    """The directory holding the ``dassdp`` package: ``src`` (checked: an error naming it
+    when it has none) or, for ``None``, this checkout's."""
+    if src is None:
+        return str(Path(__file__).resolve().parents[2])
+    if not (Path(src) / "dassdp" / "__init__.py").is_file():
+        raise ValueError(f"--baseline-src {src}: no dassdp package in that directory")
+    return str(Path(src).resolve())
+
+
 def fresh_process(cfg: dict[str, Any], src: str | None = None) -> dict[str, Any]:
     """Run the worker in a fresh interpreter with ``cfg``; ``src`` (a directory holding the
     ``dassdp`` package) replaces this checkout's sources on its path."""
     env = dict(os.environ)
     if src is not None:
-        if not (Path(src) / "dassdp" / "__init__.py").is_file():
-            raise ValueError(f"--baseline-src {src}: no dassdp package in that directory")
-        env["PYTHONPATH"] = str(Path(src).resolve())
+        env["PYTHONPATH"] = source_dir(src)
     else:
-        here = str(Path(__file__).resolve().parents[2])
+        here = source_dir(None)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
     env["OMP_NUM_THREADS"] = str(cfg["threads"])
     done = subprocess.run(
