@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dassdp import _malloc
 from dassdp.bench import epoch
 from dassdp.commands import bench
 from engine_fixtures import tiny_dict
@@ -55,7 +56,13 @@ def test_epoch_rows_ratios_and_section(tmp_path, config, capsys):
         assert float(r["ratio"]) == pytest.approx(ratio, rel=0.01)
     text = doc.read_text()
     assert "stale" not in text and "## other\n\nkept" in text
-    assert "| baseline | fp32 | 1 | 1 | 64 |" in text
+    assert "| baseline | fp32 | glibc | 1 | 1 | 64 |" in text
+    # Another checkout starts without this process's preload (glibc's defaults); this
+    # checkout's `dassdp train` chooses as the CLI does: the best allocator installed.
+    auto = next(
+        (n for n in ("jemalloc", "tcmalloc") if _malloc.find_library(n)), "glibc tuned"
+    )  # fmt: skip
+    assert [r["allocator"] for r in rows] == ["glibc", auto, auto]
     assert capsys.readouterr().out.count("[1/1]") == 3
 
 
@@ -66,7 +73,13 @@ def test_repeats_alternate_the_sides_and_report_medians(monkeypatch, tmp_path, c
     def fake(config, *, src, amp, threads, epochs, overrides, workdir):
         calls.append("baseline" if src else "this")
         t = next(times)
-        return {"epoch_s": [t], "train_samples": 100, "wall_s": t + 1, "peak_rss_mib": 10 * t}
+        return {
+            "epoch_s": [t],
+            "train_samples": 100,
+            "wall_s": t + 1,
+            "peak_rss_mib": 10 * t,
+            "allocator": "glibc" if src else "jemalloc",
+        }
 
     monkeypatch.setattr(epoch, "train_process", fake)
     args = _parse(["epoch", "--config", config, "--repeats", "3", "--baseline-src", SRC])

@@ -44,7 +44,7 @@ def test_train_step_tiny_run_writes_csv_and_section(tmp_path, capsys):
         assert float(r["fresh_ratio"]) == pytest.approx(ratio, rel=0.01)
     timed = [r for r in rows if r["images_per_s"]]
     # Only the rows of this process's allocator carry the interleaved images/s.
-    here = "tuned" if _malloc.allocator_tuned() else "default"
+    here = train_step.bench_allocator(_malloc.active_allocator())
     assert {r["allocator"] for r in timed} == {here}
     assert [r["variant"] for r in timed] == ["spike-saving"]
     assert float(timed[0]["ratio"]) == 1.0
@@ -121,11 +121,3 @@ def test_model_args_of_variants():
     assert train_step.model_args("no-spike-saving", 0) == {"spike_saving": False}
     with pytest.raises(ValueError, match="unknown variant"):
         train_step.model_args("fast", 3)
-
-
-def test_tune_allocator_opt_out(monkeypatch):
-    monkeypatch.setenv(_malloc.ENV, "0")
-    assert _malloc.tune_allocator() is False
-    monkeypatch.setenv(_malloc.ENV, "1")
-    assert _malloc.tune_allocator() is True  # glibc (Linux) runs the tests
-    assert _malloc.allocator_tuned()

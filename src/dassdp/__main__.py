@@ -1,5 +1,3 @@
-import sys
+from dassdp.cli import entry
 
-from dassdp.cli import main
-
-sys.exit(main())
+entry()

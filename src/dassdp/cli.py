@@ -30,8 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dassdp",
         description="DA-SSDP: dopamine-modulated spike-synchrony-dependent plasticity for SNNs.",
     )
+    parser.add_argument(
+        "--version", action=_Version, help="print the versions and the memory allocator, and exit"
+    )
     add_subcommands(parser, "command", "COMMAND", "dassdp.commands", COMMANDS, "_run")
     return parser
+
+
+class _Version(argparse.Action):
+    """``--version``: dassdp, torch and the allocator this process runs with."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)  # type: ignore[arg-type]
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[no-untyped-def]
+        import torch
+
+        import dassdp
+        from dassdp._malloc import active_allocator
+
+        allocator = active_allocator()
+        print(f"dassdp {dassdp.__version__} (torch {torch.__version__}, allocator {allocator})")
+        parser.exit()
 
 
 def add_subcommands(
@@ -53,10 +73,30 @@ def add_subcommands(
         p.set_defaults(**{run_attr: module.run})
 
 
+def entry() -> None:
+    """The ``dassdp`` program (console script and ``python -m dassdp``): choose the memory
+    allocator first (it may re-execute this process with jemalloc preloaded, see
+    :mod:`dassdp._malloc`), then run :func:`main` and exit with its status."""
+    from dassdp._malloc import setup_allocator
+
+    try:
+        setup_allocator()
+    except ValueError as err:  # a bad DASSDP_ALLOCATOR, or a named library not installed
+        print(f"dassdp: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the command; returns the exit
+    status. In-process callers get the glibc allocator settings at most (no re-execution)."""
     from dassdp._malloc import tune_allocator
 
-    tune_allocator()  # glibc: reuse heap for large tensors (opt out: DASSDP_MALLOC_TUNE=0)
+    try:
+        tune_allocator()  # glibc: reuse heap for large tensors, unless a library is preloaded
+    except ValueError as err:
+        print(f"dassdp: error: {err}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
@@ -71,4 +111,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -46,7 +46,12 @@ def train_process(
 ) -> dict[str, Any]:
     """Run one ``dassdp train`` in a fresh interpreter; its epoch times, wall time, peak RSS."""
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
-    env = dict(os.environ, PYTHONPATH=source_dir(src), OMP_NUM_THREADS=str(threads))
+    from dassdp._malloc import preload_env
+
+    # This checkout chooses its allocator as `dassdp train` does (DASSDP_ALLOCATOR, else the
+    # best installed); another checkout's sources start without this process's preload.
+    env = dict(os.environ) if src is None else preload_env("system")
+    env.update(PYTHONPATH=source_dir(src), OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "dassdp", "train", "--config", config, "--out", str(run_dir)]
     cmd += [f"epochs={epochs}", f"threads={threads}", *overrides]
     if amp != "fp32":
@@ -70,6 +75,8 @@ def train_process(
         "train_samples": rows[-1]["train"]["samples"],
         "wall_s": wall,
         "peak_rss_mib": usage.ru_maxrss / 1024,  # KiB on Linux
+        # what the run recorded (a checkout from before that field ran glibc's defaults)
+        "allocator": json.loads((run_dir / "run.json").read_text()).get("allocator", "glibc"),
     }
 
 
@@ -109,6 +116,7 @@ def measure(args: argparse.Namespace, log: Any = print) -> list[dict[str, Any]]:
                 "side": side,
                 "source": src or "this checkout",
                 "amp": amp,
+                "allocator": got[0]["allocator"],
                 "threads": threads,
                 "repeats": len(got),
                 "train_samples": got[0]["train_samples"],
@@ -138,7 +146,9 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], csv_path: Path, lo
     lines = [
         "Whole epochs of `dassdp train` on the config (the training pass over its training",
         "set and the test pass), one fresh process per row and repeat, as a user runs it",
-        "(the CLI's allocator settings included). *epoch s*: the engine's `epoch_time_s`;",
+        "(the CLI's allocator included; *allocator*: from the run's `run.json`; another",
+        "checkout's rows start without this process's preload). *epoch s*: the engine's",
+        "`epoch_time_s`;",
         "*images/s*: training images over that time; *wall s*: the whole process (start-up",
         "and data loading too); *peak RSS*: the process's `ru_maxrss`. `baseline` rows run",
         "another checkout's sources (`--baseline-src`); with repeats the runs alternate",
@@ -147,13 +157,13 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], csv_path: Path, lo
         "",
         *provenance(env, csv_path, load),
         "",
-        "| side | amp | threads | repeats | train images | epoch s | images / s | ratio "
-        "| wall s | peak RSS MiB | RSS ratio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| side | amp | allocator | threads | repeats | train images | epoch s | images / s "
+        "| ratio | wall s | peak RSS MiB | RSS ratio |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['side']} | {r['amp']} | {r['threads']} | {r['repeats']} | "
+            f"| {r['side']} | {r['amp']} | {r['allocator']} | {r['threads']} | {r['repeats']} | "
             f"{r['train_samples']} | {r['epoch_s']:.1f} | {r['images_per_s']:.0f} | "
             f"{r['ratio']} | {r['wall_s']:.0f} | {r['peak_rss_mib']:.0f} | {r['rss_ratio']} |"
         )

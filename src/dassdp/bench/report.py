@@ -50,11 +50,14 @@ def environment(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Facts a benchmark number needs next to it: command, torch, threads, CPU, date."""
     import torch
 
+    from dassdp._malloc import active_allocator
+
     args = sys.argv[1:] if argv is None else list(argv)
     return {
         "command": "dassdp " + " ".join(shlex.quote(a) for a in args),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "allocator": active_allocator(),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
@@ -92,7 +95,8 @@ def provenance(
     return [
         f"- command: `{env['command']}`",
         f"- torch {env['torch']}, {env['threads']} thread(s), CPU: {env['cpu']} "
-        f"({env['cores']} cores), Python {env['python']}",
+        f"({env['cores']} cores), Python {env['python']}"
+        + (f", allocator {env['allocator']}" if env.get("allocator") else ""),
         when + f"CSV: `{csv_path}`",
     ]
 

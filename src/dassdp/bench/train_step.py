@@ -46,6 +46,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "checkpoint-all": {"spike_saving": True, "checkpoint_stages": "all"},
 }
 AMP_MODES = ("fp32", "bf16")
+# --allocator name -> dassdp._malloc choice (DASSDP_ALLOCATOR)
+BENCH_ALLOCATORS = {"jemalloc": "jemalloc", "tcmalloc": "tcmalloc", "tuned": "glibc",
+                    "default": "system"}  # fmt: skip
+
+
+def bench_allocator(active: str) -> str:
+    """The ``--allocator`` name of :func:`dassdp._malloc.active_allocator`'s answer."""
+    return {"glibc tuned": "tuned", "glibc": "default"}.get(active, active)
+
 
 # Run in a fresh interpreter (``python -c``) with only ``dassdp.create_model`` from the
 # sources on its path, so that it also measures another checkout (``--baseline-src``).
@@ -124,9 +133,12 @@ def source_dir(src: str | None) -> str:
 
 
 def fresh_process(cfg: dict[str, Any], src: str | None = None) -> dict[str, Any]:
-    """Run the worker in a fresh interpreter with ``cfg``; ``src`` (a directory holding the
-    ``dassdp`` package) replaces this checkout's sources on its path."""
-    env = dict(os.environ)
+    """Run the worker in a fresh interpreter with ``cfg`` (its ``allocator``: a
+    :data:`BENCH_ALLOCATORS` name); ``src`` (a directory holding the ``dassdp`` package)
+    replaces this checkout's sources on its path."""
+    from dassdp._malloc import preload_env
+
+    env = preload_env(BENCH_ALLOCATORS[cfg["allocator"]])
     if src is not None:
         env["PYTHONPATH"] = source_dir(src)
     else:
@@ -292,10 +304,12 @@ def markdown(
         "*fresh images/s*, *faults/step* and *sys %* (kernel share of CPU time, `getrusage`)",
         "there, over its steps after `--rss-warmup` steps (with `--repeats R`: R fresh",
         "processes per row, run interleaved, every row once per round; medians).",
-        "*allocator*: `tuned` = the glibc settings the `dassdp` CLI applies at start-up",
-        "(`dassdp._malloc`: `M_MMAP_MAX=0`, `M_TRIM_THRESHOLD=-1`; opt out:",
-        "`DASSDP_MALLOC_TUNE=0`), `default` = glibc's; the interleaved timing runs in the",
-        "`dassdp` process itself (tuned unless opted out): its images/s sit in those rows.",
+        "*allocator*: `jemalloc` / `tcmalloc` = that library preloaded (`LD_PRELOAD`; jemalloc",
+        "with `MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`), `tuned` = glibc with",
+        "`M_MMAP_MAX=0`, `M_TRIM_THRESHOLD=-1`, `default` = glibc's defaults (`dassdp._malloc`;",
+        "the `dassdp` CLI runs with jemalloc where it is installed, else tcmalloc, else glibc",
+        "tuned; `DASSDP_ALLOCATOR` chooses); the interleaved timing runs in the `dassdp`",
+        "process itself: its images/s sit in the rows of its own allocator.",
         "`baseline` rows: the same fresh-process measurement with another checkout's",
         "sources (`--baseline-src`), its default model; their images/s are that process's",
         "(not interleaved).",
@@ -389,10 +403,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allocator",
         nargs="+",
-        default=["tuned"],
-        choices=["tuned", "default"],
-        help="glibc settings of the fresh processes: 'tuned' (what the dassdp CLI applies, "
-        "dassdp._malloc) and/or 'default' (default tuned)",
+        default=None,
+        choices=list(BENCH_ALLOCATORS),
+        help="allocators of the fresh processes: 'jemalloc' / 'tcmalloc' (preloaded), "
+        "'tuned' (glibc with the dassdp settings), 'default' (glibc's defaults); default: "
+        "the one the dassdp CLI runs with here (dassdp._malloc)",
     )
     parser.add_argument(
         "--no-time", action="store_true", help="skip the interleaved timing (memory only)"
@@ -415,9 +430,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dassdp._malloc import allocator_tuned
+    from dassdp._malloc import active_allocator
     from dassdp.bench.report import environment, write_csv, write_section
     from dassdp.bench.timing import load_average, median
+
+    allocators = args.allocator or [bench_allocator(active_allocator())]
 
     if args.device != "cpu":
         raise ValueError(f"--device {args.device}: bench train-step measures the CPU only")
@@ -444,16 +461,14 @@ def run(args: argparse.Namespace) -> int:
                 args.model, configs, batch=batch, size=args.size, T=args.T, steps=args.steps,
                 warmup=args.warmup, seed=args.seed, log=lambda s: print(s, flush=True),
             )  # fmt: skip
-        todo = [(v, a, al, None) for v, a in configs for al in args.allocator]
+        todo = [(v, a, al, None) for v, a in configs for al in allocators]
         if args.baseline_src:  # first: the reference of the RSS ratios
-            base = [
-                ("baseline", a, al, args.baseline_src) for a in args.amp for al in args.allocator
-            ]
+            base = [("baseline", a, al, args.baseline_src) for a in args.amp for al in allocators]
             todo = base + todo
         ref_rss: dict[str, float] = {}
         ref_ips: dict[str, float] = {}
         ref_fresh: dict[str, float] = {}
-        here = "tuned" if allocator_tuned() else "default"  # the interleaved run's allocator
+        here = bench_allocator(active_allocator())  # the interleaved run's allocator
         fresh: dict[int, list[dict[str, Any]]] = {}
         for _ in range(args.repeats):  # interleaved: each repeat runs every row once
             for i, (variant, amp, allocator, src) in enumerate(todo):

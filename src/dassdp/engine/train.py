@@ -66,6 +66,7 @@ from torch.utils.data import DataLoader
 
 import dassdp
 from dassdp._io import atomic_write_json
+from dassdp._malloc import active_allocator
 from dassdp.engine.builders import (
     build_criterion,
     build_datasets,
@@ -320,6 +321,7 @@ class Trainer:
             "argv": sys.argv,
             "world_size": self.dist.world_size,
             "device": str(self.device),
+            "allocator": active_allocator(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         if resume:  # keep the history: the first start's fields, then every resume
