@@ -221,10 +221,10 @@ def test_modules_with_triton_backend_equal_loop(neuron):
 def test_backend_selection():
     x = torch.rand(3, 4)
     params = LIFParams()
-    assert BACKENDS == ("auto", "loop", "torch", "triton")
+    assert BACKENDS == ("auto", "loop", "torch", "triton", "cpu")
     assert resolve_backend("auto", x, params) == "torch"  # CPU: never triton by default
     assert resolve_backend("auto", x, LIFParams(), torch.full((4,), 0.5)) == "loop"
-    for backend in ("loop", "torch", "triton"):
+    for backend in ("loop", "torch", "triton", "cpu"):
         assert resolve_backend(backend, x, params) == backend
     nodes = {
         backend: type(lif_multistep(x.requires_grad_(True), params, backend=backend).grad_fn)
@@ -232,6 +232,7 @@ def test_backend_selection():
     }
     assert nodes["auto"].__name__ == nodes["torch"].__name__ == "_FusedLIFBackward"
     assert nodes["triton"].__name__ == "TritonLIFBackward"
+    assert nodes["cpu"].__name__ == "CpuLIFBackward"
     assert "Fused" not in nodes["loop"].__name__ and "Triton" not in nodes["loop"].__name__
     # The deprecated fused=False still means the loop, in the function and the modules.
     out = lif_multistep(x, params, fused=False, backend="triton")

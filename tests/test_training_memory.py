@@ -127,6 +127,33 @@ def test_marks_views_versions_and_the_pack_round_trip():
         assert torch.autograd.graph.saved_tensors_hooks is not None
 
 
+def test_lif_spike_mask_is_kept_without_a_copy():
+    from dassdp.neurons import saving
+
+    x = torch.randn(4, 2, 3, 5, 5) * 2
+    s = LIF()(x)  # the fused (torch) backend hands its bool mask over
+    bits = getattr(s, saving._BITS)
+    assert bits.dtype == torch.bool and torch.equal(bits.to(s.dtype), s)
+    for view in (s, s.flatten(0, 1), s[1]):  # the tensor itself and contiguous views
+        packed = saving._pack(view)
+        assert isinstance(packed, saving._PackedSpikes)
+        assert packed.bits.untyped_storage().data_ptr() == bits.untyped_storage().data_ptr()
+        rebuilt = saving._unpack(packed)
+        assert torch.equal(rebuilt, view) and rebuilt.stride() == view.stride()
+    strided = s.transpose(3, 4)  # not contiguous: converted as before (its own bool copy)
+    packed = saving._pack(strided)
+    assert packed.bits.untyped_storage().data_ptr() != bits.untyped_storage().data_ptr()
+    assert torch.equal(saving._unpack(packed), strided)
+    s.mul_(2)  # modified in place: neither the mark nor the mask is used any more
+    assert not isinstance(saving._pack(s), saving._PackedSpikes)
+    # a mask of another layout is not attached
+    t = (torch.rand(3, 4) > 0.5).float()
+    saving.attach_spike_bits(t, t.t().contiguous().t().bool())
+    assert not hasattr(t, saving._BITS)
+    saving.attach_spike_bits(t[1:], t[1:].bool())  # nor to a view
+    assert not hasattr(t[1:], saving._BITS)
+
+
 def test_lif_outputs_are_marked():
     x = torch.randn(2, 3, 4, requires_grad=True)
     assert is_marked_spikes(LIF()(x))

@@ -2,7 +2,8 @@
 
 The math is in :mod:`dassdp.neurons.functional` (pure functions), the surrogate gradients
 in :mod:`dassdp.neurons.surrogate`, the one-kernel Triton LIF in
-:mod:`dassdp.neurons.triton_lif` (imported only when used), and :class:`LIF` / :class:`PLIF`
+:mod:`dassdp.neurons.triton_lif` and the compiled C LIF for the CPU in
+:mod:`dassdp.neurons.cpu_lif` (both imported only when used), and :class:`LIF` / :class:`PLIF`
 are module shells; :mod:`dassdp.neurons.saving` lets autograd save spikes as ``bool``.
 """
 
@@ -11,6 +12,7 @@ from dassdp.neurons.functional import (
     LIFParams,
     fused_supported,
     lif_multistep,
+    lif_multistep_cpu,
     lif_multistep_fused,
     lif_multistep_loop,
     lif_multistep_triton,
@@ -33,6 +35,7 @@ __all__ = [
     "get_surrogate",
     "is_marked_spikes",
     "lif_multistep",
+    "lif_multistep_cpu",
     "lif_multistep_fused",
     "lif_multistep_loop",
     "lif_multistep_triton",

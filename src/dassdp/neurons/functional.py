@@ -20,10 +20,15 @@ Backends of :func:`lif_multistep`
 surrogate, any broadcastable ``inv_tau``, double backward). ``"torch"``
 (:func:`lif_multistep_fused`): the fused multi-step below, in torch ops. ``"triton"``
 (:func:`lif_multistep_triton`, :mod:`dassdp.neurons.triton_lif`): the same forward and
-backward math as one Triton kernel each over all ``T``. ``"auto"`` (default): triton for CUDA
-inputs when Triton is importable, torch elsewhere, the loop for what neither supports. The
-torch and triton backends read nothing back to the host and make no tensor from Python data:
-a learnable ``k`` (PLIF) stays a one-element device tensor throughout.
+backward math as one Triton kernel each over all ``T``. ``"cpu"``
+(:func:`lif_multistep_cpu`, :mod:`dassdp.neurons.cpu_lif`): the torch backend's operations
+as one compiled C loop each way (CPU, fp32 / fp64, fixed time constant; the same membranes
+and spikes as the torch backend, input gradients equal to it within a few ulps). ``"auto"``
+(default): triton for CUDA inputs when Triton is importable; on the CPU ``cpu`` for calls it
+supports with at least ``cpu_lif.MIN_NEURONS`` neurons per sample (unless
+``DASSDP_LIF_CPU=0``, or no C compiler), else torch; the loop for what none supports. The
+torch, triton and cpu backends read nothing back to the host and make no tensor from Python
+data: a learnable ``k`` (PLIF) stays a one-element device tensor throughout.
 
 Fused multi-step (:func:`lif_multistep_fused`, the ``"torch"`` backend)
 -----------------------------------------------------------------------
@@ -61,6 +66,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from dassdp.neurons.saving import attach_spike_bits
 from dassdp.neurons.surrogate import get_surrogate
 
 __all__ = [
@@ -69,6 +75,7 @@ __all__ = [
     "check_backend",
     "fused_supported",
     "lif_multistep",
+    "lif_multistep_cpu",
     "lif_multistep_fused",
     "lif_multistep_loop",
     "lif_multistep_triton",
@@ -245,6 +252,8 @@ class _FusedLIF(torch.autograd.Function):
             v = v_next
         if v_reset is not None:
             s_out.copy_(s_mask)
+        # The spikes as bool, for spike_saving to keep (no float -> bool copy of the output).
+        attach_spike_bits(s_out, s_mask)
         k_needs_grad = k_tensor is not None and ctx.needs_input_grad[1]
         x_saved = x if k_needs_grad and params.decay_input else None
         # The spike mask is not saved: the backward rebuilds it as H >= V_th, the very
@@ -409,7 +418,50 @@ def lif_multistep_triton(
     return triton_lif.lif_multistep_triton_apply(x, k_tensor, k, params, return_membrane)
 
 
-BACKENDS = ("auto", "loop", "torch", "triton")
+def lif_multistep_cpu(
+    x: Tensor,
+    params: LIFParams,
+    inv_tau: Tensor | float | None = None,
+    *,
+    return_membrane: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Multi-step LIF as compiled C loops on the CPU (the ``"cpu"`` backend,
+    :mod:`dassdp.neurons.cpu_lif`): the membranes and spikes of :func:`lif_multistep_fused`
+    bit for bit, input gradients within a few ulps of it (fp32 / fp64), one pass over memory
+    per direction instead of a few per time step.
+
+    Arguments and results as :func:`lif_multistep`. Needs :func:`fused_supported`, a CPU
+    ``x`` of dtype fp32 / fp64, ``inv_tau`` ``None`` or a number, no returned membrane, and a
+    C compiler on first use (the kernels are built once per machine). No double backward.
+    """
+    from dassdp.neurons import cpu_lif
+
+    _check_time_major(x)
+    if not fused_supported(x, params, inv_tau) or not cpu_lif.supported(
+        x, inv_tau, return_membrane
+    ):
+        raise ValueError(
+            "the cpu LIF backend needs a CPU x of dtype float32 / float64, surrogate in "
+            f"{_FUSED_SURROGATES}, inv_tau None or a number and return_membrane=False; got "
+            f"{x.dtype} on {x.device}, surrogate {params.surrogate!r}, inv_tau "
+            f"{type(inv_tau).__name__}, return_membrane={return_membrane}"
+        )
+    _, k = _split_k(params, inv_tau)
+    return cpu_lif.CpuLIF.apply(x, k, params)  # type: ignore[no-any-return]
+
+
+def _cpu_auto(x: Tensor, inv_tau: Tensor | float | None, return_membrane: bool) -> bool:
+    """Whether ``backend="auto"`` runs the cpu backend for this (CPU) call."""
+    from dassdp.neurons import cpu_lif
+
+    return (
+        cpu_lif.large_enough(x)
+        and cpu_lif.supported(x, inv_tau, return_membrane)
+        and cpu_lif.usable()
+    )
+
+
+BACKENDS = ("auto", "loop", "torch", "triton", "cpu")
 
 
 def check_backend(backend: str) -> str:
@@ -420,17 +472,25 @@ def check_backend(backend: str) -> str:
 
 
 def resolve_backend(
-    backend: str, x: Tensor, params: LIFParams, inv_tau: Tensor | float | None = None
+    backend: str,
+    x: Tensor,
+    params: LIFParams,
+    inv_tau: Tensor | float | None = None,
+    *,
+    return_membrane: bool = False,
 ) -> str:
     """The backend that :func:`lif_multistep` runs for this call: ``"auto"`` becomes
     ``"triton"`` for a CUDA ``x`` when Triton is importable and the call is supported,
-    ``"torch"`` for other supported calls and ``"loop"`` for the rest; others stay."""
+    ``"cpu"`` for a large enough CPU call it supports (module docstring), ``"torch"``
+    for other supported calls and ``"loop"`` for the rest; others stay."""
     if check_backend(backend) != "auto":
         return backend
     if not fused_supported(x, params, inv_tau):
         return "loop"
     if x.is_cuda and x.dtype in _TRITON_DTYPES and triton_available():
         return "triton"
+    if x.device.type == "cpu" and _cpu_auto(x, inv_tau, return_membrane):
+        return "cpu"
     return "torch"
 
 
@@ -438,6 +498,7 @@ _BACKEND_FNS = {
     "loop": lif_multistep_loop,
     "torch": lif_multistep_fused,
     "triton": lif_multistep_triton,
+    "cpu": lif_multistep_cpu,
 }
 
 
@@ -456,12 +517,14 @@ def lif_multistep(
     ``return_membrane`` also the membrane after each step's reset ``[T, B, ...]``.
     ``inv_tau`` overrides ``1 / params.tau``. ``backend``: ``"loop"``
     (:func:`lif_multistep_loop`, the autograd reference), ``"torch"``
-    (:func:`lif_multistep_fused`), ``"triton"`` (:func:`lif_multistep_triton`) or ``"auto"``
-    (default, see :func:`resolve_backend`). ``fused`` is a deprecated alias:
+    (:func:`lif_multistep_fused`), ``"triton"`` (:func:`lif_multistep_triton`),
+    ``"cpu"`` (:func:`lif_multistep_cpu`) or ``"auto"`` (default, see
+    :func:`resolve_backend`; without a C compiler the cpu backend warns once and ``"auto"``
+    runs the torch backend). ``fused`` is a deprecated alias:
     ``fused=False`` means ``backend="loop"``; ``fused=True`` changes nothing.
     """
     _check_time_major(x)
     if fused is False:
         backend = "loop"
-    chosen = resolve_backend(backend, x, params, inv_tau)
+    chosen = resolve_backend(backend, x, params, inv_tau, return_membrane=return_membrane)
     return _BACKEND_FNS[chosen](x, params, inv_tau, return_membrane=return_membrane)

@@ -12,7 +12,11 @@ Which tensors are spikes is never guessed from their values (no scan): the neuro
 call :func:`mark_spikes` on their outputs (:class:`dassdp.neurons.LIF` / ``PLIF``), and so
 may a model on a tensor it knows to be 0/1 (a max pool of spikes). A saved tensor is packed
 when it, or the tensor it is a view of, is marked and has not been modified in place since
-(its version counter is unchanged); anything else is saved as it is.
+(its version counter is unchanged); anything else is saved as it is. A neuron that already
+holds its spikes as ``bool`` (the fused LIF's spike mask) hands them over with
+:func:`attach_spike_bits`: then a saved spike tensor, or a contiguous view of it, is kept as
+a view of that mask (no conversion, and every view saved shares one mask) instead of a new
+``bool`` copy.
 
 :func:`observe_saved` reports every saved tensor with the bytes it would take and the bytes
 it takes (tests and ``dassdp bench train-step`` measure the saving with it).
@@ -27,9 +31,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["is_marked_spikes", "mark_spikes", "observe_saved", "spike_saving"]
+__all__ = [
+    "attach_spike_bits",
+    "is_marked_spikes",
+    "mark_spikes",
+    "observe_saved",
+    "spike_saving",
+]
 
 _MARK = "_dassdp_spikes_version"  # attribute on a marked tensor: its version when marked
+_BITS = "_dassdp_spike_bits"  # attribute: the same values as a bool tensor, same strides
 
 # Callbacks (tensor, its bytes, the bytes actually kept) told about every saved tensor.
 _OBSERVERS: list[Callable[[Tensor, int, int], None]] = []
@@ -43,6 +54,34 @@ def mark_spikes(t: Tensor) -> Tensor:
     if t._base is None and not torch.compiler.is_compiling():
         setattr(t, _MARK, t._version)
     return t
+
+
+def attach_spike_bits(t: Tensor, bits: Tensor) -> None:
+    """Give ``t`` (values in {0, 1}, owning its memory) its values as the ``bool`` tensor
+    ``bits`` (same shape and strides; the caller guarantees equal values), for
+    :func:`spike_saving` to keep instead of converting ``t``. Used only while ``t`` is marked
+    and unmodified (:func:`mark_spikes`); ignored if the layouts differ."""
+    if torch.compiler.is_compiling():  # a traced graph plans its own saved tensors
+        return
+    if (
+        t._base is None
+        and bits.dtype == torch.bool
+        and bits.shape == t.shape
+        and bits.stride() == t.stride()
+        and bits.storage_offset() == t.storage_offset() == 0
+    ):
+        setattr(t, _BITS, bits)
+
+
+def _bits_of(t: Tensor) -> Tensor | None:
+    """The attached ``bool`` values of ``t`` as a view with ``t``'s geometry, if ``t`` (or
+    its base) has them and ``t`` is contiguous or the base itself (so that rebuilding the
+    float tensor with ``.to`` gives ``t``'s strides back)."""
+    base = t._base if t._base is not None else t
+    bits = getattr(base, _BITS, None)
+    if bits is None or not (t is base or t.is_contiguous()):
+        return None
+    return bits.as_strided(t.shape, t.stride(), t.storage_offset())
 
 
 def is_marked_spikes(t: Tensor) -> bool:
@@ -64,7 +103,9 @@ class _PackedSpikes:
 def _pack(t: Tensor) -> Any:
     kept: Any = t.detach()  # detach: no reference from the graph back to itself
     if t.is_floating_point() and is_marked_spikes(t):
-        bits = t.detach().to(torch.bool)
+        bits = _bits_of(t)
+        if bits is None:
+            bits = t.detach().to(torch.bool)
         if bits.stride() == t.stride():  # dense layouts keep their strides; others stay float
             kept = _PackedSpikes(bits, t.dtype)
     if _OBSERVERS:
