@@ -77,8 +77,9 @@ _SOURCE = r"""
 /* Forward over neurons [n0, n1) of x [T, N]: H, S (0/1 in the dtype) and S as bytes. The
    operations and their order are those of dassdp's torch backend (_FusedLIF.forward). */
 #define LIF_FWD(NAME, R)                                                                   \
-void NAME(const R* x, R* h, R* s, uint8_t* bits, int64_t T, int64_t N, int64_t n0,       \
-          int64_t n1, double k_, double v_th_, double v_r_, int hard, int decay_input) {   \
+void NAME(const R* restrict x, R* restrict h, R* restrict s, uint8_t* restrict bits,       \
+          int64_t T, int64_t N, int64_t n0, int64_t n1, double k_, double v_th_,           \
+          double v_r_, int hard, int decay_input) {                                        \
     const R k = (R)k_, v_th = (R)v_th_, v_r = (R)v_r_;                                     \
     R v[BLOCK];                                                                            \
     for (int64_t b = n0; b < n1; b += BLOCK) {                                             \
@@ -114,58 +115,69 @@ void NAME(const R* x, R* h, R* s, uint8_t* bits, int64_t T, int64_t N, int64_t n
     }                                                                                      \
 }
 
-/* Backward over neurons [n0, n1): gX from H and gS (_FusedLIF.backward's math). surrogate
-   0 = atan, 1 = sigmoid. */
+/* Backward over neurons [n0, n1): gX from H and gS (_FusedLIF.backward's math, op for op).
+   surrogate 0 = atan, 1 = sigmoid. Each loop below is branch-free inside, so it vectorises. */
 #define LIF_BWD(NAME, R, EXP)                                                              \
-void NAME(const R* h, const R* gs, R* gx, int64_t T, int64_t N, int64_t n0, int64_t n1,    \
-          double k_, double v_th_, double v_r_, int hard, int decay_input, int detach,     \
-          int surrogate, double alpha_) {                                                  \
+void NAME(const R* restrict h, const R* restrict gs, R* restrict gx, int64_t T, int64_t N, \
+          int64_t n0, int64_t n1, double k_, double v_th_, double v_r_, int hard,          \
+          int decay_input, int detach, int surrogate, double alpha_) {                     \
     const R k = (R)k_, v_th = (R)v_th_, v_r = (R)v_r_, alpha = (R)alpha_;                  \
     const R c_atan = (R)(3.14159265358979323846 / 2 * alpha_), half = (R)(alpha_ / 2);     \
     const R decay = (R)(1 - k_), neg_th = (R)(-v_th_);                                     \
-    R gh[BLOCK];                                                                           \
+    R gh[BLOCK], sg[BLOCK], c[BLOCK];                                                      \
     for (int64_t b = n0; b < n1; b += BLOCK) {                                             \
         const int64_t m = (n1 - b < BLOCK) ? n1 - b : BLOCK;                               \
         for (int64_t t = T - 1; t >= 0; --t) {                                             \
-            const R* ht = h + t * N + b;                                                   \
-            const R* gst = gs + t * N + b;                                                 \
-            R* gxt = gx + t * N + b;                                                       \
-            for (int64_t j = 0; j < m; ++j) {                                              \
-                const R d = ht[j] - v_th;                                                  \
-                R sg;                                                                      \
-                if (surrogate == 0) {                                                      \
-                    R q = d * c_atan;                                                      \
+            const R* restrict ht = h + t * N + b;                                          \
+            const R* restrict gst = gs + t * N + b;                                        \
+            R* restrict gxt = gx + t * N + b;                                              \
+            if (surrogate == 0) {                                                          \
+                for (int64_t j = 0; j < m; ++j) {                                          \
+                    R q = (ht[j] - v_th) * c_atan;                                         \
                     q = q * q;                                                             \
                     q = q + (R)1;                                                          \
                     q = (R)1 / q;                                                          \
-                    sg = q * half;                                                         \
-                } else {                                                                   \
-                    const R z = d * alpha;                                                 \
+                    sg[j] = q * half;                                                      \
+                }                                                                          \
+            } else {                                                                       \
+                for (int64_t j = 0; j < m; ++j) {                                          \
+                    const R z = (ht[j] - v_th) * alpha;                                    \
                     const R sig = (R)1 / ((R)1 + EXP(-z));                                 \
                     const R om = (R)1 - sig;                                               \
-                    sg = (sig * alpha) * om;                                               \
+                    sg[j] = (sig * alpha) * om;                                            \
                 }                                                                          \
-                const R not_fired = (ht[j] >= v_th) ? (R)0 : (R)1;                         \
-                const R g = sg * gst[j];                                                   \
-                R ghj = g;                                                                 \
-                if (t < T - 1) {                                                           \
-                    R c;                                                                   \
-                    if (detach) {                                                          \
-                        c = hard ? not_fired * decay : decay;                              \
-                    } else if (hard) {                                                     \
-                        R r = (v_r - ht[j]) * sg;                                          \
-                        r = r + not_fired;                                                 \
-                        c = r * decay;                                                     \
-                    } else {                                                               \
-                        R r = sg * neg_th;                                                 \
-                        r = r + (R)1;                                                      \
-                        c = r * decay;                                                     \
+            }                                                                              \
+            if (t == T - 1) {                                                              \
+                for (int64_t j = 0; j < m; ++j) gh[j] = sg[j] * gst[j];                    \
+            } else {                                                                       \
+                if (detach && hard) {          /* R = 1 - S */                             \
+                    for (int64_t j = 0; j < m; ++j)                                        \
+                        c[j] = ((ht[j] >= v_th) ? (R)0 : (R)1) * decay;                    \
+                } else if (detach) {           /* R = 1 */                                 \
+                    for (int64_t j = 0; j < m; ++j) c[j] = decay;                          \
+                } else if (hard) {             /* R = 1 - S + (V_r - H) sg */              \
+                    for (int64_t j = 0; j < m; ++j) {                                      \
+                        R r = (v_r - ht[j]) * sg[j];                                       \
+                        r = r + ((ht[j] >= v_th) ? (R)0 : (R)1);                           \
+                        c[j] = r * decay;                                                  \
                     }                                                                      \
-                    const R p = gh[j] * c;                                                 \
-                    ghj = g + p;                                                           \
+                } else {                       /* R = 1 - V_th sg */                       \
+                    for (int64_t j = 0; j < m; ++j) {                                      \
+                        R r = sg[j] * neg_th;                                              \
+                        r = r + (R)1;                                                      \
+                        c[j] = r * decay;                                                  \
+                    }                                                                      \
                 }                                                                          \
-                gh[j] = ghj;                                                               \
-                gxt[j] = decay_input ? ghj * k : ghj;                                      \
+                for (int64_t j = 0; j < m; ++j) {                                          \
+                    const R g = sg[j] * gst[j];                                            \
+                    const R p = gh[j] * c[j];                                              \
+                    gh[j] = g + p;                                                         \
+                }                                                                          \
+            }                                                                              \
+            if (decay_input) {                                                             \
+                for (int64_t j = 0; j < m; ++j) gxt[j] = gh[j] * k;                        \
+            } else {                                                                       \
+                for (int64_t j = 0; j < m; ++j) gxt[j] = gh[j];                            \
             }                                                                              \
         }                                                                                  \
     }                                                                                      \
