@@ -20,7 +20,7 @@ number; PLIF's learnable one runs on the torch backend), no returned membrane. T
 neurons are split over ``torch.get_num_threads()`` threads (the C calls release the GIL).
 
 Build: the C source below is compiled once per machine with the system C compiler (``$CC``,
-else ``cc`` / ``gcc`` / ``clang``; under a second) into ``$DASSDP_KERNEL_CACHE`` (default
+else ``cc`` / ``gcc`` / ``clang``; 1-2 s) into ``$DASSDP_KERNEL_CACHE`` (default
 ``~/.cache/dassdp/kernels``), named by a hash of the source, flags, compiler and CPU, written
 atomically (concurrent DDP ranks are safe). No compiler, or a failed build: :func:`usable` is
 false for the process, with one warning, and ``backend="auto"`` runs the torch backend.
