@@ -11,7 +11,7 @@ sections of ``docs/benchmarks.md``:
   size step after step, with almost no faults *and* little fragmentation. jemalloc runs with
   ``dirty_decay_ms:-1,muzzy_decay_ms:-1`` (freed pages are kept for reuse, not returned to
   the system and faulted in again; without it jemalloc is slower than glibc). At batch 16:
-  about 1.25x the images/s of glibc's defaults at 0.8x its peak RSS.
+  1.2-1.3x the images/s of glibc's defaults at 0.78x its peak RSS (the base code, two runs).
 * **glibc, tuned** (``mallopt``): ``M_MMAP_MAX = 0`` (large blocks come from the heap,
   reused step after step) and ``M_TRIM_THRESHOLD = -1`` (freed heap is kept): as fast, but
   heap fragmentation raises the peak RSS above glibc's defaults.
