@@ -226,8 +226,9 @@ def disable(reason: str) -> None:
 
 def _compiler() -> str | None:
     for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cand and shutil.which(cand):
-            return shutil.which(cand)
+        path = shutil.which(cand) if cand else None
+        if path:
+            return path
     return None
 
 
@@ -307,6 +308,11 @@ def _as_2d(t: Tensor) -> Tensor:
     return t.contiguous().view(t.shape[0], -1)
 
 
+def _reset(params: Any) -> tuple[float, int]:
+    """The kernels' ``(v_r, hard)``: the reset value (0 for a soft reset) and 1 for a hard one."""
+    return (0.0, 0) if params.v_reset is None else (params.v_reset, 1)
+
+
 class CpuLIF(torch.autograd.Function):
     """Forward and backward through the C kernels; saves only ``H``. The spikes come out as
     the dtype and, attached for :func:`dassdp.neurons.spike_saving`, as ``bool``."""
@@ -324,12 +330,12 @@ class CpuLIF(torch.autograd.Function):
         s = torch.empty(x.shape, dtype=x.dtype)
         bits = torch.empty(x.shape, dtype=torch.uint8)
         fn = lib.lif_fwd_f32 if x.dtype == torch.float32 else lib.lif_fwd_f64
-        v_r = params.v_reset
         _run(
-            fn, n, (x2.data_ptr(), h.data_ptr(), s.data_ptr(), bits.data_ptr(), T, n),
-            (k, params.v_threshold, 0.0 if v_r is None else v_r, int(v_r is not None),
-             int(params.decay_input)),
-        )  # fmt: skip
+            fn,
+            n,
+            (x2.data_ptr(), h.data_ptr(), s.data_ptr(), bits.data_ptr(), T, n),
+            (k, params.v_threshold, *_reset(params), int(params.decay_input)),
+        )
         ctx.save_for_backward(h)
         ctx.k, ctx.params = k, params
         attach_spike_bits(s, bits.view(torch.bool))
@@ -348,12 +354,10 @@ class CpuLIF(torch.autograd.Function):
         T, n = h.shape
         gx = torch.empty_like(h)
         fn = lib.lif_bwd_f32 if h.dtype == torch.float32 else lib.lif_bwd_f64
-        v_r = p.v_reset
         _run(
             fn, n, (h.data_ptr(), g2.data_ptr(), gx.data_ptr(), T, n),
-            (ctx.k, p.v_threshold, 0.0 if v_r is None else v_r, int(v_r is not None),
-             int(p.decay_input), int(p.detach_reset), 0 if p.surrogate == "atan" else 1,
-             alpha),
+            (ctx.k, p.v_threshold, *_reset(p), int(p.decay_input), int(p.detach_reset),
+             0 if p.surrogate == "atan" else 1, alpha),
         )  # fmt: skip
         return gx.view(g_s.shape), None, None
 
