@@ -20,7 +20,7 @@ _EXPORTS: dict[str, str] = {
     "DASSDPConfig": "dassdp.plasticity.learner",
     "SiteSpec": "dassdp.plasticity.sites",
     "DASSDPWarning": "dassdp.plasticity.sites",
-    "reset": "dassdp._reset",
+    "reset": "dassdp.plasticity.reset",
     "create_model": "dassdp.models.registry",
     "list_models": "dassdp.models.registry",
     "register_model": "dassdp.models.registry",

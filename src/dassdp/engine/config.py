@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from dassdp._io import atomic_write_text
+from dassdp._util.io import atomic_write_text
 
 __all__ = [
     "AMP_MODES",

@@ -37,10 +37,12 @@ from typing import Any
 
 import yaml
 
-from dassdp._io import atomic_write_json
+from dassdp._util.io import atomic_write_json
 from dassdp.engine import config_to_dict, fit, load_checkpoint, load_config, read_metrics
+from dassdp.engine.checkpoint import RESUMABLE_CHANGES
 from dassdp.engine.config import ConfigError, TrainConfig
-from dassdp.engine.train import RESUMABLE_CHANGES, code_revision, evaluate_checkpoint
+from dassdp.engine.rundir import code_revision
+from dassdp.engine.train import evaluate_checkpoint
 from dassdp.experiments.robustness import Perturbation, Perturber
 from dassdp.experiments.variants import variant_overrides
 

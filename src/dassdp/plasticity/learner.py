@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 import operator
-import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
@@ -44,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dassdp._util.env import env_flag
 from dassdp.plasticity import distributed as D
 from dassdp.plasticity.gate import (
     GATE_MODES,
@@ -314,8 +314,9 @@ class DASSDP:
 
     @property
     def debug(self) -> bool:
-        """Debug checks: ``config.debug`` or the environment variable ``DASSDP_DEBUG=1``."""
-        return self.config.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+        """Debug checks: ``config.debug`` or the environment variable ``DASSDP_DEBUG`` set on
+        (``0``, ``false``, ``no``, ``off`` or empty: off)."""
+        return self.config.debug or env_flag(DEBUG_ENV)
 
     @property
     def counters(self) -> dict[str, int]:
