@@ -257,44 +257,60 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            if dataclasses.is_dataclass(arg) and isinstance(value, Mapping):
-                return _coerce(key, value, arg)  # a mapping's own key errors are the news
-            if typing.get_origin(arg) is list and isinstance(value, list | tuple):
-                return _coerce(key, value, arg)  # so are a list's item errors
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError:
-                continue
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif dataclasses.is_dataclass(tp):
-        if isinstance(value, Mapping):
-            return _from_mapping(tp, value, prefix=f"{key}.")
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        return _coerce_union(key, value, tp)
+    if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+        return _from_mapping(tp, value, prefix=f"{key}.")
+    if origin is dict and isinstance(value, Mapping):
+        return dict(value)
+    if origin is list and isinstance(value, Sequence) and not isinstance(value, str):
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    out = _scalar(value, tp)
+    if out is _NOT:
+        raise _type_error(key, value, tp)
+    return out
+
+
+def _coerce_union(key: str, value: Any, tp: Any) -> Any:
+    """``value`` as the first member of union ``tp`` that takes it; else ConfigError."""
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg) and isinstance(value, Mapping):
+            return _coerce(key, value, arg)  # a mapping's own key errors are the news
+        if typing.get_origin(arg) is list and isinstance(value, list | tuple):
+            return _coerce(key, value, arg)  # so are a list's item errors
+        try:
+            return _coerce(key, value, arg)
+        except ConfigError:
+            continue
+    raise _type_error(key, value, tp)
+
+
+_NOT = object()  # _scalar: the value is not of that type
+
+
+def _scalar(value: Any, tp: Any) -> Any:
+    """``value`` as scalar type ``tp`` (``None``, bool, int, float, str), or :data:`_NOT`."""
+    if tp is type(None):
+        return None if value is None else _NOT
+    if tp is bool:
+        return value if isinstance(value, bool) else _NOT
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NOT
+    if tp is str:
+        return value if isinstance(value, str) else _NOT
+    if tp is float and not isinstance(value, bool):
+        if isinstance(value, int | float):
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
             try:
                 return float(value)
             except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif origin is dict and isinstance(value, Mapping):
-        return dict(value)
-    elif origin is list and isinstance(value, Sequence) and not isinstance(value, str):
-        (item,) = typing.get_args(tp) or (Any,)
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+                return _NOT
+    return _NOT
+
+
+def _type_error(key: str, value: Any, tp: Any) -> ConfigError:
+    return ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
 def _from_mapping(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
