@@ -6,6 +6,7 @@ runs with. Environment switches have one meaning each, and one meaning of "off".
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,8 +119,6 @@ def test_the_record_of_the_glibc_settings_holds_only_in_the_process_that_made_th
         pytest.skip("this test process runs with a preloaded allocator")
     monkeypatch.setenv(allocator.TUNED_ENV, "1")  # another process's pid
     assert allocator.active_allocator() == "glibc"
-    import os
-
     monkeypatch.setenv(allocator.TUNED_ENV, str(os.getpid()))
     assert allocator.active_allocator() == "glibc tuned"
     # A process started from this one inherits the record but not the settings.
