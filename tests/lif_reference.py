@@ -43,8 +43,11 @@ reference's exact values). Per neuron and step, with ``k = 1 / tau`` and the nam
   implementation's summation: :func:`triton_gk_depth` for the Triton kernel, ``n - 1`` for an
   unknown order). PLIF's ``gw = gk k (1 - k)`` adds 3 roundings.
 
-The float32 result must then lie within its bound (``u = 2^-24``) plus the reference's
-(``u = 2^-53``, unknown summation order): ``|computed - reference| <= bound_32 + bound_64``.
+The float32 result must then lie within its bound (``u = 2^-24``) plus the reference's own
+(``u = 2^-53``, counted :data:`REF_ROUNDINGS` times per modelled operation because autograd's
+backward of the loop forms each product through up to that many, and an unknown summation
+order): ``|computed - reference| <= bound_32 + bound_64``. A float64 run is checked the same
+way, with ``u = 2^-53`` on both sides.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from dassdp.neurons.functional import lif_multistep
 from dassdp.neurons.surrogate import atan_grad, get_surrogate, sigmoid_grad
 from fp_bounds import assert_within, gamma, pairwise_depth, sum_bound, unit_roundoff
 
+# Roundings the float64 loop's autograd backward spends per operation of the model above.
 REF_ROUNDINGS = 4
 
 __all__ = [
