@@ -135,7 +135,8 @@ class SpikingCNN(nn.Module):
         classifier without ``site_norm`` feeds the logits directly). Read by
         :mod:`dassdp.experiments.site_effect`."""
         fc1 = "bn3" if isinstance(self.bn3, nn.BatchNorm1d) else None
-        return {"fc1": fc1, "classifier": "classifier_bn" if self.classifier_bn is not None else None}
+        classifier = "classifier_bn" if self.classifier_bn is not None else None
+        return {"fc1": fc1, "classifier": classifier}
 
     def _site_presets(self) -> dict[str, Callable[[], dict[str, SiteSpec]]]:
         classifier = {"classifier": SiteSpec(pre="input", post="output>0")}
