@@ -291,13 +291,15 @@ def _spread(z: Tensor) -> float:
 
 
 class _Probe:
-    """Captures, during a training-mode forward, the site's output and the norm's input."""
+    """Captures, during a training-mode forward, the site's output and the norm's input (a
+    module called once per time step gives one tensor per call, joined along dim 0; the
+    norm's batch statistics then span all the calls)."""
 
     def __init__(self, model: nn.Module, site: str, norm: str | None) -> None:
         self.site_layer = model.get_submodule(site)
         self.norm = None if norm is None else model.get_submodule(norm)
         self.on = False
-        self.seen: dict[str, Tensor] = {}
+        self.seen: dict[str, list[Tensor]] = {}
         self.hooks = [self.site_layer.register_forward_hook(self._keep("site", out=True))]
         if self.norm is not None:
             self.hooks.append(self.norm.register_forward_hook(self._keep("norm_in", out=False)))
@@ -305,7 +307,7 @@ class _Probe:
     def _keep(self, key: str, out: bool) -> Any:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if self.on:
-                self.seen[key] = (output if out else args[0]).detach().clone()
+                self.seen.setdefault(key, []).append((output if out else args[0]).detach())
 
         return hook
 
@@ -319,6 +321,7 @@ def _points(model: nn.Module, probe: _Probe, x: Tensor, seed: int) -> dict[str, 
     import dassdp
 
     out: dict[str, Tensor] = {}
+    probe.seen.clear()
     for train in (True, False):
         with _restored(model), torch.no_grad(), _seeded(seed):
             probe.on = train
@@ -326,11 +329,11 @@ def _points(model: nn.Module, probe: _Probe, x: Tensor, seed: int) -> dict[str, 
             probe.on = False
             dassdp.reset(model)
         out["logits_train" if train else "logits_eval"] = _channels_last(logits, -1)
-    site = probe.seen["site"]
+    site = torch.cat(probe.seen["site"])
     conv = isinstance(probe.site_layer, nn.Conv2d)
     out["site"] = _channels_last(site, 1 if conv else -1)
     if probe.norm is not None:
-        out.update(_norm_outputs(probe.norm, probe.seen["norm_in"]))
+        out.update(_norm_outputs(probe.norm, torch.cat(probe.seen["norm_in"])))
     return out
 
 
