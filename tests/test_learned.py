@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import dassdp
 from dassdp import DASSDP, DASSDPConfig
+from dassdp.plasticity.controls import random_update as _random_update
 from dassdp.plasticity.gate import gate_values
-from dassdp.plasticity.learner import _random_update
 from dassdp.plasticity.rule import delta_w, synchrony
 from snn_fixtures import TinySNN
 

@@ -86,6 +86,7 @@ from dassdp.engine.config import (
     amp_dtype,
     apply_overrides,
     config_from_dict,
+    same_plasticity,
     save_config,
 )
 from dassdp.engine.distributed import (
@@ -624,7 +625,10 @@ def _defaults() -> dict[str, Any]:
 
 
 def _same(key: str, old: Any, new: Any) -> bool:
-    """Equal config values; ``amp: true`` and ``amp: fp16`` are the same setting."""
+    """Equal config values; ``amp: true`` and ``amp: fp16`` are the same setting, and so are
+    two ``plasticity`` blocks that configure the same learner (:func:`same_plasticity`)."""
+    if key == "plasticity":
+        return same_plasticity(old, new)
     if key == "amp":
         try:
             return amp_dtype(old) == amp_dtype(new)
