@@ -21,6 +21,7 @@ __all__ = [
     "APPLY_MODES",
     "CONTROLS",
     "DTYPES",
+    "HYPER_STEPS",
     "LEARNABLE",
     "DASSDPConfig",
     "DASSDPConfigError",
@@ -29,6 +30,7 @@ __all__ = [
 APPLY_MODES = ("post_step", "grad")
 CONTROLS = ("none", "shuffled_latency", "random_update", "uniform_drift")
 LEARNABLE = ("sigma", "amplitude")
+HYPER_STEPS = ("plain", "normalized")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -88,12 +90,13 @@ class DASSDPConfig:
         learn: what each site learns from the task loss, a tuple of ``"sigma"`` and/or
             ``"amplitude"`` (default ``()``: nothing, the fixed rule). Per site the learner
             keeps a kernel width ``sigma`` (initially ``sigma``) and an amplitude scale ``a``
-            (initially 1), both in log space; the update becomes ``dW_t = clip(a D_t)`` with
+            (initially ``amplitude_init``), both in log space; the update becomes
+            ``dW_t = clip(a D_t)`` with
             ``D_t`` the pre-clip rule. At the next step the one-step hypergradients of that
             step's loss ``L_{t+1}`` (whose gradient ``g_{t+1}`` is in the site weight's
             ``.grad``) are ``h_sigma = <g_{t+1}, a dD_t/dsigma>`` and
-            ``h_a = <g_{t+1}, D_t>`` (entries where the clip binds excluded), and
-            ``log sigma -= sigma_lr * sigma * h_sigma``, ``log a -= amplitude_lr * a * h_a``.
+            ``h_a = <g_{t+1}, D_t>`` (entries where the clip binds excluded), and each value
+            takes a step of ``hyper_step`` on its log.
             ``apply="post_step"``: ``step`` runs after ``optimizer.step()``, whose ``.grad``
             (unscaled by a grad scaler, clipped if the loop clips it) is ``g_{t+1}`` at the
             weights ``dW_t`` moved. ``apply="grad"``: ``step`` runs before
@@ -102,12 +105,29 @@ class DASSDPConfig:
             to the optimizer's per-step scaling of ``dW_t`` (``lr`` for SGD). Without a
             ``.grad`` (``zero_grad()`` called before ``step``), or after a step that applied
             nothing, ``h = 0``; a skipped step moves neither value.
-        sigma_lr, amplitude_lr: step sizes of the two log-space updates (``>= 0``; default
-            10: on ``configs/cifar10_cpu.yaml`` the per-step ``|h|`` is about 1e-4, so 10 moves
-            a consistently signed value by a factor of about e over 1,000 steps; 1 barely
-            moved it in a 5-epoch run).
+        hyper_step: how a hypergradient moves its value. ``"plain"``: gradient descent on the
+            log, ``log sigma -= sigma_lr * sigma * h_sigma``, ``log a -= amplitude_lr * a *
+            h_a``; the change scales with the task's gradient. ``"normalized"``: each ``h``
+            divided by a running RMS of itself (Adam's second moment, no first moment):
+            ``v_n = hyper_beta v_{n-1} + (1 - hyper_beta) h^2``, ``log x -= hyper_lr * h /
+            sqrt(v_n / (1 - hyper_beta^n))``, ``n`` counting the steps that had a
+            hypergradient (the first after warm-up and the one after a skipped step have
+            none); the change no longer depends on the scale of ``h``.
+        sigma_lr, amplitude_lr: ``hyper_step="plain"``'s step sizes, in log-change per unit
+            of ``dL/dlog x`` (``>= 0``; default 10: on ``configs/cifar10_cpu.yaml`` the
+            per-step ``|h|`` is about 1e-4, so 10 moves a consistently signed value by a
+            factor of about e over 1,000 steps; 1 barely moved it in a 5-epoch run).
+        hyper_lr: ``hyper_step="normalized"``'s rate (``> 0``) in log-change per step: a
+            hypergradient of constant sign and any scale moves ``log sigma`` and ``log a``
+            by exactly ``hyper_lr`` a step (default 1e-3: a factor of e over 1,000 steps); a
+            noisy one by less.
+        hyper_beta: ``hyper_step="normalized"``'s decay of the running mean of ``h^2``, in
+            ``[0, 1)`` (default 0.999: about the last 1,000 steps; 0: ``h / |h|``, signSGD).
         sigma_range, amplitude_range: ``(lo, hi)`` bounds (``0 < lo <= hi``, finite) the
             learned values are clamped to, or ``None``; the initial value must lie inside.
+        amplitude_init: the learned amplitude's start ``a_0`` (``> 0``, default 1: the fixed
+            rule's ``dW``); below 1 the rule starts weak and grows only where the
+            hypergradient says the task gains from it. Only with ``"amplitude"`` in ``learn``.
 
     Raises:
         DASSDPConfigError: (a ``ValueError``) for a value that is not allowed; its ``key``
@@ -134,6 +154,10 @@ class DASSDPConfig:
     amplitude_lr: float = 10.0
     sigma_range: tuple[float, float] | None = None
     amplitude_range: tuple[float, float] | None = None
+    hyper_step: str = "plain"
+    hyper_lr: float = 1e-3
+    hyper_beta: float = 0.999
+    amplitude_init: float = 1.0
 
     def __post_init__(self) -> None:
         _check_nonnegative(self, "A_plus", "A_minus")
@@ -164,6 +188,7 @@ class DASSDPConfig:
             ("apply", APPLY_MODES),
             ("control", CONTROLS),
             ("dtype", tuple(DTYPES)),
+            ("hyper_step", HYPER_STEPS),
         ):
             if getattr(self, name) not in allowed:
                 raise DASSDPConfigError(
@@ -185,12 +210,35 @@ class DASSDPConfig:
             )
         object.__setattr__(self, "learn", tuple(learn))
         _check_nonnegative(self, "sigma_lr", "amplitude_lr")
+        self._check_hyper_step()
+        init = self.amplitude_init
+        if not _number(init) or not math.isfinite(init) or init <= 0:
+            raise DASSDPConfigError(
+                "amplitude_init", f"amplitude_init must be a finite number > 0, got {init!r}"
+            )
+        if init != 1 and "amplitude" not in self.learn:
+            raise DASSDPConfigError(
+                "amplitude_init",
+                f"amplitude_init={init!r} starts a learned amplitude: it needs 'amplitude' in "
+                f"learn (got learn={self.learn!r}); to scale the fixed rule set A_plus, A_minus",
+            )
         self._check_range("sigma_range", self.sigma, f"sigma={self.sigma!r}")
-        self._check_range("amplitude_range", 1.0, "the initial amplitude 1")
+        self._check_range("amplitude_range", init, f"the initial amplitude {init!r}")
         if "sigma" in self.learn and math.isinf(self.sigma):
             raise DASSDPConfigError(
                 "sigma", "learn=('sigma', ...) needs a finite sigma to start from, got inf"
             )
+
+    def _check_hyper_step(self) -> None:
+        """``hyper_lr`` > 0 and finite [log-change per step], ``hyper_beta`` in ``[0, 1)``."""
+        lr, beta = self.hyper_lr, self.hyper_beta
+        if not _number(lr) or not math.isfinite(lr) or lr <= 0:
+            raise DASSDPConfigError(
+                "hyper_lr",
+                f"hyper_lr must be a finite number > 0 [log-change per step], got {lr!r}",
+            )
+        if not _number(beta) or not 0 <= beta < 1:
+            raise DASSDPConfigError("hyper_beta", f"hyper_beta must be in [0, 1), got {beta!r}")
 
     def _check_range(self, name: str, init: float, what: str) -> None:
         """``name`` is None or a finite ``(lo, hi)`` with ``0 < lo <= hi`` (stored as floats),

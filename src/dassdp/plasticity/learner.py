@@ -387,7 +387,7 @@ class DASSDP:
         return self._learned is not None and self._learned.learns_sigma
 
     @property
-    def _prev(self) -> dict[str, tuple[int, Tensor, Tensor | None]]:
+    def _prev(self) -> dict[str, tuple[int, Tensor, Tensor | None, Tensor]]:
         """Per site the last update the next step learns from (:attr:`LearnedRule.prev`)."""
         return {} if self._learned is None else self._learned.prev
 
