@@ -485,8 +485,10 @@ class DASSDP:
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Epoch, gate sums, fitted gates, counters, generator, and with ``config.learn`` the
-        learned values (``learned``: per site ``log_sigma``, ``log_amplitude`` and the last
-        step's ``D``, ``dD_dsigma`` the next step learns from). Under DDP this is a collective
+        learned values (``learned``: per site ``log_sigma``, ``log_amplitude``, the last step's
+        ``D``, ``dD_dsigma`` the next step learns from, and with ``hyper_step="normalized"``
+        the running means ``h2_<x>``, counts ``steps_<x>`` and ``D_counted``: see
+        :meth:`LearnedRule.state_dict`). Under DDP this is a collective
         (call it on every rank): warm-up sums are gathered on rank 0, which holds the total."""
         totals = {name: self._gather_sums(stats) for name, stats in self.stats.items()}
         learned = self._learned
