@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
     "DASSDP": "dassdp.plasticity.learner",
-    "DASSDPConfig": "dassdp.plasticity.learner",
+    "DASSDPConfig": "dassdp.plasticity.config",
     "SiteSpec": "dassdp.plasticity.sites",
     "DASSDPWarning": "dassdp.plasticity.sites",
     "reset": "dassdp.plasticity.reset",

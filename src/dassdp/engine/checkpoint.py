@@ -25,7 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from dassdp.engine.config import ConfigError, TrainConfig, amp_dtype, config_from_dict
+from dassdp.engine.config import (
+    ConfigError,
+    TrainConfig,
+    amp_dtype,
+    config_from_dict,
+    same_plasticity,
+)
 
 __all__ = [
     "FORMAT",
@@ -182,7 +188,10 @@ def _defaults() -> dict[str, Any]:
 
 
 def _same(key: str, old: Any, new: Any) -> bool:
-    """Equal config values; ``amp: true`` and ``amp: fp16`` are the same setting."""
+    """Equal config values; ``amp: true`` and ``amp: fp16`` are the same setting, and so are
+    two ``plasticity`` blocks that configure the same learner (:func:`same_plasticity`)."""
+    if key == "plasticity":
+        return same_plasticity(old, new)
     if key == "amp":
         try:
             return amp_dtype(old) == amp_dtype(new)
