@@ -23,9 +23,11 @@ Output layouts (``root`` is the data root):
   cannot reproduce the official md5s that ``torchvision.datasets.CIFAR10`` checks.
 - ``fashion-mnist``: ``root/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``;
 - ``mnist``: ``root/MNIST/raw/...`` (same names); both read by
+  :class:`dassdp.data.datasets.IDXImages` (these files only) and by
   ``torchvision.datasets.FashionMNIST`` / ``MNIST`` with ``download=False``.
 
-Each prepared folder holds ``dassdp.json`` (source, sha256 of each file). Writes go to a
+Each prepared folder holds ``dassdp.json`` (source, sha256 of each file); it must list every
+file the reader opens, else the copy counts as incomplete. Writes go to a
 temp folder under ``root`` and are renamed into place, so a failure or a hash mismatch
 leaves existing data untouched.
 """
