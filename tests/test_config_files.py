@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dassdp._yaml import YAMLInputError, load_yaml, read_yaml_file
+from dassdp._util.yamlfile import YAMLInputError, load_yaml, read_yaml_file
 from dassdp.cli import main
 from dassdp.engine import ConfigError, load_config
 from engine_fixtures import tiny_dict

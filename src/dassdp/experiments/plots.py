@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from dassdp._io import atomic_write_bytes
+from dassdp._util.io import atomic_write_bytes
 
 __all__ = ["write_all"]
 

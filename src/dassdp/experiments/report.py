@@ -54,8 +54,8 @@ from typing import Any
 
 import numpy as np
 
-from dassdp._io import atomic_write_text
-from dassdp._yaml import YAMLInputError, read_yaml_file
+from dassdp._util.io import atomic_write_text
+from dassdp._util.yamlfile import YAMLInputError, read_yaml_file
 from dassdp.experiments.stats import PairedComparison, compare_paired
 
 __all__ = [
