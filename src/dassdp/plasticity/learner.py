@@ -50,9 +50,10 @@ from dassdp.plasticity import distributed as D
 from dassdp.plasticity.config import DTYPES, DASSDPConfig
 from dassdp.plasticity.gate import GateFit, GateStats, fit_gate, gate_values, to_device
 from dassdp.plasticity.learned import LearnedRule
-from dassdp.plasticity.recorder import Recorder, SiteRecord
+from dassdp.plasticity.recorder import Recorder, SiteRecord, site_shape
 from dassdp.plasticity.rule import delta_w, synchrony
 from dassdp.plasticity.sites import DASSDPWarning, SiteSpec, normalize_sites
+from dassdp.plasticity.state import check_state
 
 __all__ = ["COUNTERS", "DASSDP", "DASSDPConfig"]
 
@@ -489,14 +490,19 @@ class DASSDP:
         learned values (``learned``: per site ``log_sigma``, ``log_amplitude``, the last step's
         ``D``, ``dD_dsigma`` the next step learns from, and with ``hyper_step="normalized"``
         the running means ``h2_<x>``, counts ``steps_<x>`` and ``D_counted``: see
-        :meth:`LearnedRule.state_dict`). Under DDP this is a collective
-        (call it on every rank): warm-up sums are gathered on rank 0, which holds the total."""
+        :meth:`LearnedRule.state_dict`); and what :meth:`load_state_dict` checks it against:
+        ``config``, the site names, their ``site_specs``, weight ``shapes`` ``[C_out, C_in]``
+        and ``T``. Under DDP this is a collective (call it on every rank): warm-up sums are
+        gathered on rank 0, which holds the total."""
         totals = {name: self._gather_sums(stats) for name, stats in self.stats.items()}
         learned = self._learned
         extra = {} if learned is None else {"learned": learned.state_dict(self._step_index)}
         return {
             "epoch": self.epoch,
             "sites": list(self.sites),
+            "site_specs": {n: spec.to_dict() for n, spec in self.sites.items()},
+            "shapes": {n: list(shape) for n, shape in self._shapes().items()},
+            "T": self.recorder.T,
             "stats": {n: {"sums": t.cpu().tolist()} for n, t in totals.items()},
             "fits": None if self.fits is None else {n: f.to_dict() for n, f in self.fits.items()},
             "counters": self.counters,
@@ -504,6 +510,10 @@ class DASSDP:
             "config": self.config.to_dict(),
             **extra,
         }
+
+    def _shapes(self) -> dict[str, tuple[int, int]]:
+        """Per site its weight's ``(C_out, C_in)``."""
+        return {name: site_shape(layer, name) for name, layer in self.recorder.layers.items()}
 
     def _load_learned(self, learned: Mapping[str, Any] | None) -> None:
         """Restore the learned values; without them (an older checkpoint, or one written
@@ -518,13 +528,30 @@ class DASSDP:
                 stacklevel=3,
             )
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; the sites must match by name."""
-        if list(state["sites"]) != list(self.sites):
-            raise ValueError(
-                f"checkpoint DA-SSDP sites {list(state['sites'])} do not match "
-                f"this learner's sites {list(self.sites)}"
-            )
+    def load_state_dict(self, state: Mapping[str, Any], *, strict: bool = True) -> None:
+        """Restore from :meth:`state_dict` of a learner of the same run.
+
+        The state must come from a learner on the same sites (names, order, weight shapes);
+        with ``strict`` (default) also with the same site specs, ``T`` and config, except the
+        fields that may change on a resume (:data:`~dassdp.plasticity.state.RESUMABLE_CONFIG`:
+        ``debug``, which changes no value). ``strict=False`` loads a state written under
+        another config (e.g. to continue from a learner's fitted gate with other amplitudes);
+        the sites must still match. Nothing is loaded when a check fails.
+
+        Raises:
+            ValueError: naming the first difference, or saying that ``state`` is a model's
+                ``state_dict()`` or a whole training checkpoint rather than a learner's state.
+            TypeError: ``state`` is not a mapping.
+        """
+        check_state(
+            state,
+            sites=self.sites,
+            shapes=self._shapes(),
+            T=self.recorder.T,
+            config=self.config,
+            counters=COUNTERS,
+            strict=strict,
+        )
         self.epoch = int(state["epoch"])
         for name, stats in self.stats.items():
             stats.load_state_dict(state["stats"][name])
@@ -533,9 +560,6 @@ class DASSDP:
         fits = state["fits"]
         self.fits = None if fits is None else {n: GateFit(**f) for n, f in fits.items()}
         counters = {**self.counters, **state["counters"]}
-        unknown = sorted(set(counters) - set(COUNTERS))
-        if unknown:
-            raise ValueError(f"checkpoint DA-SSDP counters {unknown} unknown; known: {COUNTERS}")
         values = torch.zeros(len(COUNTERS), dtype=torch.int64)
         for index, key in enumerate(COUNTERS):
             values[index] = int(counters[key])
