@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import dassdp
 from dassdp import DASSDP, DASSDPConfig
-from snn_fixtures import TinySNN
+from snn_fixtures import TinySNN, spike
 
 B = 8
 
@@ -110,3 +110,32 @@ def test_a_model_state_dict_or_a_checkpoint_is_named_as_such():
         plast.load_state_dict({"epoch": 1})
     with pytest.raises(TypeError, match="got a list"):
         plast.load_state_dict([1, 2])
+
+
+# ------------------------------------------- item 13: a layout that cannot be known
+class PlainNet(torch.nn.Module):
+    """Stateless: fed [B, D] once per time step by a loop outside its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.fc2(spike(self.fc1(x)))
+
+
+def test_per_step_calls_outside_the_forward_without_layout_or_T_apply_nothing():
+    torch.manual_seed(0)
+    model = PlainNet()
+    plast = DASSDP(model, DASSDPConfig(warmup_epochs=0, gate="one"), sites={"fc2": "output>0"})
+    w = model.fc2.weight.detach().clone()
+    x = torch.randn(3, B, 5) * 2
+    sum(model(x[t]).sum() for t in range(3)).backward()  # no error in the forwards
+    with pytest.raises(ValueError, match=r"layout is unknown.*pass\s+layout='step'"):
+        plast.step(torch.tensor(1.0))
+    assert torch.equal(model.fc2.weight, w) and plast.counters["applied"] == 0
+    dassdp.reset(model)
+    right = DASSDP(model, plast.config, sites={"fc2": {"post": "output>0", "layout": "step"}}, T=3)
+    plast.close()
+    sum(model(x[t]).sum() for t in range(3)).backward()
+    assert right.step(torch.tensor(1.0))  # what the message says to pass

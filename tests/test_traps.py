@@ -100,15 +100,16 @@ def test_outer_time_loop_with_layout_step_accumulates_over_forwards():
 
 
 # ------------------------------------------------------- item 7: forgotten T
-def test_forgotten_T_for_flattened_tensors_warns_once():
+def test_forgotten_T_for_flattened_tensors_is_an_error_at_every_step():
+    # issue 23 item 13: this was a warning, after which a wrong dW was applied
     model = PlainNet()
     plast = DASSDP(model, CFG, sites={"fc2": "output>0"})
-    with pytest.warns(DASSDPWarning, match=r"single per-step call.*pass T="):
+    w = model.fc2.weight.detach().clone()
+    for _ in range(2):
         model(torch.randn(12, 5))
-        plast.step(torch.tensor(1.0))
-    with warnings_as_errors():
-        model(torch.randn(12, 5))
-        plast.step(torch.tensor(1.0))
+        with pytest.raises(ValueError, match=r"single per-step call.*pass T="):
+            plast.step(torch.tensor(1.0))
+    assert torch.equal(model.fc2.weight, w)
 
 
 def test_site_batch_unlike_the_model_batch_warns():

@@ -12,10 +12,11 @@ them, so no tensor outlives its step.
 Layouts come from how a site is called, never from divisibility. ``[T, B, C]`` and
 ``[T, B, C, H, W]`` are time-major. A rank-2/4 tensor (``layout="auto"``) is buffered until
 its window decides: a second call before the window ends makes them one time step per call
-(the snnTorch idiom); a single call is flattened ``[T*B, ...]`` when ``T`` is known, and one
-step (with a warning) when it is not. A single call whose leading dim is the model's own
-input batch, or is not a multiple of ``T``, is ambiguous: an error that says which
-``layout=`` to pass. Each training forward of the model opens its own window (gradient
+(the snnTorch idiom); a single call is flattened ``[T*B, ...]`` when ``T`` is known; when it
+is not, the layout cannot be known (flattened, or one step of a time loop outside the
+forward) and ``step()`` raises, applying nothing (``T=1`` says it is one step). A single call
+whose leading dim is the model's own input batch, or is not a multiple of ``T``, is
+ambiguous: an error that says which ``layout=`` to pass. Each training forward of the model opens its own window (gradient
 accumulation: the learner averages ``dW`` over windows); forwards under ``no_grad`` or in
 eval mode are not recorded.
 """
@@ -198,19 +199,24 @@ class _SourceHook:
                 f"{self.label}: saw {T} per-step calls, the learner expects T={T_expected}"
             )
         if T == 1 and not T_expected and self.spec.layout == "auto":
-            self.recorder.warn_once(
-                "single-step",
+            # one [B, C] call and no T: flattened [T*B, C] or really one step? Unknowable,
+            # and a wrong guess applies a wrong dW: step() raises this, applying nothing
+            self.recorder.fail(
                 f"{self.label}: a window closed after a single per-step call of shape "
-                f"{tuple(fired.shape)}; if this tensor is flattened [T*B, ...], pass T= to "
-                "DASSDP (else dW is wrong); if the model really runs one step per forward, "
-                "pass layout='step' in the site spec",
+                f"{tuple(fired.shape)} and the learner has no T, so its layout is unknown. "
+                "If this tensor is flattened [T*B, ...], pass T= to DASSDP; if the model "
+                "runs its time loop outside its forward (one call per time step), pass "
+                "layout='step' in the site spec (and T=); if the model really runs one step "
+                "per forward, pass T=1"
             )
         self.done.append((fired, first, last, vsum / T, T))
         self._check_batch(fired.shape[0], self.run_batch)
 
     def _resolve_pending(self) -> None:
         """Decide the layout of a window's single rank-2/4 call: flattened ``[T*B, C]`` when T
-        is known (and the model's input batch does not contradict it), else one time step."""
+        is known (and the model's input batch does not contradict it); one time step when
+        ``T=1``; with T unknown the window is kept as one step and :meth:`_close_run` makes
+        ``step()`` raise (the layout cannot be known)."""
         v, batch, self.pending = self.pending, self.pending_batch, None
         T, N = self.recorder.T, v.shape[0]
         if not T or T == 1:
@@ -341,6 +347,7 @@ class Recorder:
         self.passes = 0  # training forwards of the model since the last collect()
         self.model_batch: tuple[int, ...] = ()  # leading dims of the last forward's input
         self.versions: dict[str, int] = {}  # site weight ``_version`` at the last forward
+        self.error: str | None = None  # a layout that cannot be known: collect() raises it
         self._warned: set[str] = set()
         self._hooks: dict[str, tuple[_SourceHook, _SourceHook]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -400,6 +407,12 @@ class Recorder:
             self._warned.add(key)
             warnings.warn(message, DASSDPWarning, stacklevel=4)
 
+    def fail(self, message: str) -> None:
+        """Keep the first error of this step's records: :meth:`collect` raises it (so
+        ``step()`` applies nothing), not the forward hook that found it."""
+        if self.error is None:
+            self.error = message
+
     @property
     def has_records(self) -> bool:
         """Whether any source buffered activity since the last collect/clear (no device sync)."""
@@ -420,13 +433,17 @@ class Recorder:
                         "source did: is that module run in the forward pass?"
                     )
                 records[name] = _site_record(name, pre, post)
+            error = self.error
         finally:
             self.clear()
             self.passes, self.model_batch = 0, ()
+        if error is not None:
+            raise ValueError(error)
         return records
 
     def clear(self) -> None:
-        """Drop buffered records without using them."""
+        """Drop buffered records (and the error found in them) without using them."""
+        self.error = None
         for pre, post in self._hooks.values():
             pre.clear()
             post.clear()
