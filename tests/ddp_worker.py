@@ -143,7 +143,7 @@ def _run_learned(
             loss.backward()
             opt.step()
             if (epoch, i) == (1, 2) and rank == 1:
-                dassdp.reset(model)  # this rank's sites have no records for this step
+                dassdp.reset(model, records=True)  # this rank has no records for this step
             plast.step(loss)
             dassdp.reset(model)
             history.append(plast.learned)

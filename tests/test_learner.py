@@ -215,7 +215,7 @@ def test_eval_mode_and_reset_record_nothing():
     assert plast.recorder.collect() == {}
     model.train()
     model(torch.randn(B, 12))
-    dassdp.reset(model)  # drops the window
+    dassdp.reset(model, records=True)  # drops the window
     assert plast.recorder.collect() == {}
     with pytest.warns(dassdp.DASSDPWarning, match="without a training forward"):
         assert not plast.step(torch.tensor(1.0))

@@ -4,6 +4,8 @@ forwards of torch.utils.checkpoint are not recorded twice, reset touches only ne
 gradient accumulation with the README loop learns from every micro-batch, and a layout that
 cannot be known is an error at step()."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,3 +141,192 @@ def test_per_step_calls_outside_the_forward_without_layout_or_T_apply_nothing():
     plast.close()
     sum(model(x[t]).sum() for t in range(3)).backward()
     assert right.step(torch.tensor(1.0))  # what the message says to pass
+
+
+# ----------------------------------------------------- item 11: reset, neurons only
+class Accuracy(torch.nn.Module):
+    """A torchmetrics-like metric inside the model: state summed over batches, reset()."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("correct", torch.zeros(()))
+        self.register_buffer("total", torch.zeros(()))
+
+    def forward(self, logits):
+        self.correct += (logits.argmax(1) == 0).sum()
+        self.total += logits.shape[0]
+        return logits
+
+    def reset(self):
+        self.correct.zero_()
+        self.total.zero_()
+
+
+class MeteredSNN(TinySNN):
+    def __init__(self):
+        super().__init__()
+        self.metric = Accuracy()
+
+    def forward(self, x):
+        return self.metric(super().forward(x))
+
+
+def readme_steps(model, plast, n, accumulate=1, reset_first=False):
+    """The README loop (with ``accumulate`` micro-batches per optimizer step, reset after
+    each); returns the micro-batches' inputs."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs = []
+    for i in range(n * accumulate):
+        x = torch.rand(B, model.fc1.in_features, generator=torch.Generator().manual_seed(i)) * 3
+        xs.append(x)
+        loss = F.cross_entropy(model(x), torch.zeros(B, dtype=torch.long))
+        (loss / accumulate).backward()
+        if (i + 1) % accumulate:
+            dassdp.reset(model)  # between micro-batches: neurons, as in the README
+            continue
+        opt.step()
+        opt.zero_grad()
+        if reset_first:
+            dassdp.reset(model)
+        plast.step(loss.detach())
+        if not reset_first:
+            dassdp.reset(model)
+    return xs
+
+
+def test_reset_leaves_a_metric_inside_the_model_alone_and_says_so_once(recwarn):
+    torch.manual_seed(0)
+    model = MeteredSNN()
+    plast = DASSDP(model, DASSDPConfig(warmup_epochs=1), sites="classifier")
+    readme_steps(model, plast, 3)
+    assert model.metric.total == 3 * B  # it was wiped after every batch
+    [warning] = [w for w in recwarn if "Accuracy" in str(w.message)]
+    assert "Accuracy has a reset() method but is not a known neuron kind" in str(warning.message)
+    recwarn.clear()
+    readme_steps(model, plast, 1)
+    assert not [w for w in recwarn if "Accuracy" in str(w.message)]  # once per class
+    silenced = dassdp.register_reset(Accuracy, None)
+    try:
+        readme_steps(model, plast, 1)
+    finally:
+        silenced.remove()
+    assert model.metric.total == 5 * B
+
+
+class Membrane(torch.nn.Module):
+    """A stateful neuron of an unknown library: ``v`` carries over calls until cleared."""
+
+    def __init__(self):
+        super().__init__()
+        self.v = None
+
+    def forward(self, x):
+        self.v = x if self.v is None else 0.5 * self.v + x
+        return spike(self.v - 1.0)
+
+    def clear(self):
+        self.v = None
+
+
+class OwnNeuron(Membrane):
+    def dassdp_reset(self):
+        self.clear()
+
+
+def test_registered_kinds_and_dassdp_reset_classes_are_reset():
+    foreign, own = Membrane(), OwnNeuron()
+    net = torch.nn.Sequential(foreign, own)
+    handle = dassdp.register_reset(Membrane, "clear")
+    try:
+        net(torch.ones(2))
+        dassdp.reset(net)
+        assert foreign.v is None and own.v is None  # own: registered as a Membrane subclass
+        inner = dassdp.register_reset(OwnNeuron, lambda m: setattr(m, "v", torch.zeros(2)))
+        net(torch.ones(2))
+        dassdp.reset(net)
+        assert foreign.v is None and torch.equal(own.v, torch.zeros(2))  # the most specific
+        inner.remove()
+    finally:
+        handle.remove()
+    net(torch.ones(2))
+    dassdp.reset(net)  # no registration: Membrane has no reset()/reset_state(): no warning
+    assert foreign.v is not None and own.v is None  # own: its dassdp_reset()
+    with pytest.raises(ValueError, match=r"Membrane has no method 'reset'"):
+        dassdp.register_reset(Membrane)
+    with pytest.raises(TypeError, match=r"kind must be an nn\.Module class"):
+        dassdp.register_reset(int)
+
+
+# -------------------------------------- item 12: the README loop under accumulation
+def test_readme_loop_with_accumulation_learns_from_every_micro_batch():
+    from oracle import naive_dw_from_activity
+
+    torch.manual_seed(0)
+    cfg = DASSDPConfig(warmup_epochs=0, gate="one", A_plus=0.1, A_minus=0.02)
+    model = TinySNN()
+    twin = copy.deepcopy(model)
+    plast = DASSDP(model, cfg, sites="classifier")
+    seen = []
+    model.fc2.register_forward_hook(lambda m, a, o: seen.append((a[0] > 0, o > 0)))
+    w = model.fc2.weight.detach().clone()
+    readme_steps(model, plast, 1, accumulate=2)
+    assert plast.counters["applied"] == 1 and len(seen) == 2
+    dws = [naive_dw_from_activity(p, q, None, A_plus=0.1, A_minus=0.02, sigma=1.0, clip=None)
+           for p, q in seen]  # fmt: skip
+    expected = (sum(dws) / 2).clamp(-1, 1)  # the mean over the step's forwards
+    change = model.fc2.weight.detach() - w - twin_sgd_change(twin, 2)
+    torch.testing.assert_close(change.double(), expected, rtol=1e-5, atol=1e-6)
+    plast.set_epoch(0)
+    warm = DASSDP(TinySNN(), DASSDPConfig(warmup_epochs=1), sites="classifier")
+    readme_steps(warm.model, warm, 2, accumulate=2)
+    assert warm.stats["fc2"].n == 2 * 2 * B  # one record per sample of every micro-batch
+
+
+def twin_sgd_change(twin, accumulate):
+    """fc2's change by the optimizer alone over one accumulated step (no learner)."""
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    w = twin.fc2.weight.detach().clone()
+    for i in range(accumulate):
+        x = torch.rand(B, twin.fc1.in_features, generator=torch.Generator().manual_seed(i)) * 3
+        (F.cross_entropy(twin(x), torch.zeros(B, dtype=torch.long)) / accumulate).backward()
+    opt.step()
+    return twin.fc2.weight.detach() - w
+
+
+def test_reset_before_step_loses_nothing():
+    torch.manual_seed(0)
+    cfg = DASSDPConfig(warmup_epochs=0, gate="one", A_plus=0.1, A_minus=0.02)
+    model = TinySNN()
+    twin = copy.deepcopy(model)
+    after = DASSDP(model, cfg, sites="classifier")
+    before = DASSDP(twin, cfg, sites="classifier")
+    readme_steps(model, after, 2, accumulate=2)
+    readme_steps(twin, before, 2, accumulate=2, reset_first=True)
+    assert before.counters["applied"] == 2
+    assert torch.equal(model.fc2.weight, twin.fc2.weight)
+    model(torch.rand(B, 12))
+    dassdp.reset(model, records=True)  # asked: this forward is not learned from
+    assert not after.step(torch.tensor(1.0)) and after.counters["skipped_no_records"] == 1
+
+
+def test_an_outer_time_loop_with_layout_step_and_no_T_is_one_window_per_micro_batch():
+    from oracle import naive_dw_from_activity
+
+    torch.manual_seed(0)
+    model = PlainNet()
+    spec = {"fc2": {"post": "output>0", "layout": "step"}}
+    plast = DASSDP(model, DASSDPConfig(warmup_epochs=0, gate="one", A_plus=0.1), sites=spec)
+    seen = []
+    model.fc2.register_forward_hook(lambda m, a, o: seen.append((a[0] > 0, o > 0)))
+    w = model.fc2.weight.detach().clone()
+    for _ in range(2):  # two micro-batches of 3 time steps, reset after each
+        x = torch.randn(3, B, 5) * 2
+        sum(model(x[t]).sum() for t in range(3)).backward()
+        dassdp.reset(model)
+    assert plast.step(torch.tensor(1.0))
+    windows = [[torch.stack(z) for z in zip(*seen[i : i + 3])] for i in (0, 3)]
+    dws = [naive_dw_from_activity(p, q, None, A_plus=0.1, A_minus=1e-4, sigma=1.0, clip=None)
+           for p, q in windows]  # fmt: skip
+    torch.testing.assert_close(
+        (model.fc2.weight - w).double(), (sum(dws) / 2).clamp(-1, 1), rtol=1e-5, atol=1e-7
+    )

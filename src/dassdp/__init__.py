@@ -5,7 +5,8 @@ Public API (imported lazily so that ``import dassdp`` stays cheap)::
     DASSDP, DASSDPConfig, SiteSpec          the plasticity learner, its config, site declarations
     DASSDPWarning                            warned (once) for a probable misuse of the learner
     create_model, list_models, register_model   the model registry
-    reset                                    clear neuron states and recorder buffers of a model
+    reset, register_reset                    end a sequence: reset neuron states (known kinds
+                                             and registered ones), close recording windows
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "SiteSpec": "dassdp.plasticity.sites",
     "DASSDPWarning": "dassdp.plasticity.sites",
     "reset": "dassdp.plasticity.reset",
+    "register_reset": "dassdp.plasticity.reset",
     "create_model": "dassdp.models.registry",
     "list_models": "dassdp.models.registry",
     "register_model": "dassdp.models.registry",

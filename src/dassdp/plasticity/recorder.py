@@ -16,9 +16,10 @@ its window decides: a second call before the window ends makes them one time ste
 is not, the layout cannot be known (flattened, or one step of a time loop outside the
 forward) and ``step()`` raises, applying nothing (``T=1`` says it is one step). A single call
 whose leading dim is the model's own input batch, or is not a multiple of ``T``, is
-ambiguous: an error that says which ``layout=`` to pass. Each training forward of the model opens its own window (gradient
-accumulation: the learner averages ``dW`` over windows); forwards under ``no_grad`` or in
-eval mode are not recorded.
+ambiguous: an error that says which ``layout=`` to pass. Each training forward of the model
+opens its own window (gradient accumulation: the learner averages ``dW`` over windows), and
+so does each sequence after ``dassdp.reset`` (:meth:`Recorder.end_sequence`); forwards under
+``no_grad`` or in eval mode are not recorded.
 """
 
 from __future__ import annotations
@@ -40,10 +41,23 @@ _RECORDERS: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[Recorder]] = (
 )
 
 
+def _recorders_in(model: nn.Module) -> list[Recorder]:
+    """The recorders attached to ``model`` or to any of its submodules (so a wrapper, DDP or
+    ``torch.compile``'s, finds those of the model it wraps)."""
+    return [r for module in model.modules() for r in list(_RECORDERS.get(module, ()))]
+
+
 def clear_model_records(model: nn.Module) -> None:
-    """Drop the buffered records of every recorder attached to ``model``."""
-    for recorder in list(_RECORDERS.get(model, ())):
+    """Drop the buffered records of every recorder attached to ``model`` (or inside it)."""
+    for recorder in _recorders_in(model):
         recorder.clear()
+
+
+def end_model_sequence(model: nn.Module) -> None:
+    """Close the recording windows of every recorder attached to ``model`` (or inside it),
+    keeping their records for the next ``step()`` (:meth:`Recorder.end_sequence`)."""
+    for recorder in _recorders_in(model):
+        recorder.end_sequence()
 
 
 def resolve_module(model: nn.Module, name: str, *, what: str) -> nn.Module:
@@ -260,6 +274,11 @@ class _SourceHook:
         if self.run is not None and not self.recorder.T and self.spec.layout == "auto":
             self._close_run()
 
+    def end_sequence(self) -> None:
+        """Close a run of per-step calls (T unknown: nothing else would before ``step()``)."""
+        if self.run is not None:
+            self._close_run()
+
     def finish(self, latency: str) -> list[tuple[Activity, int]]:
         """Every window's :class:`Activity` and T (empty if nothing was recorded); clears."""
         try:
@@ -440,6 +459,16 @@ class Recorder:
         if error is not None:
             raise ValueError(error)
         return records
+
+    def end_sequence(self) -> None:
+        """The model's sequence ended (``dassdp.reset``): a per-step run of calls with T unknown
+        is closed here, so the next forward's calls (the next micro-batch) open a new window.
+        Records are kept; what T known or the next forward decides is left to them."""
+        if self.T:
+            return
+        for pair in self._hooks.values():
+            for hook in pair:
+                hook.end_sequence()
 
     def clear(self) -> None:
         """Drop buffered records (and the error found in them) without using them."""
