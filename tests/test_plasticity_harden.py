@@ -330,3 +330,80 @@ def test_an_outer_time_loop_with_layout_step_and_no_T_is_one_window_per_micro_ba
     torch.testing.assert_close(
         (model.fc2.weight - w).double(), (sum(dws) / 2).clamp(-1, 1), rtol=1e-5, atol=1e-7
     )
+
+
+# ------------------------------------------- item 10: torch.utils.checkpoint recomputes
+class CheckpointedSNN(torch.nn.Module):
+    """fc2 (the site) and its neuron inside ``torch.utils.checkpoint``: time-major over the
+    whole sequence, or (``per_step``) once per time step on ``[B, C]``."""
+
+    def __init__(self, mode=None, per_step=False, T=4):
+        super().__init__()
+        self.mode, self.per_step, self.T = mode, per_step, T
+        self.fc1, self.fc2, self.fc3 = (
+            torch.nn.Linear(12, 10),
+            torch.nn.Linear(10, 8),
+            torch.nn.Linear(8, 4),
+        )
+
+    def block(self, h):
+        return spike(self.fc2(h))
+
+    def run(self, h):
+        if self.mode is None:
+            return self.block(h)
+        reentrant = self.mode == "reentrant"
+        return torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=reentrant)
+
+    def forward(self, x):
+        x = x.unsqueeze(0) * torch.arange(1, self.T + 1).view(-1, 1, 1) / self.T  # [T, B, D]
+        h = spike(self.fc1(x))
+        s = torch.stack([self.run(h_t) for h_t in h]) if self.per_step else self.run(h)
+        return self.fc3(s).mean(0)
+
+
+def checkpointed_step(mode, per_step, T):
+    """fc2's change by one README step (site fc2: input -> output>0), and the number of
+    warm-up records of one step."""
+    out = []
+    for cfg in (
+        DASSDPConfig(warmup_epochs=0, gate="one", A_plus=0.1, A_minus=0.02),
+        DASSDPConfig(warmup_epochs=1),
+    ):
+        torch.manual_seed(0)
+        model = CheckpointedSNN(mode, per_step)
+        plast = DASSDP(model, cfg, sites={"fc2": "output>0"}, T=T)
+        w = model.fc2.weight.detach().clone()
+        x = torch.rand(B, 12, generator=torch.Generator().manual_seed(1)) * 3
+        F.cross_entropy(model(x), torch.zeros(B, dtype=torch.long)).backward()
+        plast.step(torch.tensor(1.0))
+        out.append(model.fc2.weight.detach() - w if not plast.in_warmup else plast.stats)
+    return out[0], out[1]["fc2"].n
+
+
+@pytest.mark.parametrize("mode", ["non_reentrant", "reentrant"])
+@pytest.mark.parametrize(("per_step", "T"), [(False, None), (False, 4), (True, 4), (True, None)])
+def test_checkpoint_recomputation_is_not_recorded_again(mode, per_step, T):
+    expected, n = checkpointed_step(None, per_step, T)
+    assert expected.abs().max() > 0 and n == B
+    dw, n = checkpointed_step(mode, per_step, T)
+    assert n == B  # one record per sample: the recomputation is not another window
+    assert torch.equal(dw, expected)
+
+
+def test_checkpoint_around_the_whole_model():
+    torch.manual_seed(0)
+    cfg = DASSDPConfig(warmup_epochs=0, gate="one", A_plus=0.1, A_minus=0.02)
+    model = CheckpointedSNN()
+    twin = copy.deepcopy(model)
+    x = torch.rand(B, 12) * 3
+    checkpoint = torch.utils.checkpoint.checkpoint
+    plast, ref = (DASSDP(net, cfg, sites={"fc2": "output>0"}) for net in (model, twin))
+    checkpoint(model, x, use_reentrant=False).sum().backward()  # recomputed in the backward
+    twin(x).sum().backward()
+    assert plast.step(torch.tensor(1.0)) and ref.step(torch.tensor(1.0))
+    assert torch.equal(model.fc2.weight, twin.fc2.weight)
+    x = x.requires_grad_()  # (a reentrant checkpoint needs an input that requires grad)
+    checkpoint(model, x, use_reentrant=True).sum().backward()  # first forward under no_grad
+    with pytest.raises(ValueError, match=r"use_reentrant=True.*Use use_reentrant=False"):
+        plast.step(torch.tensor(1.0))

@@ -225,7 +225,7 @@ class DASSDP:
                 "DASSDP.step() with the model in eval() mode: eval forwards are not "
                 "recorded, so this step learns nothing (call model.train() before training)",
             )
-        elif not self.recorder.passes and not self.recorder.has_records:
+        elif not (self.recorder.passes or self.recorder.has_records or self.recorder.error):
             self._warn_once(
                 "no-forward",
                 "DASSDP.step() without a training forward since the last step(): nothing "

@@ -334,6 +334,9 @@ class Recorder:
     learns the model's input batch (to warn when a site's batch differs from it) and the site
     weights' versions (so ``apply='grad'`` can tell that the optimizer already stepped).
     Forwards under ``torch.no_grad()`` / inference mode or in eval mode record nothing.
+    Inside a training forward every call of a source is recorded, also one in a ``no_grad``
+    region (a reentrant checkpoint's first forward), but none that runs inside the backward
+    (a checkpoint's recomputation, :func:`dassdp._util.recompute.is_recomputing`).
 
     Args:
         model: the (unwrapped) model.
@@ -376,7 +379,11 @@ class Recorder:
         except Exception:
             self.close()
             raise
-        self._model_handle = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        self._forwards: list[bool] = []  # model calls in progress: is each a training forward
+        self._model_handles = (
+            model.register_forward_pre_hook(self._on_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward, always_call=True),
+        )
         _RECORDERS.setdefault(model, weakref.WeakSet()).add(self)
 
     def _add_site(self, name: str, spec: SiteSpec) -> None:
@@ -398,8 +405,7 @@ class Recorder:
             port = src.port
 
         def fn(mod: nn.Module, args: tuple, out: object) -> None:
-            # nor in a checkpointed stage's recomputation (its forward ran already)
-            if self._recording(mod) and not is_recomputing():
+            if self._records_call(mod):
                 hook(args[0] if port == "input" else out)
 
         self._handles.append(module.register_forward_hook(fn))
@@ -410,8 +416,34 @@ class Recorder:
         grad_ok = torch.is_grad_enabled() or not self.grad_only
         return self.enabled and module.training and grad_ok
 
+    def _records_call(self, module: nn.Module) -> bool:
+        """Whether a source module's call is recorded: not a recomputation (a checkpointed
+        stage's, or any run inside the backward: ``torch.utils.checkpoint``'s); inside a
+        call of the model, when that call is a training forward (so a reentrant checkpoint's
+        first forward, which runs under ``no_grad``, counts and its recomputation does not);
+        outside one (a time loop outside the model's forward), as :meth:`_recording` says."""
+        if not (self.enabled and module.training) or is_recomputing():
+            return False
+        if self._forwards:
+            return self._forwards[-1]
+        return self._recording(module)
+
     def _on_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self._recording(model):
+        training = self._recording(model)
+        if training and is_recomputing():
+            # the model's own forward recomputed in the backward: a checkpoint around the
+            # whole model. Its first forward was recorded unless it ran under no_grad
+            # (use_reentrant=True), and then nothing of this step is.
+            if not self.passes:
+                self.fail(
+                    "the model's forward ran again inside the backward (torch.utils.checkpoint "
+                    "around the whole model) but its first forward was not recorded: it ran "
+                    "under no_grad, as use_reentrant=True runs it. Use use_reentrant=False, or "
+                    "checkpoint blocks inside the model's forward"
+                )
+            training = False
+        self._forwards.append(training)
+        if not training:
             return
         for pre, post in self._hooks.values():
             pre.end_window()
@@ -419,6 +451,10 @@ class Recorder:
         self.passes += 1
         self.model_batch = _leading_dims([*args, *kwargs.values()])
         self.versions = {name: layer.weight._version for name, layer in self.layers.items()}
+
+    def _after_forward(self, model: nn.Module, args: tuple, out: object) -> None:
+        if self._forwards:  # (always called, also when the forward raised)
+            self._forwards.pop()
 
     def warn_once(self, key: str, message: str) -> None:
         """Warn (a :class:`~dassdp.plasticity.sites.DASSDPWarning`) once per recorder and key."""
@@ -482,8 +518,7 @@ class Recorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        handle = getattr(self, "_model_handle", None)
-        if handle is not None:
+        for handle in getattr(self, "_model_handles", ()):
             handle.remove()
         self.clear()
         self._hooks.clear()
