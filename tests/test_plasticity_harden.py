@@ -407,3 +407,88 @@ def test_checkpoint_around_the_whole_model():
     checkpoint(model, x, use_reentrant=True).sum().backward()  # first forward under no_grad
     with pytest.raises(ValueError, match=r"use_reentrant=True.*Use use_reentrant=False"):
         plast.step(torch.tensor(1.0))
+
+
+# ------------------------------------------- item 9: a model already compiled
+def compiled_dw(make, attach_to, calls=2):
+    """Site change of ``calls`` README steps on a model that ran ``torch.compile``d before
+    the learner attached (``attach_to``: "wrapper" or "model"), and on an eager twin."""
+    torch.manual_seed(0)
+    model = make()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")  # dynamo + AOT autograd, no codegen
+    xs = [torch.rand(3, B, 6, generator=torch.Generator().manual_seed(i)) * 3 for i in range(3)]
+    compiled(xs[0]).sum().backward()  # compiled without hooks
+    cfg = DASSDPConfig(warmup_epochs=0, gate="one", A_plus=0.1, A_minus=0.02)
+    out = []
+    for net, call in ((model, compiled), (twin, twin)):
+        target = compiled if net is model and attach_to == "wrapper" else net
+        plast = DASSDP(target, cfg, sites_of(net))
+        site = net.get_submodule(next(iter(sites_of(net))))
+        w = site.weight.detach().clone()
+        for x in xs[1 : 1 + calls]:
+            call(x).sum().backward()
+            assert plast.step(torch.tensor(1.0))  # each step learns
+            dassdp.reset(net)
+        out.append(site.weight.detach() - w)
+        plast.close()
+    return out, compiled, model
+
+
+def sites_of(net):
+    p = "" if isinstance(net, torch.nn.Sequential) else "layers."
+    return {f"{p}2": {"pre": f"{p}1", "post": f"{p}3"}}
+
+
+class Lif(torch.nn.Module):
+    """A stateless multi-step threshold neuron on [T, B, C]."""
+
+    def forward(self, x):
+        return spike(x.cumsum(0) / (1 + torch.arange(x.shape[0]).view(-1, 1, 1)))
+
+
+def layers():
+    return [torch.nn.Linear(6, 8), Lif(), torch.nn.Linear(8, 5), Lif(), torch.nn.Linear(5, 3)]
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers())
+
+    def forward(self, x):  # [T, B, 6]
+        for layer in self.layers:
+            x = layer(x)
+        return x.mean(0)
+
+
+def sequential():
+    return torch.nn.Sequential(*layers())
+
+
+@pytest.mark.parametrize(("make", "attach_to"), [(Net, "wrapper"), (sequential, "model")])
+def test_a_model_compiled_before_the_learner_attached_is_recorded(make, attach_to):
+    (got, expected), compiled, model = compiled_dw(make, attach_to)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    closed = DASSDP(model, DASSDPConfig(warmup_epochs=0), sites_of(model))
+    compiled(torch.rand(3, B, 6)).sum().backward()  # compiled with its hooks
+    sources = closed.recorder._hooks[next(iter(sites_of(model)))]
+    assert all(source.has_records for source in sources)
+    closed.close()  # its hooks leave the compiled graph too
+    compiled(torch.rand(3, B, 6)).sum().backward()
+    assert not any(source.has_records for source in sources)
+
+
+def test_compiled_code_that_still_skips_the_hooks_is_an_error_at_step(monkeypatch):
+    from dassdp.plasticity import learner as learner_mod
+
+    monkeypatch.setattr(learner_mod, "forget_compiled", lambda model: False)  # as if it failed
+    torch.manual_seed(0)
+    model = Net()
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(torch.rand(3, B, 6)).sum().backward()
+    plast = DASSDP(model, DASSDPConfig(warmup_epochs=0), sites_of(model))
+    compiled(torch.rand(3, B, 6)).sum().backward()  # the model's pre-hook runs, no site's
+    with pytest.raises(RuntimeError, match=r"torch.compile.*Attach DASSDP before compiling"):
+        plast.step(torch.tensor(1.0))

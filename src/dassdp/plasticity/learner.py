@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from dassdp._util.env import env_flag
 from dassdp.plasticity import controls
 from dassdp.plasticity import distributed as D
+from dassdp.plasticity.compiled import forget_compiled, stale_compiled_message
 from dassdp.plasticity.config import DTYPES, DASSDPConfig
 from dassdp.plasticity.gate import GateFit, GateStats, fit_gate, gate_values, to_device
 from dassdp.plasticity.learned import LearnedRule
@@ -74,7 +75,9 @@ class DASSDP:
     """DA-SSDP learner over the sites of ``model``.
 
     Args:
-        model: the SNN (a ``DistributedDataParallel`` wrapper is unwrapped).
+        model: the SNN (``DistributedDataParallel`` and ``torch.compile`` wrappers are
+            unwrapped). A model already run through ``torch.compile`` is recompiled at its
+            next call, with the learner's hooks (:mod:`dassdp.plasticity.compiled`).
         config: hyper-parameters; default :class:`DASSDPConfig`.
         sites: ``{layer name: SiteSpec | dict | post-source string}``, a preset name, or
             ``None`` for the model's own ``dassdp_sites(config.sites)``.
@@ -90,13 +93,12 @@ class DASSDP:
         T: int | None = None,
     ) -> None:
         self.config = config or DASSDPConfig()
-        self.model = (
-            model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        )
+        self.model = unwrap(model)
         self.sites = _resolve_sites(self.model, sites, self.config.sites)
         T = T if T is not None else getattr(self.model, "T", None)
         self.recorder = Recorder(self.model, self.sites, T=T, latency=self.config.latency)
         self.recorder.enabled = self.config.enabled
+        forget_compiled(self.model)  # code compiled before the hooks existed would skip them
         self.epoch = 0
         self.stats = {name: GateStats() for name in self.sites}
         self.fits: dict[str, GateFit] | None = None
@@ -225,12 +227,8 @@ class DASSDP:
                 "DASSDP.step() with the model in eval() mode: eval forwards are not "
                 "recorded, so this step learns nothing (call model.train() before training)",
             )
-        elif not (self.recorder.passes or self.recorder.has_records or self.recorder.error):
-            self._warn_once(
-                "no-forward",
-                "DASSDP.step() without a training forward since the last step(): nothing "
-                "was recorded (step() twice, or the forward ran under torch.no_grad())",
-            )
+        elif not (self.recorder.has_records or self.recorder.error):
+            self._nothing_recorded()
         if self.config.apply == "grad":
             self._check_not_stepped()
         if (
@@ -244,6 +242,20 @@ class DASSDP:
                 f"called: it is still in warm-up (epoch 0 < warmup_epochs="
                 f"{self.config.warmup_epochs}) and changes no weight; call "
                 "plast.set_epoch(epoch) at the start of every epoch",
+            )
+
+    def _nothing_recorded(self) -> None:
+        """A train-mode step without records: a training forward ran but the model's compiled
+        code skipped the site hooks (an error), or none ran since the last step (a warning)."""
+        stale = stale_compiled_message(self.model) if self.recorder.passes else None
+        if stale is not None:
+            raise RuntimeError(stale)
+        if not self.recorder.passes:
+            self._warn_once(
+                "no-forward",
+                "DASSDP.step() without a training forward since the last step(): nothing "
+                "was recorded (step() twice, the forward ran under torch.no_grad(), or in a "
+                "function torch.compile compiled before DASSDP attached)",
             )
 
     def _check_not_stepped(self) -> None:
@@ -605,6 +617,20 @@ def _site_metrics(
         "pre_fired": record.pre.fired.float().mean(),
         "post_fired": record.post.fired.float().mean(),
     }
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``DistributedDataParallel`` and ``torch.compile`` wrappers (site names
+    are relative to it, and its hooks run whichever wrapper is called)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module
+        ):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _resolve_sites(
