@@ -108,21 +108,15 @@ def markdown(rows: list[dict[str, Any]], facts: list[str]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--nproc", type=int, nargs="+", default=[1, 2], help="rank counts to compare (default: 1 2)"
+    H.add_options(
+        parser,
+        nproc=([1, 2], "rank counts to compare"),
+        batch=(64, "global batch"),
+        epochs=(2, "epochs per run"),
+        subset=(512, "training images per epoch (512: all synthetic ones)"),
+        device=("cpu", "cpu, or cuda (one GPU per rank, NCCL)"),
     )
-    parser.add_argument("--batch", type=int, default=64, help="global batch (default 64)")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per run (default 2)")
-    parser.add_argument(
-        "--subset",
-        type=int,
-        default=512,
-        help="training images per epoch (default 512: all synthetic ones)",
-    )
-    parser.add_argument(
-        "--device", default="cpu", help="cpu, or cuda (one GPU per rank, NCCL; default cpu)"
-    )
-    H.add_output_arguments(parser, "ddp", per_device=True)
+    H.add_output_arguments(parser, "ddp")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -342,7 +342,7 @@ def save(
     out = args.out if args.out is not None else default_csv(name, device)
     write_csv(out, rows)
     load = None if load_before is None else (load_before, load_average())
-    body = markdown(provenance(environment(program=program), out, load))
+    body = markdown(provenance(out, load, program))
     heading = args.section or section_name(name, device)
     if getattr(args, "note", None):
         body = body.rstrip() + f"\n\nNote: {args.note}\n"
@@ -364,52 +364,31 @@ def default_csv(name: str, device: str) -> Path:
     return Path("docs/bench") / (f"{name}.csv" if kind == "cpu" else f"{name}-{kind}.csv")
 
 
-def cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` (or ``platform.processor()``)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def environment(argv: Sequence[str] | None = None, program: str = "dassdp") -> dict[str, Any]:
-    """Facts a benchmark number needs next to it: command (``program`` and ``argv``, default
-    this process's arguments), torch, threads, CPU, date."""
+def provenance(
+    csv_path: Any, load: Sequence[str] | None = None, program: str = "dassdp"
+) -> list[str]:
+    """A section's bullet lines: the exact command (``program`` and this process's
+    arguments), torch, threads, CPU, allocator, the date (with the load averages before and
+    after the run when ``load`` is given) and the CSV path."""
     import torch
 
     from dassdp._malloc import active_allocator
 
-    args = sys.argv[1:] if argv is None else list(argv)
-    return {
-        "command": program + " " + " ".join(shlex.quote(a) for a in args),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "allocator": active_allocator(),
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-    }
-
-
-def provenance(
-    env: Mapping[str, Any], csv_path: Any, load: Sequence[str] | None = None
-) -> list[str]:
-    """The section's bullet lines for the exact command, the machine and the date (with the
-    load averages before and after the run when ``load`` is given) and the CSV path."""
-    when = f"- date: {env['date']}; "
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), cpu)
+    date = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    when = f"- date: {date}; "
     if load is not None:
         when += (
             f"load average (1, 5, 15 min) before: {load[0]}, after: {load[1]} (a shared machine); "
         )
     return [
-        f"- command: `{env['command']}`",
-        f"- torch {env['torch']}, {env['threads']} thread(s), CPU: {env['cpu']} "
-        f"({env['cores']} cores), Python {env['python']}"
-        + (f", allocator {env['allocator']}" if env.get("allocator") else ""),
+        f"- command: `{program} {' '.join(shlex.quote(a) for a in sys.argv[1:])}`",
+        f"- torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU: {cpu} "
+        f"({os.cpu_count()} cores), Python {platform.python_version()}, allocator "
+        f"{active_allocator()}",
         when + f"CSV: `{csv_path}`",
     ]
 
@@ -453,35 +432,51 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     atomic_write_text(Path(path), buf.getvalue())
 
 
+def add_options(parser: Any, **options: tuple[Any, ...]) -> None:
+    """``--name`` options from ``name=(default, help[, argparse keywords])``: a list default
+    takes one or more values of its element type, ``False`` is a flag, otherwise the type is
+    the default's (give ``type`` for a ``None`` default); the default joins the help."""
+    for name, (default, text, *extra) in options.items():
+        kwargs = {"default": default, **(extra[0] if extra else {})}
+        sample = default[0] if isinstance(default, list) and default else default
+        if default is False:
+            kwargs["action"] = "store_true"
+        elif sample is not None:
+            kwargs.setdefault("type", type(sample))
+        if isinstance(default, list):
+            kwargs.setdefault("nargs", "+")
+        if default is not None and default is not False:
+            shown = " ".join(map(str, default)) if isinstance(default, list) else default
+            text += f" (default {shown})"
+        parser.add_argument("--" + name.replace("_", "-"), help=text, **kwargs)
+
+
 def add_run_arguments(parser: Any, seed_help: str = "seed of weights and inputs") -> None:
     """``--device``, ``--threads`` and ``--seed``, shared by the device-aware benchmarks."""
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default 0)")
+    add_options(parser, device=("cpu", "cpu or cuda[:N]"), threads=(1, "torch CPU threads"),
+                seed=(0, seed_help))  # fmt: skip
 
 
 def add_output_arguments(parser: Any, name: str, *, per_device: bool = True) -> None:
     """``--out`` (the CSV), ``--doc`` (the Markdown file whose ``## name`` section is
     replaced), ``--section`` and ``--note``. With ``per_device`` the CSV defaults by device
     (``docs/bench/name[-cuda].csv``, resolved at run time from ``None``)."""
-    default = None if per_device else Path(f"docs/bench/{name}.csv")
-    where = f"docs/bench/{name}.csv" + (f", or {name}-cuda.csv on a GPU" if per_device else "")
-    parser.add_argument("--out", type=Path, default=default, help=f"CSV output (default {where})")
-    parser.add_argument(
-        "--doc",
-        type=Path,
-        default=Path("docs/benchmarks.md"),
-        help=f"Markdown file whose '## {name}' section is replaced",
-    )
-    parser.add_argument(
-        "--section",
-        default=None,
-        help=f"heading of the section to write instead (default '{name}'"
-        + (f", or '{name} (cuda)' on a GPU)" if per_device else ")")
-        + ": keeps the default section, e.g. for a run with other batch sizes",
-    )
-    parser.add_argument(
-        "--note",
-        default=None,
-        help="a sentence appended to the section (e.g. what else loaded the machine)",
-    )
+    cuda = f", or {name}-cuda.csv / '{name} (cuda)' on a GPU" if per_device else ""
+    add_options(
+        parser,
+        out=(None if per_device else Path(f"docs/bench/{name}.csv"),
+             f"CSV output (docs/bench/{name}.csv{cuda})", {"type": Path}),
+        doc=(Path("docs/benchmarks.md"), f"Markdown file whose '## {name}' section is replaced"),
+        section=(None, f"heading of the section to write instead of '{name}'{cuda}: keeps the "
+                 "default section, e.g. for a run with other batch sizes", {"type": str}),
+        note=(None, "a sentence appended to the section (e.g. what else loaded the machine)",
+              {"type": str}),
+    )  # fmt: skip
+
+
+def describe(doc: str | None) -> list[str]:
+    """A bench module's docstring as the Markdown lines of its section: the title line
+    dropped, RST literals and roles (````x````, ``:func:`x```) as Markdown code."""
+    body = (doc or "").split("\n", 1)[-1].strip()
+    body = re.sub(r":\w+:`~?([^`]+)`", r"`\1`", body).replace("``", "`")
+    return body.replace("::\n", ":\n").splitlines()

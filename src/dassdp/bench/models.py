@@ -1,14 +1,15 @@
 """``dassdp bench models``: training throughput (images/s) of every registered model.
 
-One timed iteration = one step of the engine (:func:`dassdp.engine.step.train_step`:
-forward on a random batch at ``T`` steps, cross-entropy, backward, AdamW step,
-``dassdp.reset``). Models are measured in train mode (batch-norm batch statistics, DSSA firing-rate
-updates) on ``--device`` (the CPU with a fixed thread count, or CUDA), in float32 or under
-autocast (``--amp fp16`` with a grad scaler, ``--amp bf16``; several values: one row each).
-Inputs are modest by default so the whole run takes minutes: CIFAR-size models at 32x32,
-ImageNet-stem variants at 64x64 (``--imagenet-size``). Peak memory per row:
-``max_memory_allocated`` on CUDA, the peak RSS on the CPU (with ``--fresh-process`` each
-row runs in its own Python process, so the peak RSS is that configuration's alone).
+One iteration = one step of the engine (:func:`dassdp.engine.step.train_step`: forward,
+cross-entropy, backward, AdamW step, ``dassdp.reset``) in train mode (batch-norm batch
+statistics, DSSA firing-rate updates) on random inputs at ``T`` steps, models built with 10
+classes (*params*); images/s = batch / median seconds over the timed iterations. Event-frame
+models get ``[B, T, C, H, W]`` frames. Inputs are modest by default so the whole run takes
+minutes: CIFAR-size models at 32x32, ImageNet-stem variants at 64x64 (``--imagenet-size``).
+*amp*: ``none`` = float32; ``bf16`` / ``fp16`` = forward and loss under autocast (fp16 with a
+grad scaler); several values: one row each. *peak MiB*: ``max_memory_allocated`` on CUDA; on
+the CPU the process's peak resident set (``VmHWM``: torch, Python and the model included;
+with ``--fresh-process`` each row runs in its own Python process, so it is that row's alone).
 """
 
 from __future__ import annotations
@@ -83,16 +84,9 @@ def bench_model(
 
 
 def markdown(rows: list[dict[str, Any]], facts: list[str]) -> str:
-    """The ``## models`` section body: how it was measured, then one table row per model."""
+    """The ``## models`` section body: the module docstring, the facts, one row per model."""
     lines = [
-        "One iteration = one step of the engine (`dassdp.engine.step.train_step`: forward,",
-        "cross-entropy, backward, AdamW step, `dassdp.reset`) in train mode on random inputs,",
-        "models built with 10 classes (params column); median over the timed iterations;",
-        "images/s = batch / median seconds. Event-frame models get [B, T, C, H, W] frames.",
-        "*amp*: `none` = float32; `bf16` / `fp16` = forward and loss under `torch.autocast`",
-        "(fp16 with a grad scaler). *peak MiB*: `torch.cuda.max_memory_allocated` on CUDA;",
-        "on the CPU the process's peak resident set (`VmHWM`: torch, Python and the model",
-        "included; a fresh process per row with `--fresh-process`).",
+        *H.describe(__doc__),
         "",
         *facts,
         *([f"- CPU bfloat16 support: {cpu_bf16_support()}"] if _cpu_bf16_rows(rows) else []),
@@ -128,52 +122,23 @@ def _cpu_bf16_rows(rows: list[dict[str, Any]]) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--models",
-        nargs="+",
-        default=["*"],
-        metavar="PATTERN",
-        help="fnmatch patterns of models to measure (default: all)",
-    )
-    parser.add_argument("--batch", type=int, default=4, help="images per iteration (default 4)")
-    parser.add_argument("--T", type=int, default=4, help="time steps (default 4)")
-    parser.add_argument(
-        "--size",
-        type=int,
-        default=None,
-        help="input height = width for every model (default: per model)",
-    )
-    parser.add_argument(
-        "--imagenet-size",
-        type=int,
-        default=64,
-        help="input size of the ImageNet-stem variants (default 64)",
-    )
-    parser.add_argument("--iters", type=int, default=3, help="timed iterations (default 3)")
-    parser.add_argument(
-        "--warmup", type=int, default=1, help="untimed iterations first (default 1)"
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    parser.add_argument(
-        "--amp",
-        nargs="+",
-        choices=H.AMP_CHOICES,
-        default=["none"],
-        help="precision(s): none (float32), fp16 (autocast + grad scaler), bf16 (autocast); "
-        "one row per model and value (default none)",
-    )
-    parser.add_argument(
-        "--fresh-process",
-        action="store_true",
-        help="run each model and precision in its own Python process (its own peak RSS)",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke-size run: batch 2, 1 timed iteration, ImageNet variants at 32x32",
-    )
-    H.add_output_arguments(parser, "models", per_device=True)
+    H.add_options(
+        parser,
+        models=(["*"], "fnmatch patterns of models to measure", {"metavar": "PATTERN"}),
+        batch=(4, "images per iteration"),
+        T=(4, "time steps"),
+        size=(None, "input height = width for every model (default: per model)", {"type": int}),
+        imagenet_size=(64, "input size of the ImageNet-stem variants"),
+        iters=(3, "timed iterations"),
+        warmup=(1, "untimed iterations first"),
+        amp=(["none"], "precisions: none (float32), fp16 (autocast + grad scaler), bf16 "
+             "(autocast); one row per model and value", {"choices": H.AMP_CHOICES}),
+        fresh_process=(False, "run each model and precision in its own Python process (its "
+                       "own peak RSS)"),
+        quick=(False, "smoke-size run: batch 2, 1 timed iteration, ImageNet variants at 32x32"),
+    )  # fmt: skip
+    H.add_run_arguments(parser)
+    H.add_output_arguments(parser, "models")
 
 
 def _selected(patterns: list[str]) -> list[str]:
@@ -200,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         shape = input_shape(name, args.size, args.imagenet_size)
         for amp in args.amp:
             spec = dict(name=name, batch=args.batch, T=args.T, shape=shape, iters=args.iters,
-                        warmup=args.warmup, device=device, amp=amp)  # fmt: skip
+                        warmup=args.warmup, device=device, amp=amp, seed=args.seed)  # fmt: skip
             if args.fresh_process:  # its own peak RSS
                 spec["shape"] = list(shape)
                 row = H.in_fresh_process("dassdp.bench.models:bench_model", spec)

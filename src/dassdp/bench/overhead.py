@@ -209,27 +209,16 @@ def _met(cond: str, pct: float) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], facts: list[str]) -> str:
-    """The ``## overhead`` section body."""
+    """The ``## overhead`` section body: the module docstring, the facts, the table."""
     lines = [
-        "One training step of the engine (`dassdp.engine.step.train_step`: forward,",
-        "cross-entropy, backward, AdamW step, `DASSDP.step`, `dassdp.reset`) on a random batch,",
-        "without a learner (`off`), with DA-SSDP in warm-up (`warmup`: hooks + gate statistics)",
-        "and after warm-up (`active`: hooks + dW at the classifier and W_proj sites, applied).",
-        "The three run interleaved on copies of one initial model; times are medians of the",
-        "timed rounds after the warm-up round. *overhead* = (median step - median `off` step) /",
-        "median `off` step: on a shared CPU with steps of seconds its noise (see min-max) is far",
-        "above the targets. *own share* = DA-SSDP's own time (`DASSDP.step` + the recorder's",
-        "forward hooks, each timed directly) / median `off` step: the precise measure. On CUDA",
-        "the step is timed with CUDA events and the own time is the device time of the kernels",
-        "launched in `DASSDP.step` and the hooks (profiler, `record_function` ranges; no sync",
-        "added). *peak MiB*: `max_memory_allocated` of one step on CUDA; process peak RSS on the",
-        "CPU.",
+        *H.describe(__doc__),
         "",
-        "- targets: <= 0.5 % in warm-up, <= 2 % after warm-up",
+        "- targets: <= 0.5 % in warm-up, <= 2 % after warm-up; *met*: by the overhead / by "
+        "the own share",
         *facts,
         "",
         "| model | batch | input | T | amp | condition | step s (median) | min-max s | overhead "
-        "| plast.step ms | hooks ms | own share | peak MiB | target | met (overhead / own share) |",
+        "| plast.step ms | hooks ms | own share | peak MiB | target | met |",
         "|---|---:|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
@@ -245,33 +234,19 @@ def markdown(rows: list[dict[str, Any]], facts: list[str]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default="spikingresformer_cifar",
-        help="registered model with DA-SSDP sites (default spikingresformer_cifar)",
+    H.add_options(
+        parser,
+        model=("spikingresformer_cifar", "registered model with DA-SSDP sites"),
+        batch=([32, 128], "batch sizes (on a small CPU e.g. 8 16)"),
+        size=(32, "input height = width"),
+        T=(4, "time steps"),
+        reps=(3, "timed rounds"),
+        warmup=(1, "untimed rounds first"),
+        amp=("none", "precision", {"choices": H.AMP_CHOICES}),
+        profile_steps=(2, "CUDA: profiled steps per condition for DA-SSDP's own device time"),
     )
-    parser.add_argument(
-        "--batch",
-        type=int,
-        nargs="+",
-        default=[32, 128],
-        help="batch sizes (default 32 128; on a small CPU use e.g. 8 16)",
-    )
-    parser.add_argument("--size", type=int, default=32, help="input height = width (default 32)")
-    parser.add_argument("--T", type=int, default=4, help="time steps (default 4)")
-    parser.add_argument("--reps", type=int, default=3, help="timed rounds (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-    parser.add_argument(
-        "--amp", choices=H.AMP_CHOICES, default="none", help="precision: none, fp16 or bf16"
-    )
-    parser.add_argument(
-        "--profile-steps",
-        type=int,
-        default=2,
-        help="CUDA: profiled steps per condition for DA-SSDP's own device time (default 2)",
-    )
-    H.add_run_arguments(parser, "seed of weights and inputs")
-    H.add_output_arguments(parser, "overhead", per_device=True)
+    H.add_run_arguments(parser)
+    H.add_output_arguments(parser, "overhead")
 
 
 def run(args: argparse.Namespace) -> int:

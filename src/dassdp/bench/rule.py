@@ -94,15 +94,9 @@ def parse_size(spec: str) -> RuleSize:
 
 # ----------------------------------------------------------------------------- the two sides
 def make_inputs(
-    B: int,
-    C_out: int,
-    C_in: int,
-    *,
-    T: int = 4,
-    rate: float = 0.2,
-    seed: int = 0,
+    B: int, C_out: int, C_in: int, *, T: int = 4, rate: float = 0.2, seed: int = 0,
     device: Any = "cpu",
-) -> tuple[Any, Any, Any]:
+) -> tuple[Any, Any, Any]:  # fmt: skip
     """Random activity and gate: ``pre [T, B, C_in]``, ``post [T, B, C_out]`` (bool, each step
     active with probability ``rate``) and ``G [B]`` uniform in ``[0, 2]`` (float32)."""
     import torch
@@ -115,18 +109,10 @@ def make_inputs(
 
 
 def library_delta_w(
-    pre: Any,
-    post: Any,
-    gate: Any,
-    *,
-    latency: str = "first",
-    silent: int | None = None,
-    A_plus: float = A_PLUS,
-    A_minus: float = A_MINUS,
-    sigma: float = SIGMA,
-    clip: float | None = CLIP,
-    dtype: Any = None,
-) -> Any:
+    pre: Any, post: Any, gate: Any, *, latency: str = "first", silent: int | None = None,
+    A_plus: float = A_PLUS, A_minus: float = A_MINUS, sigma: float = SIGMA,
+    clip: float | None = CLIP, dtype: Any = None,
+) -> Any:  # fmt: skip
     """The library's dW from activity: ``pre [T, B, C_in]``, ``post [T, B, C_out]`` (bool),
     ``gate [B]`` or ``None`` -> ``[C_out, C_in]``."""
     import torch
@@ -136,16 +122,9 @@ def library_delta_w(
     a_pre = fired_latency(pre, latency, silent)
     a_post = fired_latency(post, latency, silent)
     return delta_w(
-        a_pre,
-        a_post,
-        gate,
-        T=pre.shape[0],
-        A_plus=A_plus,
-        A_minus=A_minus,
-        sigma=sigma,
-        clip=clip,
-        dtype=dtype or torch.float32,
-    )
+        a_pre, a_post, gate, T=pre.shape[0], A_plus=A_plus, A_minus=A_minus, sigma=sigma,
+        clip=clip, dtype=dtype or torch.float32,
+    )  # fmt: skip
 
 
 def pairwise_latency(x: Any, latency: str = "first", silent: int | None = None) -> Any:
@@ -171,19 +150,10 @@ def pairwise_latency(x: Any, latency: str = "first", silent: int | None = None) 
 
 
 def pairwise_delta_w(
-    pre: Any,
-    post: Any,
-    gate: Any,
-    *,
-    latency: str = "first",
-    silent: int | None = None,
-    A_plus: float = A_PLUS,
-    A_minus: float = A_MINUS,
-    sigma: float = SIGMA,
-    clip: float | None = CLIP,
-    dtype: Any = None,
-    chunk: int | None = None,
-) -> Any:
+    pre: Any, post: Any, gate: Any, *, latency: str = "first", silent: int | None = None,
+    A_plus: float = A_PLUS, A_minus: float = A_MINUS, sigma: float = SIGMA,
+    clip: float | None = CLIP, dtype: Any = None, chunk: int | None = None,
+) -> Any:  # fmt: skip
     """The published pairwise dW: ``pre [T, B, C_in]``, ``post [T, B, C_out]`` (bool),
     ``gate [B]`` or ``None`` -> ``[C_out, C_in]``.
 
@@ -313,19 +283,11 @@ def run_side_subprocess(spec: dict[str, Any], *, memory: bool = False) -> dict[s
 
 # ------------------------------------------------------------------------------ the benchmark
 def bench_size(
-    size: RuleSize,
-    *,
-    T: int = 4,
-    rate: float = 0.2,
-    reps: int = 5,
-    warmup: int = 1,
-    latency: str = "first",
-    device: str = "cpu",
-    threads: int = 1,
-    pairwise_limit: int = DEFAULT_PAIRWISE_LIMIT,
-    pairwise_reps: int | None = None,
+    size: RuleSize, *, T: int = 4, rate: float = 0.2, reps: int = 5, warmup: int = 1,
+    latency: str = "first", device: str = "cpu", threads: int = 1,
+    pairwise_limit: int = DEFAULT_PAIRWISE_LIMIT, pairwise_reps: int | None = None,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> dict[str, Any]:  # fmt: skip
     """Measure both sides at ``size``; returns one result row (see :func:`markdown`).
 
     CPU peak memory: growth of the peak RSS over one full-size call in a fresh memory worker
@@ -344,21 +306,14 @@ def bench_size(
     timing: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="dassdp-bench-rule-") as tmp:
         for side in ("library", "pairwise"):
+            pw = side == "pairwise"
             timing[side] = run_side_subprocess(
-                {
-                    **base,
-                    "side": side,
-                    "chunk": chunk if side == "pairwise" else None,
-                    "reps": pw_reps if side == "pairwise" else reps,
-                    "warmup": pw_warmup if side == "pairwise" else warmup,
-                    "save": str(Path(tmp) / f"{side}.pt"),
-                }
-            )
-        diff = float(
-            (torch.load(Path(tmp) / "library.pt") - torch.load(Path(tmp) / "pairwise.pt"))
-            .abs()
-            .max()
-        )
+                {**base, "side": side, "chunk": chunk if pw else None,
+                 "reps": pw_reps if pw else reps, "warmup": pw_warmup if pw else warmup,
+                 "save": str(Path(tmp) / f"{side}.pt")}
+            )  # fmt: skip
+        dws = [torch.load(Path(tmp) / f"{side}.pt") for side in ("library", "pairwise")]
+        diff = float((dws[0] - dws[1]).abs().max())
     peak: dict[str, float] = {}
     idle_peak: dict[str, float] = {"library": math.nan, "pairwise": math.nan}
     if device.startswith("cuda"):
@@ -386,57 +341,29 @@ def bench_size(
     if size.target:
         met = "yes" if speedup >= TARGET_SPEEDUP and mem_ratio >= TARGET_MEMORY else "no"
     return {
-        "size": size.name,
-        "B": size.B,
-        "C_out": size.C_out,
-        "C_in": size.C_in,
-        "T": T,
-        "device": device,
-        "library_ms": round(lib_s * 1e3, 4),
-        "pairwise_ms": round(pw_s * 1e3, 2),
-        "speedup": round(speedup, 1),
-        "library_peak_mb": round(lib_mb, 2),
-        "pairwise_peak_mb": round(pw_mb, 1),
-        "memory_ratio": round(mem_ratio, 1),
+        "size": size.name, "B": size.B, "C_out": size.C_out, "C_in": size.C_in, "T": T,
+        "device": device, "library_ms": round(lib_s * 1e3, 4), "pairwise_ms": round(pw_s * 1e3, 2),
+        "speedup": round(speedup, 1), "library_peak_mb": round(lib_mb, 2),
+        "pairwise_peak_mb": round(pw_mb, 1), "memory_ratio": round(mem_ratio, 1),
         "max_abs_diff_fp32": f"{diff:.3g}",
         "library_peak_mb_vs_idle": round(idle_peak["library"], 2),
         "pairwise_peak_mb_vs_idle": round(idle_peak["pairwise"], 1),
         "pairwise_mode": "whole batch" if chunk is None else f"batch chunks of {chunk}",
-        "library_reps": reps,
-        "pairwise_reps": pw_reps,
-        "target": "yes" if size.target else "no",
-        "target_met": met,
-    }
+        "library_reps": reps, "pairwise_reps": pw_reps,
+        "target": "yes" if size.target else "no", "target_met": met,
+    }  # fmt: skip
 
 
 def markdown(
     rows: list[dict[str, Any]], facts: list[str], *, check64: float, latency: str, rate: float
 ) -> str:
-    """The ``## rule`` section body."""
-    device = rows[0]["device"] if rows else "cpu"
-    memory = (
-        "`torch.cuda.max_memory_allocated` above the inputs"
-        if device.startswith("cuda")
-        else "growth of the peak RSS over one full-size call in a fresh subprocess per side "
-        "(torch imported, inputs built, both sides run once at a tiny size, peak RSS reset to "
-        "the current RSS, then the call); peak RSS = the process's own `VmHWM` (Linux's "
-        "`ru_maxrss` also holds the spawning process's peak across `exec`, which masked the "
-        "small side); glibc's mmap threshold is fixed at 128 KiB (`MALLOC_MMAP_THRESHOLD_`) so "
-        "that RSS follows the live tensors; the timing runs use the default allocator. The CSV "
-        "also has the growth over a separate idle subprocess's peak (`*_vs_idle`)"
-    )
+    """The ``## rule`` section body: the module docstring, the facts, the table, notes."""
     lines = [
-        "dW of one site from time-major activity `[T, B, C]` (random spikes, each step active",
-        f"with probability {rate}; per-sample gate in [0, 2]; latency `{latency}`; "
-        "`A+ 1.5e-3, A- 1e-4, sigma 1, clip 1`).",
-        "**library**: `fired_latency` + `delta_w` (one GEMM over unit states, inner size "
-        "`B (T+1)`, in batch chunks whose factors take about 256 KiB). ",
-        "**pairwise**: the released code's operations (cumsum-argmax latency, `lam` and the "
-        "Gaussian kernel as full `[B, C_out, C_in]` tensors every step), "
-        "`dassdp.bench.rule.pairwise_delta_w`.",
+        *H.describe(__doc__),
         "",
-        f"- time: median of the timed calls after a warm-up call; device `{device}`",
-        f"- peak memory: {memory}",
+        f"- activity: random spikes, each step active with probability {rate}; per-sample gate "
+        f"in [0, 2]; latency `{latency}`; `A+ 1.5e-3, A- 1e-4, sigma 1, clip 1`; time: median "
+        "of the timed calls after a warm-up call",
         "- targets (rows marked *target*): >= 100x faster and >= 100x less peak memory",
         f"- float64 agreement (library vs pairwise, shapes {list(CHECK_SHAPES)}, latency first "
         f"and last, silent T and 0, gate and none): max |diff| = {check64:.3g}",
@@ -460,23 +387,18 @@ def markdown(
         if r["target_met"]
     ]
     if floors:
-        lines.append("")
-        lines.append(
-            "The library's peak includes the float32 `dW` it returns (`C_out C_in` x 4 bytes, "
-            "which the pairwise side also returns), so no implementation can beat the pairwise "
-            f"peak / output size: {', '.join(floors)}."
-        )
-    chunked = [r for r in rows if r["pairwise_mode"] != "whole batch"]
-    for r in chunked:
-        n = -(-r["B"] // int(r["pairwise_mode"].rsplit(" ", 1)[1]))
-        lines.append("")
-        lines.append(
-            f"{r['size']}: the pairwise side ran over the whole batch in {n} chunks "
-            f"({r['pairwise_mode']}; {r['pairwise_reps']} timed call): its time is the whole "
-            f"batch's, measured; its peak is the chunked peak, measured. The unchunked released "
-            f"form would need about {n}x that peak (~{r['pairwise_peak_mb'] * n / 1024:.1f} GiB, "
-            "extrapolated, not run)."
-        )
+        lines += ["", "The library's peak includes the float32 `dW` it returns (`C_out C_in` x 4 "
+                  "bytes, which the pairwise side also returns), so no implementation can beat "
+                  f"the pairwise peak / output size: {', '.join(floors)}."]  # fmt: skip
+    for r in rows:
+        if r["pairwise_mode"] != "whole batch":
+            n = -(-r["B"] // int(r["pairwise_mode"].rsplit(" ", 1)[1]))
+            gib = r["pairwise_peak_mb"] * n / 1024
+            lines += ["", f"{r['size']}: the pairwise side ran over the whole batch in {n} "
+                      f"chunks ({r['pairwise_mode']}; {r['pairwise_reps']} timed call): its time "
+                      "is the whole batch's, measured; its peak is the chunked peak, measured. "
+                      f"The unchunked released form would need about {n}x that peak "
+                      f"(~{gib:.1f} GiB, extrapolated, not run)."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -486,37 +408,21 @@ def _ratio(x: float) -> str:
 
 # ------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--sizes",
-        nargs="+",
-        default=list(SIZES),
-        metavar="SIZE",
-        help=f"preset sizes ({', '.join(SIZES)}) or custom B:C_OUTxC_IN (default: all presets)",
-    )
-    parser.add_argument("--T", type=int, default=4, help="time steps (default 4)")
-    parser.add_argument(
-        "--rate", type=float, default=0.2, help="per-step spike probability (default 0.2)"
-    )
-    parser.add_argument(
-        "--latency", choices=("first", "last"), default="first", help="latency (default first)"
-    )
-    parser.add_argument("--reps", type=int, default=5, help="timed calls per side (default 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
-    parser.add_argument(
-        "--pairwise-limit",
-        type=int,
-        default=DEFAULT_PAIRWISE_LIMIT,
-        help="max B*C_out*C_in elements of one pairwise pass before the batch is chunked "
-        f"(default {DEFAULT_PAIRWISE_LIMIT}: only the stress size is chunked)",
-    )
-    parser.add_argument(
-        "--pairwise-reps",
-        type=int,
-        default=1,
-        help="timed calls of a chunked pairwise side (default 1)",
-    )
+    H.add_options(
+        parser,
+        sizes=(list(SIZES), f"preset sizes ({', '.join(SIZES)}) or custom B:C_OUTxC_IN",
+               {"metavar": "SIZE"}),
+        T=(4, "time steps"),
+        rate=(0.2, "per-step spike probability"),
+        latency=("first", "latency", {"choices": ("first", "last")}),
+        reps=(5, "timed calls per side"),
+        warmup=(1, "untimed calls first"),
+        pairwise_limit=(DEFAULT_PAIRWISE_LIMIT, "max B*C_out*C_in elements of one pairwise "
+                        "pass before the batch is chunked (the default chunks the stress size)"),
+        pairwise_reps=(1, "timed calls of a chunked pairwise side"),
+    )  # fmt: skip
     H.add_run_arguments(parser, "input seed")
-    H.add_output_arguments(parser, "rule", per_device=True)
+    H.add_output_arguments(parser, "rule")
 
 
 def run(args: argparse.Namespace) -> int:

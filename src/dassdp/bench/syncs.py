@@ -1,20 +1,23 @@
 """``dassdp bench syncs``: host syncs and dispatched ops per training step.
 
-Counted (:mod:`dassdp.bench.counters`) in one step of the engine
-(:func:`dassdp.engine.step.train_step`) of ``spikingresformer_ti`` with DA-SSDP, once in the
-warm-up epoch and once after it, for each LIF backend:
+Counted with a ``TorchDispatchMode`` (:mod:`dassdp.bench.counters`) in one step of the
+engine (:func:`dassdp.engine.step.train_step`: forward, cross-entropy, the finite check,
+backward, AdamW step, ``DASSDP.step``, ``dassdp.reset``, meters) with DA-SSDP, in the warm-up
+epoch and after it (the gate fitted), per LIF backend. The first steps of each phase are not
+counted (lazy initialisation, JIT compilation, the gate fit).
 
-* **host syncs**: calls of ``aten._local_scalar_dense`` (``.item()``, ``float()``,
-  ``bool()`` of a tensor), ``nonzero`` and ``masked_select`` (output size read back),
-  ``lift_fresh`` (a tensor made from Python data: a host-to-device copy on a GPU), inside
-  ``DASSDP.step`` and in the rest of the step (the optimizer's own CPU step counters aside);
-* **aten ops dispatched** per LIF layer forward + backward (``[T, B, C, H, W]`` input) and
-  per training step: on a GPU each is at least one kernel launch, so on the CPU this is the
-  proxy of kernel launches. On CUDA the CUDA kernels the profiler sees are counted as well
-  (Triton kernels run outside the dispatcher: only the profiler sees them).
-
-The *before* column is ``docs/bench/syncs-before.csv``, the base commit's counts measured by
-``benchmarks/count_syncs.py`` (forward + backward counted apart from the optimizer step).
+* *host syncs*: calls of ``aten._local_scalar_dense`` (``.item()``, ``float()``,
+  ``bool()``; AdamW's CPU step counters aside), ``nonzero``, ``masked_select`` (size read
+  back) and ``lift_fresh`` (a tensor from Python data: a host-to-device copy on a GPU),
+  inside ``DASSDP.step`` and in the rest of the step. Per-op breakdown in the CSV.
+* *aten ops*: every operator dispatched, per LIF layer forward + backward
+  (``[T, B, C, 8, 8]``) and per step; each is at least one kernel launch on a GPU, so on the
+  CPU this is the proxy of kernel launches. *kernels*: the aten ops that launch a kernel (not
+  allocations, views or metadata) plus each Triton launch. On CUDA the profiler's count of
+  CUDA kernels is added (Triton kernels run outside the dispatcher: only it sees them).
+* *before*: ``docs/bench/syncs-before.csv``, the base commit's counts on the CPU
+  (``benchmarks/count_syncs.py``; its forward + backward were counted apart from the
+  optimizer step; ``loop`` was ``LIF(fused=False)``, ``torch`` the fused LIF).
 """
 
 from __future__ import annotations
@@ -195,23 +198,10 @@ def markdown(
 ) -> str:
     """The ``## syncs`` section body: one row per quantity and backend, before and after."""
     lines = [
-        f"Host syncs and dispatched operators in one training step of {setup} with DA-SSDP",
-        "(the engine's step, `dassdp.engine.step.train_step`: forward, cross-entropy, the",
-        "finite check, backward, AdamW step, `DASSDP.step`, `dassdp.reset`, meters), counted",
-        "with a `TorchDispatchMode`, in the warm-up epoch and after it (the gate fitted), per",
-        "LIF backend. *host syncs*: calls of `aten._local_scalar_dense` (`.item()`, `float()`,",
-        "`bool()`; AdamW's CPU step counters aside), `nonzero`, `masked_select` (size read",
-        "back) and `lift_fresh` (a tensor from Python data: a host-to-device copy on a GPU).",
-        "*aten ops*: every operator dispatched (each is at least one kernel launch on a GPU:",
-        "the CPU proxy of kernel launches); on CUDA the profiler's count of CUDA kernels is",
-        "added (it sees the Triton kernels, which do not go through the dispatcher). *kernels*:",
-        "the aten ops that launch a kernel (not allocations, views or metadata) plus each",
-        "Triton launch. The first steps of each phase are not counted (lazy initialisation,",
-        f"JIT compilation, the gate fit). *before*: the base commit {BASE_COMMIT} on the CPU",
-        f"(`{before_path}`, `benchmarks/count_syncs.py`; its forward + backward were counted",
-        "apart from the optimizer step; there `loop` is `LIF(fused=False)` and `torch` the",
-        "fused LIF); *after*: this version. Per-op breakdown in the CSV.",
+        *H.describe(__doc__),
         "",
+        f"- model: {setup}; before: `{before_path}` (base commit {BASE_COMMIT}); after: this "
+        "version",
         *facts,
         "",
         "| quantity | backend | before | after |",
@@ -228,31 +218,19 @@ def markdown(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", default="spikingresformer_ti", help="model (default spikingresformer_ti)"
-    )
-    parser.add_argument(
-        "--backends",
-        nargs="+",
-        choices=BACKENDS,
-        default=None,
-        help="LIF backends (default loop torch, and triton on CUDA; triton on the CPU needs "
-        "TRITON_INTERPRET=1)",
-    )
-    parser.add_argument("--T", type=int, default=4, help="time steps (default 4)")
-    parser.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
-    parser.add_argument("--size", type=int, default=32, help="input height = width (default 32)")
-    parser.add_argument(
-        "--lif-channels", type=int, default=64, help="C of the LIF-alone input (default 64)"
-    )
-    parser.add_argument(
-        "--before",
-        type=Path,
-        default=BEFORE_CSV,
-        help=f"CSV of the base commit's counts (default {BEFORE_CSV})",
-    )
-    H.add_run_arguments(parser, "seed of weights and inputs")
-    H.add_output_arguments(parser, "syncs", per_device=True)
+    H.add_options(
+        parser,
+        model=("spikingresformer_ti", "model"),
+        backends=(None, "LIF backends (default loop torch, and triton on CUDA; triton on the "
+                  "CPU needs TRITON_INTERPRET=1)", {"nargs": "+", "choices": BACKENDS}),
+        T=(4, "time steps"),
+        batch=(2, "batch size"),
+        size=(32, "input height = width"),
+        lif_channels=(64, "C of the LIF-alone input"),
+        before=(BEFORE_CSV, "CSV of the base commit's counts"),
+    )  # fmt: skip
+    H.add_run_arguments(parser)
+    H.add_output_arguments(parser, "syncs")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,34 +1,37 @@
 """``dassdp bench throughput``: training images/s of our model against SpikingJelly neurons.
 
-The same architecture is built twice through the model's injectable ``neuron_layer``:
-
-* ``dassdp``: our multi-step :class:`dassdp.neurons.LIF` (the default);
-* ``spikingjelly``: ``spikingjelly.activation_based.neuron.LIFNode(tau=2., v_threshold=1.,
-  v_reset=0., detach_reset=True, step_mode='m', surrogate_function=surrogate.ATan())``, the
-  same neuron (tau 2, threshold 1, hard reset to 0, ATan surrogate with alpha 2, detached
-  reset, decayed input) from SpikingJelly 2.0.
-
-Both copies start from the same weights (the neurons have no parameters) and see the same
-random batch. One training step = the engine's (:func:`dassdp.engine.step.train_step`:
-forward, cross-entropy, backward, AdamW step, ``dassdp.reset``, which calls SpikingJelly's
-``reset()`` on its stateful neurons, and the loss meter). The two run interleaved
+The same architecture is built with our multi-step LIF (:class:`dassdp.neurons.LIF`, the
+fused multi-step kernel) and with SpikingJelly 2.0's ``LIFNode(tau=2., v_threshold=1.,
+v_reset=0., detach_reset=True, step_mode='m', surrogate_function=surrogate.ATan())`` (the
+same neuron: tau 2, threshold 1, hard reset to 0, ATan surrogate with alpha 2, detached
+reset, decayed input), injected through the model's ``neuron_layer``. Both start from the
+same weights and see the same random batch. One step = the engine's
+(:func:`dassdp.engine.step.train_step`: forward, cross-entropy, backward, AdamW step,
+``dassdp.reset``, which resets SpikingJelly's neurons too). The backends run interleaved
 (alternating who goes first) after untimed warm-up steps; images/s = batch / median step
-time, and the ratio is ours / SpikingJelly's (target >= 1.0). As a check that the two are
-the same network, the logits of the first (untimed) forward are compared.
+time. *ratio* = ours / SpikingJelly's (target >= 1.0); *ratio by min step*: the same from
+the fastest step of each (less sensitive to other jobs' load); *logit diff*: max |difference|
+of the first-step logits (the same network: 0 up to float rounding). *LIF op*: the neuron
+alone, forward + backward on ``[T, B, C, H, W]`` (``--neuron-channels`` C; shape in the
+CSV), median of interleaved calls; *LIF op ratio* = SpikingJelly ms / ours (> 1: ours
+faster). *kernels / step*: CUDA kernels (profiler) on a GPU, aten ops dispatched on the CPU;
+*peak MiB*: ``max_memory_allocated`` on CUDA, the process's peak RSS on the CPU, of one step.
 
-With ``--loop-baseline`` a third copy, ``dassdp-loop``, runs our LIF with the fused kernel
-off (``LIF(fused=False)``: the autograd loop over time steps, the LIF before the fused
-kernel), interleaved with the other two, so the before/after ratio comes from one run.
-
-SpikingJelly is not a dependency of dassdp. Install it for this benchmark only::
+``dassdp-loop`` rows (``--loop-baseline``): the same model with ``LIF(fused=False)``, the
+autograd loop over time steps that was our LIF before the fused kernel, in the same
+interleaved run (*ratio* columns stay fused / SJ); ``dassdp-torch``: our LIF on its torch
+path. SpikingJelly is not a dependency of dassdp; install it for this benchmark only::
 
     pip install --no-deps spikingjelly==2.0.0 'loguru>=0.7,<1'
+
+(without it: ``--neurons dassdp dassdp-loop``, no ratio columns).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -63,17 +66,10 @@ def spikingjelly_lif() -> Callable[[], Any]:
             f"Install it for the benchmark only: {INSTALL_HINT}"
         ) from err
 
-    def make() -> Any:
-        return neuron.LIFNode(
-            tau=2.0,
-            v_threshold=1.0,
-            v_reset=0.0,
-            detach_reset=True,
-            step_mode="m",
-            surrogate_function=surrogate.ATan(),
-        )
-
-    return make
+    return functools.partial(
+        neuron.LIFNode, tau=2.0, v_threshold=1.0, v_reset=0.0, detach_reset=True,
+        step_mode="m", surrogate_function=surrogate.ATan(),
+    )  # fmt: skip
 
 
 def spikingjelly_version() -> str:
@@ -86,23 +82,28 @@ def spikingjelly_version() -> str:
         return "absent"
 
 
+def neuron_layer(backend: str) -> Callable[[], Any]:
+    """The neuron factory of ``backend`` (one of :data:`ALL_BACKENDS`)."""
+    from dassdp.neurons import LIF
+
+    if backend == "spikingjelly":
+        return spikingjelly_lif()
+    if backend in (LOOP_BACKEND, TORCH_BACKEND):
+        return lif_factory(backend.removeprefix("dassdp-"))
+    if backend == "dassdp":
+        return LIF
+    raise ValueError(f"backend must be one of {ALL_BACKENDS}, got {backend!r}")
+
+
 def build(model_name: str, backend: str, *, T: int, seed: int, device: Any) -> Any:
-    """Model ``model_name`` with our neurons or SpikingJelly's, weights seeded by ``seed``."""
+    """Model ``model_name`` with ``backend``'s neurons, weights seeded by ``seed``."""
     import torch
 
     from dassdp import create_model
 
-    kwargs: dict[str, Any] = {"num_classes": 10, "T": T}
-    if backend == "spikingjelly":
-        kwargs["neuron_layer"] = spikingjelly_lif()
-    elif backend == LOOP_BACKEND:
-        kwargs["neuron_layer"] = lif_factory("loop")
-    elif backend == TORCH_BACKEND:
-        kwargs["neuron_layer"] = lif_factory("torch")
-    elif backend != "dassdp":
-        raise ValueError(f"backend must be one of {ALL_BACKENDS}, got {backend!r}")
+    layer = neuron_layer(backend)
     torch.manual_seed(seed)
-    return create_model(model_name, **kwargs).to(device).train()
+    return create_model(model_name, num_classes=10, T=T, neuron_layer=layer).to(device).train()
 
 
 def _backends(neurons: tuple[str, ...], loop_baseline: bool) -> tuple[str, ...]:
@@ -235,20 +236,12 @@ def bench_neuron(
     """
     import torch
 
-    from dassdp.neurons import LIF
-
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     x = (1.5 * torch.randn(shape, generator=gen)).to(dev).requires_grad_(True)
     grad = torch.randn(shape, generator=gen).to(dev)
     backends = _backends(tuple(neurons), loop_baseline)
-    makers: dict[str, Callable[[], Any]] = {
-        "dassdp": LIF,
-        "spikingjelly": lambda: spikingjelly_lif()(),
-        LOOP_BACKEND: lif_factory("loop"),
-        TORCH_BACKEND: lif_factory("torch"),
-    }
-    layers = {b: makers[b]() for b in backends}
+    layers = {b: neuron_layer(b)() for b in backends}
     times: dict[str, list[float]] = {b: [] for b in backends}
 
     def call(neuron: Any) -> None:
@@ -267,33 +260,11 @@ def bench_neuron(
 
 
 def markdown(rows: list[dict[str, Any]], facts: list[str], sj_version: str) -> str:
-    """The ``## throughput`` section body."""
-    kernel_note = rows[0]["kernel_unit"] if rows else ""
-    mem_note = rows[0]["mem_kind"] if rows else ""
+    """The ``## throughput`` section body: the module docstring, the facts, the table."""
     lines = [
-        "Training images/s of the same architecture with our multi-step LIF and with",
-        f"SpikingJelly {sj_version}'s `LIFNode(tau=2., v_threshold=1., v_reset=0., "
-        "detach_reset=True, step_mode='m', surrogate_function=surrogate.ATan())`, injected",
-        "through the model's `neuron_layer`. One step = the engine's (forward, cross-entropy,",
-        "backward, AdamW step, `dassdp.reset`); same weights and batch; the two interleaved;",
-        "images/s = batch /",
-        "median step time over the timed steps after the warm-up step(s). *ratio* = ours /",
-        "SpikingJelly's (target >= 1.0). *logit diff*: max |difference| of the two models'",
-        "first-step logits (same network: 0 up to float rounding). *ratio by min step*: the",
-        "same ratio from the fastest step of each (less sensitive to other jobs' load).",
-        "*LIF op*: the neuron alone, forward + backward on `[T, B, C, H, W]` (shape in the CSV;",
-        "C = 256, the widest neuron input of the first stage), median of 20 interleaved calls;",
-        "*LIF op ratio* = SpikingJelly ms / ours (> 1: ours faster). Our LIF runs the fused",
-        "multi-step kernel (`lif_multistep_fused`); `dassdp-loop` rows (`--loop-baseline`) are",
-        "the same model with `LIF(fused=False)`, the autograd loop over time steps that was our",
-        "LIF before it, timed in the same interleaved run (*ratio* columns stay fused / SJ).",
-        "SpikingJelly is installed for this benchmark only (`pip install --no-deps",
-        "spikingjelly==2.0.0 'loguru>=0.7,<1'`); it is not a dependency of dassdp; without it",
-        "run `--neurons dassdp dassdp-loop` (no ratio columns). *amp*: `none` = float32,",
-        "`bf16`/`fp16` = forward and loss under autocast (fp16 with a grad scaler).",
-        f"*kernels / step*: {kernel_note} in one training step. *peak MiB*:",
-        f"{mem_note} of one training step.",
+        *H.describe(__doc__),
         "",
+        f"- SpikingJelly: {sj_version}",
         *facts,
         "",
         "| model | neurons | batch | input | T | amp | step s (median) | min-max s | images / s "
@@ -332,45 +303,25 @@ def _f3(value: Any) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default="spikingresformer_cifar",
-        help="registered model taking neuron_layer= (default spikingresformer_cifar)",
-    )
-    parser.add_argument("--batch", type=int, nargs="+", default=[8], help="batch sizes (default 8)")
-    parser.add_argument("--size", type=int, default=32, help="input height = width (default 32)")
-    parser.add_argument("--T", type=int, default=4, help="time steps (default 4)")
-    parser.add_argument("--reps", type=int, default=3, help="timed steps per backend (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    parser.add_argument(
-        "--neuron-channels",
-        type=int,
-        default=256,
-        help="channels C of the neuron-alone timing on [T, B, C, size, size] (default 256, "
-        "the widest neuron input of spikingresformer_cifar's first stage)",
-    )
-    parser.add_argument(
-        "--neuron-reps", type=int, default=20, help="timed neuron-alone calls (default 20)"
-    )
-    parser.add_argument(
-        "--loop-baseline",
-        action="store_true",
-        help="also time our model with the fused LIF off (LIF(fused=False), the autograd loop) "
-        "in the same interleaved run, and report the before/after ratio",
-    )
-    parser.add_argument(
-        "--neurons",
-        nargs="+",
-        choices=ALL_BACKENDS,
-        default=list(BACKENDS),
-        help="neuron backends to time (default dassdp spikingjelly; without SpikingJelly "
-        "installed e.g. dassdp dassdp-loop)",
-    )
-    parser.add_argument(
-        "--amp", choices=H.AMP_CHOICES, default="none", help="precision: none, fp16 or bf16"
-    )
-    H.add_run_arguments(parser, "seed of weights and inputs")
-    H.add_output_arguments(parser, "throughput", per_device=True)
+    H.add_options(
+        parser,
+        model=("spikingresformer_cifar", "registered model taking neuron_layer="),
+        batch=([8], "batch sizes"),
+        size=(32, "input height = width"),
+        T=(4, "time steps"),
+        reps=(3, "timed steps per backend"),
+        warmup=(1, "untimed steps first"),
+        neuron_channels=(256, "channels C of the neuron-alone timing on [T, B, C, size, size] "
+                         "(256: the widest neuron input of spikingresformer_cifar's first stage)"),
+        neuron_reps=(20, "timed neuron-alone calls"),
+        loop_baseline=(False, "also time our model with the fused LIF off (LIF(fused=False), "
+                       "the autograd loop) in the same run, and report the before/after ratio"),
+        neurons=(list(BACKENDS), "neuron backends to time (without SpikingJelly installed e.g. "
+                 "dassdp dassdp-loop)", {"choices": ALL_BACKENDS}),
+        amp=("none", "precision", {"choices": H.AMP_CHOICES}),
+    )  # fmt: skip
+    H.add_run_arguments(parser)
+    H.add_output_arguments(parser, "throughput")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,22 +3,28 @@ memory option.
 
 One step = :func:`dassdp.engine.step.train_step` (forward, cross-entropy, backward, AdamW
 step, ``dassdp.reset``; ``bf16``: forward and loss under bfloat16 autocast) on a fixed random
-batch. Each *variant* is the same model with other memory options (:data:`VARIANTS`:
-spike-aware saved tensors on / off, every stage checkpointed).
+batch. Variants (:data:`VARIANTS`): ``spike-saving`` (default: autograd keeps spikes as bool,
+``dassdp.neurons.spike_saving``), ``no-spike-saving`` (``model_args.spike_saving: false``),
+``checkpoint-all`` (every stage checkpointed, ``model_args.checkpoint_stages``).
 
-* **images/s**: all variants (x amp modes) are built in one process from the same weights
-  and timed interleaved (the order alternates every round) after untimed warm-up steps;
-  images/s = batch / median step time, and *ratio* = a variant's images/s over the first
-  variant's, so the load of other processes hits both sides of a ratio alike.
-* **peak RSS**: one fresh process per variant and amp mode (:func:`rss_worker`, with this
-  process's allocator) builds the model, runs ``--rss-steps`` steps and reports its own peak
-  resident set (``VmHWM``), its resident set after building, and per step the minor page
-  faults and the share of CPU time spent in the kernel (``getrusage``).
+* *images/s*: all variants (x amp modes) built in one process from the same weights, timed
+  interleaved (the order alternates every round) after warm-up; batch / median step time;
+  *ratio* = over the first variant's of the same batch and amp (same run, same load). They
+  sit in the rows of the benchmark process's own allocator.
+* *peak RSS*: a fresh process per row (:func:`rss_worker`: ``VmHWM`` after the steps;
+  *built* = RSS after building the model); *RSS ratio* and *fresh ratio* over the first row
+  of the same amp; *fresh images/s*, *faults/step* and *sys %* (kernel share of CPU time,
+  ``getrusage``) over its steps after ``--rss-warmup`` steps (medians over repeated fresh
+  processes where there are several).
+* *allocator*: ``jemalloc`` / ``tcmalloc`` = that library preloaded (``LD_PRELOAD``),
+  ``tuned`` = glibc with ``M_MMAP_MAX=0``, ``M_TRIM_THRESHOLD=-1``, ``default`` = glibc's
+  defaults (``dassdp._malloc``).
 * ``--profile``: ``torch.profiler``'s top operators (self CPU time) of one step of the first
   variant and what autograd saves per module type (bytes saved / kept).
 
-The before/after form (another checkout's sources as a ``baseline`` row, several allocators,
-repeated fresh processes) is ``benchmarks/train_step.py``, built on these functions.
+``baseline`` rows come from the before/after form, ``benchmarks/train_step.py
+--baseline-src``: another checkout's sources and default model, stepped by this checkout's
+engine step in fresh processes (not interleaved); with several allocators and repeats.
 """
 
 from __future__ import annotations
@@ -204,27 +210,9 @@ def markdown(
     saved: list[dict[str, Any]] | None,
     profiled: str,
 ) -> str:
-    """The ``## train-step`` section body."""
+    """The ``## train-step`` section body: the module docstring, the facts, the tables."""
     lines = [
-        "One training step of the engine (`dassdp.engine.step.train_step`: forward,",
-        "cross-entropy, backward, AdamW step, `dassdp.reset`; bf16: forward and loss under",
-        "bfloat16 autocast) on a fixed random batch. Variants: `spike-saving` (default:",
-        "autograd keeps spikes as bool, `dassdp.neurons.spike_saving`), `no-spike-saving`",
-        "(`model_args.spike_saving: false`), `checkpoint-all` (every stage checkpointed,",
-        "`model_args.checkpoint_stages`). *images/s*: all variants built in one process from",
-        "the same weights, timed interleaved after warm-up; batch / median step; *ratio* =",
-        "images/s over the first variant's of the same batch and amp (same run, same load).",
-        "*peak RSS*: a fresh process per row (`VmHWM` after the steps; *built* = RSS after",
-        "building the model); *RSS ratio* and *fresh ratio* over the first row of the same amp",
-        "(the baseline when there is one); *fresh images/s*, *faults/step* and *sys %* (kernel",
-        "share of CPU time, `getrusage`) there, over its steps after `--rss-warmup` steps",
-        "(medians over repeated fresh processes where there are several). *allocator*:",
-        "`jemalloc` / `tcmalloc` = that library preloaded (`LD_PRELOAD`), `tuned` = glibc with",
-        "`M_MMAP_MAX=0`, `M_TRIM_THRESHOLD=-1`, `default` = glibc's defaults (`dassdp._malloc`);",
-        "the interleaved timing runs in the benchmark's own process: its images/s sit in the",
-        "rows of its own allocator. `baseline` rows (`benchmarks/train_step.py --baseline-src`):",
-        "another checkout's sources and default model, timed by this checkout's step in fresh",
-        "processes (not interleaved).",
+        *H.describe(__doc__),
         "",
         *facts,
         "",
@@ -264,44 +252,24 @@ def markdown(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", default="spikingresformer_cifar", help="model (default spikingresformer_cifar)"
-    )
-    parser.add_argument("--batch", type=int, nargs="+", default=[16], help="batch sizes (16)")
-    parser.add_argument("--size", type=int, default=32, help="input height = width (32)")
-    parser.add_argument("--T", type=int, default=4, help="time steps (default 4)")
-    parser.add_argument(
-        "--variants",
-        nargs="+",
-        default=["no-spike-saving", "spike-saving"],
-        choices=list(VARIANTS),
-        help="variants to compare, first = reference of the ratios "
-        "(default no-spike-saving spike-saving)",
-    )
-    parser.add_argument(
-        "--amp", nargs="+", default=["fp32"], choices=list(AMP_MODES), help="precisions (fp32)"
-    )
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per row (default 2)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    parser.add_argument(
-        "--rss-steps", type=int, default=1, help="steps of each fresh RSS process (default 1)"
-    )
-    parser.add_argument(
-        "--rss-warmup",
-        type=int,
-        default=0,
-        help="steps of each fresh process before the ones its times and faults come from "
-        "(default 0; its peak RSS covers all)",
-    )
-    parser.add_argument(
-        "--no-time", action="store_true", help="skip the interleaved timing (memory only)"
-    )
-    parser.add_argument(
-        "--profile",
-        action="store_true",
-        help="print and record the top operators and the saved bytes per module type",
-    )
-    H.add_run_arguments(parser, "seed of weights and inputs")
+    H.add_options(
+        parser,
+        model=("spikingresformer_cifar", "model"),
+        batch=([16], "batch sizes"),
+        size=(32, "input height = width"),
+        T=(4, "time steps"),
+        variants=(["no-spike-saving", "spike-saving"], "variants to compare, the first is the "
+                  "reference of the ratios", {"choices": list(VARIANTS)}),
+        amp=(["fp32"], "precisions", {"choices": list(AMP_MODES)}),
+        steps=(2, "timed steps per row"),
+        warmup=(1, "untimed steps first"),
+        rss_steps=(1, "steps of each fresh RSS process"),
+        rss_warmup=(0, "steps of each fresh process before the ones its times and faults come "
+                    "from (its peak RSS covers all)"),
+        no_time=(False, "skip the interleaved timing (memory only)"),
+        profile=(False, "print and record the top operators and the saved bytes per module type"),
+    )  # fmt: skip
+    H.add_run_arguments(parser)
     H.add_output_arguments(parser, "train-step", per_device=False)
 
 
