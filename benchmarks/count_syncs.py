@@ -43,7 +43,7 @@ def factories(backends: list[str]) -> dict[str, Callable[..., Any]] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="CSV to write")
     parser.add_argument("--backends", nargs="+", default=["loop", "torch"])
     parser.add_argument("--model", default="spikingresformer_ti")

@@ -17,7 +17,7 @@ sides alike. *ratio*: images/s over the baseline's fp32 images/s at the same thr
 Example (the sources of commit 81cbbaa unpacked next to this checkout)::
 
     mkdir -p ../base && git archive 81cbbaa src | tar -x -C ../base
-    python benchmarks/epoch.py --baseline-src ../base/src --amp fp32 bf16 --threads 1 2 \
+    python benchmarks/epoch.py --baseline-src ../base/src --amp fp32 bf16 --threads 1 2 \\
         --out docs/bench/epoch-cifar10-cpu.csv --section 'epoch (configs/cifar10_cpu.yaml)'
 """
 
@@ -181,7 +181,7 @@ def markdown(rows: list[dict[str, Any]], facts: list[str]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.splitlines()[1])
+    parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.splitlines()[0])
     parser.add_argument(
         "--config",
         default="configs/cifar10_cpu.yaml",

@@ -55,7 +55,7 @@ def fresh(args: argparse.Namespace, batch: int, entry: dict[str, Any]) -> dict[s
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.splitlines()[1])
+    p = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.splitlines()[0])
     ts.add_arguments(p)
     p.add_argument(
         "--baseline-src",
