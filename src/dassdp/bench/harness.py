@@ -124,6 +124,34 @@ def timed(fn: Callable[[], Any], device: Any) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
+def interleaved(
+    calls: Mapping[Any, Callable[[], Any]],
+    *,
+    warmup: int,
+    reps: int,
+    device: Any,
+    log: Callable[[str], None] | None = None,
+) -> tuple[dict[Any, list[float]], dict[Any, Any]]:
+    """Time every call of ``calls`` (name -> function) ``warmup`` times untimed, then ``reps``
+    times, interleaved: one call of each per round, the order reversed every other round, so
+    a change in the machine's load hits all alike. Returns the seconds per name and the
+    result of each one's first call."""
+    names = list(calls)
+    times: dict[Any, list[float]] = {n: [] for n in names}
+    first: dict[Any, Any] = {}
+    for r in range(warmup + reps):
+        for n in names if r % 2 == 0 else names[::-1]:
+            sec, out = timed(calls[n], device)
+            first.setdefault(n, out)
+            if r >= warmup:
+                times[n].append(sec)
+            if log:
+                tag = "warm-up" if r < warmup else f"step {r - warmup + 1}/{reps}"
+                log(f"  {tag:<10} {' '.join(map(str, n)) if isinstance(n, tuple) else n:<22} "
+                    f"{sec:8.3f} s")  # fmt: skip
+    return times, first
+
+
 @contextlib.contextmanager
 def wrapped(owner: Any, name: str, wrapper: Callable[[Callable[..., Any]], Any]) -> Iterator[None]:
     """For the block, ``owner.<name>`` (a method of a class, or of one object) is

@@ -149,18 +149,10 @@ def bench_throughput(
     in_ch = H.in_channels(models[ref])
     x, y = H.random_batch((batch, in_ch, size, size), seed=seed, device=dev)
     steps = {b: H.engine_step(m, H.adamw(m), device=dev, amp=amp) for b, m in models.items()}
-    times: dict[str, list[float]] = {b: [] for b in backends}
-    logits: dict[str, Any] = {}
-    for r in range(warmup + reps):
-        for b in backends if r % 2 == 0 else backends[::-1]:
-            sec, out = H.timed(lambda b=b: steps[b](x, y), dev)
-            if r == 0:
-                logits[b] = out.logits.float().cpu()
-            if r >= warmup:
-                times[b].append(sec)
-            if log:
-                tag = "warm-up" if r < warmup else f"step {r - warmup + 1}/{reps}"
-                log(f"  batch {batch} {tag:<9} {b:<12} {sec:8.3f} s")
+    calls = {b: lambda b=b: steps[b](x, y) for b in backends}
+    say = None if log is None else (lambda line: log(f"  batch {batch}{line}"))
+    times, first = H.interleaved(calls, warmup=warmup, reps=reps, device=dev, log=say)
+    logits = {b: out.logits.float().cpu() for b, out in first.items()}
     kernels, peaks = {}, {}
     for b in backends:  # one more step each: kernels launched, peak memory
         kernels[b] = count_kernels(lambda b=b: steps[b](x, y), dev)[0]
@@ -242,20 +234,15 @@ def bench_neuron(
     grad = torch.randn(shape, generator=gen).to(dev)
     backends = _backends(tuple(neurons), loop_baseline)
     layers = {b: neuron_layer(b)() for b in backends}
-    times: dict[str, list[float]] = {b: [] for b in backends}
 
     def call(neuron: Any) -> None:
-        out = neuron(x)
-        out.backward(grad)
+        neuron(x).backward(grad)
         x.grad = None
         if hasattr(neuron, "reset"):
             neuron.reset()
 
-    for r in range(warmup + reps):
-        for b in backends if r % 2 == 0 else backends[::-1]:
-            sec, _ = H.timed(lambda b=b: call(layers[b]), dev)
-            if r >= warmup:
-                times[b].append(sec)
+    calls = {b: lambda b=b: call(layers[b]) for b in backends}
+    times, _ = H.interleaved(calls, warmup=warmup, reps=reps, device=dev)
     return {b: H.median(times[b]) * 1e3 for b in backends}
 
 

@@ -137,16 +137,8 @@ def interleaved(
         model.load_state_dict(first.state_dict())  # the same weights, whatever the variant
         step = H.engine_step(model, H.adamw(model), device="cpu", amp=AMP_MODES[cfg[1]])
         run[cfg] = lambda step=step, x=x, y=y: step(x, y)
-    times: dict[tuple[str, str], list[float]] = {c: [] for c in configs}
-    for r in range(warmup + steps):
-        for cfg in configs if r % 2 == 0 else configs[::-1]:
-            sec, _ = H.timed(run[cfg], "cpu")
-            if r >= warmup:
-                times[cfg].append(sec)
-            if log:
-                tag = "warm-up" if r < warmup else f"step {r - warmup + 1}/{steps}"
-                log(f"  batch {batch} {tag:<9} {cfg[0]:<16} {cfg[1]:<5} {sec:8.3f} s")
-    return times
+    say = None if log is None else (lambda line: log(f"  batch {batch}{line}"))
+    return H.interleaved(run, warmup=warmup, reps=steps, device="cpu", log=say)[0]
 
 
 def profile_step(
