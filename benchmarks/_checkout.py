@@ -41,14 +41,19 @@ def source_dir(src: str | None) -> str:
 
 
 def graft(names: Sequence[str]) -> None:
-    """Load this checkout's modules ``names`` (dotted, e.g. ``dassdp.engine.step``), in
-    order, over the ``dassdp`` this process imports: later imports of those names, and
-    attribute access on their packages, get this checkout's code."""
+    """Load this checkout's modules or packages ``names`` (dotted, e.g. ``dassdp._util``,
+    ``dassdp.engine.step``), in order, over the ``dassdp`` this process imports: later imports
+    of those names (and of a grafted package's submodules) get this checkout's code."""
     for name in names:
-        path = SRC.joinpath(*name.split(".")).with_suffix(".py")
+        path = SRC.joinpath(*name.split("."))
         parent, _, leaf = name.rpartition(".")
         package = importlib.import_module(parent)
-        spec = importlib.util.spec_from_file_location(name, path)
+        if path.is_dir():  # a package: its submodules are found in this checkout too
+            spec = importlib.util.spec_from_file_location(
+                name, path / "__init__.py", submodule_search_locations=[str(path)]
+            )
+        else:
+            spec = importlib.util.spec_from_file_location(name, path.with_suffix(".py"))
         if spec is None or spec.loader is None:
             raise ImportError(f"cannot load {path}")
         module = importlib.util.module_from_spec(spec)
@@ -58,9 +63,14 @@ def graft(names: Sequence[str]) -> None:
 
 
 def grafted_child(names: Sequence[str]) -> None:
-    """The fresh process of :func:`in_checkout`: graft ``names``, then run the harness's
-    child (``argv[1:]`` = target, JSON spec)."""
-    graft(names)
+    """The fresh process of :func:`in_checkout`: graft ``names`` and this checkout's program
+    start (``dassdp.commands._launch``, which installs the allocator the environment names,
+    as the ``dassdp`` program does), then run the harness's child (``argv[1:]`` = target,
+    JSON spec)."""
+    graft(["dassdp._util", "dassdp.commands._launch", *names])
+    from dassdp.commands._launch import tune_allocator
+
+    tune_allocator()  # glibc's settings where DASSDP_ALLOCATOR asks; preloads come by env
     from dassdp.bench.harness import child_main
 
     child_main()
@@ -81,4 +91,4 @@ def in_checkout(
         f"import sys; sys.path.insert(0, {str(HERE)!r}); import _checkout; "
         f"_checkout.grafted_child({list(names)!r})"
     )
-    return in_fresh_process(target, spec, env=env, pythonpath=source_dir(src), child=child)
+    return in_fresh_process(["-c", child, target], spec, env=env, pythonpath=source_dir(src))

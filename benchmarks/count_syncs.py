@@ -27,7 +27,7 @@ from typing import Any
 import _checkout
 
 # this checkout's counting code (and what it imports), over the importable dassdp
-GRAFT = ("dassdp.engine.step", "dassdp.bench.harness", "dassdp.bench.counters",
+GRAFT = ("dassdp._util", "dassdp.engine.step", "dassdp.bench.harness", "dassdp.bench.counters",
          "dassdp.bench.syncs")  # fmt: skip
 
 

@@ -35,14 +35,14 @@ from dassdp.bench import train_step as ts  # noqa: E402
 
 PROGRAM = "python benchmarks/train_step.py"
 # this checkout's modules that measure a baseline's step (the worker and what it runs)
-GRAFT = ("dassdp._malloc", "dassdp.engine.step", "dassdp.bench.harness", "dassdp.bench.train_step")
+GRAFT = ("dassdp.engine.step", "dassdp.bench.harness", "dassdp.bench.train_step")
 
 
 def fresh(args: argparse.Namespace, batch: int, entry: dict[str, Any]) -> dict[str, Any]:
     """One fresh process of a row: this checkout's (the package's) or the baseline's."""
     if not entry["source"]:
         return ts.fresh_row(args, batch, entry)
-    from dassdp._malloc import preload_env
+    from dassdp._util.allocator import preload_env
 
     spec = {
         "model": args.model, "batch": batch, "size": args.size, "T": args.T,
@@ -85,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dassdp._malloc import active_allocator
+    from dassdp._util.allocator import active_allocator
 
     configs = ts.check(args)
     H.check_positive(args, "repeats")

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from bench_scripts import SRC, load
-from dassdp import _malloc
+from dassdp._util import allocator as _malloc
 from engine_fixtures import tiny_dict
 
 epoch = load("epoch")

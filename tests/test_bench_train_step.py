@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench_scripts import SRC, load
-from dassdp import _malloc
+from dassdp._util import allocator as _malloc
 from dassdp.bench import train_step
 from dassdp.commands import bench
 

@@ -306,34 +306,40 @@ def status_kb(key: str) -> int | None:
 CHILD = "from dassdp.bench.harness import child_main; child_main()"
 
 
+def function(target: str) -> list[str]:
+    """The interpreter arguments that call ``target`` (``"module:function"``) with the JSON
+    spec :func:`in_fresh_process` appends as keyword arguments (:func:`child_main`)."""
+    return ["-c", CHILD, target]
+
+
 def in_fresh_process(
-    target: str, spec: Mapping[str, Any], *, env: Mapping[str, str] | None = None,
-    pythonpath: str | None = None, child: str = CHILD,
+    argv: Sequence[str], spec: Mapping[str, Any], *, env: Mapping[str, str] | None = None,
+    pythonpath: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Call ``target`` (``"module:function"``) with keyword arguments ``spec`` in a fresh
-    Python process with this process's torch thread count, and return its result (a JSON
-    object). ``env``: its environment (default this one's); ``pythonpath``: its
-    ``PYTHONPATH`` (default this checkout's sources first); ``child``: the code it runs
-    (default :func:`child_main`)."""
+    """Run ``python *argv <spec as JSON>`` in a fresh process with this process's torch
+    thread count; returns the JSON object of its last line of output. ``argv``: e.g.
+    :func:`function`, or ``-m dassdp ...`` to start it as the ``dassdp`` program (which
+    installs the allocator ``env`` asks for); ``env``: its environment (default this one's);
+    ``pythonpath``: its ``PYTHONPATH`` (default this checkout's sources first)."""
     import torch
 
     env = dict(os.environ if env is None else env)
     if pythonpath is None:
         pythonpath = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
     env.update(PYTHONPATH=pythonpath, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    cmd = [sys.executable, "-c", child, target, json.dumps(dict(spec))]
+    cmd = [sys.executable, *argv, json.dumps(dict(spec))]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(
-            f"{target} in a fresh process failed (exit {done.returncode}; {dict(spec)}): "
-            f"{done.stderr.strip()[-2000:]}"
+            f"{' '.join(argv[-2:])} in a fresh process failed (exit {done.returncode}; "
+            f"{dict(spec)}): {done.stderr.strip()[-2000:]}"
         )
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def child_main() -> None:
-    """The fresh process of :func:`in_fresh_process`: ``argv[1:]`` = target, JSON spec; prints
-    the target's result as the last line of stdout."""
+    """The fresh process of :func:`function`: ``argv[1:]`` = target, JSON spec; prints the
+    target's result as the last line of stdout."""
     module, _, name = sys.argv[1].partition(":")
     result = getattr(importlib.import_module(module), name)(**json.loads(sys.argv[2]))
     print(json.dumps(result))
@@ -400,7 +406,7 @@ def provenance(
     after the run when ``load`` is given) and the CSV path."""
     import torch
 
-    from dassdp._malloc import active_allocator
+    from dassdp._util.allocator import active_allocator
 
     cpu = platform.processor() or "unknown"
     with contextlib.suppress(OSError):
@@ -436,7 +442,7 @@ def replace_section(path: Path, name: str, body: str) -> None:
     The section runs from its heading to the next ``## `` heading (or the end). A missing
     file is created with a short header; a missing section is appended.
     """
-    from dassdp._io import atomic_write_text
+    from dassdp._util.io import atomic_write_text
 
     path = Path(path)
     text = path.read_text() if path.exists() else DEFAULT_HEADER
@@ -451,7 +457,7 @@ def replace_section(path: Path, name: str, body: str) -> None:
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """Write ``rows`` (dicts with the same keys) as CSV, atomically."""
-    from dassdp._io import atomic_write_text
+    from dassdp._util.io import atomic_write_text
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [])

@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
                         warmup=args.warmup, device=device, amp=amp, seed=args.seed)  # fmt: skip
             if args.fresh_process:  # its own peak RSS
                 spec["shape"] = list(shape)
-                row = H.in_fresh_process("dassdp.bench.models:bench_model", spec)
+                row = H.in_fresh_process(H.function("dassdp.bench.models:bench_model"), spec)
             else:
                 row = bench_model(**spec)  # type: ignore[arg-type]
             print(

@@ -278,7 +278,7 @@ def run_side_subprocess(spec: dict[str, Any], *, memory: bool = False) -> dict[s
     env = dict(os.environ)
     if memory:
         env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
-    return H.in_fresh_process("dassdp.bench.rule:run_side", {"spec": spec}, env=env)
+    return H.in_fresh_process(H.function("dassdp.bench.rule:run_side"), {"spec": spec}, env=env)
 
 
 # ------------------------------------------------------------------------------ the benchmark

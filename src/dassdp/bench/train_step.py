@@ -18,7 +18,8 @@ batch. Variants (:data:`VARIANTS`): ``spike-saving`` (default: autograd keeps sp
   processes where there are several).
 * *allocator*: ``jemalloc`` / ``tcmalloc`` = that library preloaded (``LD_PRELOAD``),
   ``tuned`` = glibc with ``M_MMAP_MAX=0``, ``M_TRIM_THRESHOLD=-1``, ``default`` = glibc's
-  defaults (``dassdp._malloc``).
+  defaults (``dassdp._util.allocator``); each fresh process starts as the ``dassdp`` program
+  (``python -m dassdp``), which installs the allocator its environment names.
 * ``--profile``: ``torch.profiler``'s top operators (self CPU time) of one step of the first
   variant and what autograd saves per module type (bytes saved / kept).
 
@@ -46,14 +47,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "checkpoint-all": {"spike_saving": True, "checkpoint_stages": "all"},
 }
 AMP_MODES = {"fp32": "none", "bf16": "bf16"}  # this bench's name -> the harness's --amp
-# allocator name in the rows -> dassdp._malloc choice (DASSDP_ALLOCATOR)
+# allocator name in the rows -> dassdp._util.allocator choice (DASSDP_ALLOCATOR)
 BENCH_ALLOCATORS = {"jemalloc": "jemalloc", "tcmalloc": "tcmalloc", "tuned": "glibc",
                     "default": "system"}  # fmt: skip
+# a fresh process of a row: the dassdp program (its allocator installed), this bench's worker
+WORKER = ("-m", "dassdp", "bench", "train-step", "--rss-worker")
 
 
 def bench_allocator(active: str) -> str:
-    """The row name (:data:`BENCH_ALLOCATORS`) of :func:`dassdp._malloc.active_allocator`'s
-    answer."""
+    """The row name (:data:`BENCH_ALLOCATORS`) of
+    :func:`dassdp._util.allocator.active_allocator`'s answer."""
     return {"glibc tuned": "tuned", "glibc": "default"}.get(active, active)
 
 
@@ -91,15 +94,14 @@ def rss_worker(
     *, model: str, model_args: dict[str, Any], batch: int, size: int, T: int, amp: str,
     steps: int, warmup: int, seed: int,
 ) -> dict[str, Any]:  # fmt: skip
-    """Run in a fresh process (:func:`dassdp.bench.harness.in_fresh_process`): build the
-    model, run ``warmup + steps`` engine steps; returns the peak RSS (MiB), the RSS after
-    building, per timed step its seconds, minor faults and kernel share of CPU time, and the
-    allocator (set by the environment, ``DASSDP_ALLOCATOR`` / ``LD_PRELOAD``)."""
+    """One fresh process's row (``dassdp bench train-step --rss-worker SPEC``, see
+    :func:`fresh_row`): build the model, run ``warmup + steps`` engine steps; returns the peak
+    RSS (MiB), the RSS after building, per timed step its seconds, minor faults and kernel
+    share of CPU time, and the allocator the process runs with."""
     import resource
 
-    from dassdp._malloc import active_allocator, tune_allocator
+    from dassdp._util.allocator import active_allocator
 
-    tune_allocator()  # glibc's settings where DASSDP_ALLOCATOR asks for them
     net, x, y = _built(model, model_args, T, batch, size, seed)
     step = H.engine_step(net, H.adamw(net), device="cpu", amp=AMP_MODES[amp])
     built, out = (H.status_kb("VmRSS") or 0) / 1024, []
@@ -260,6 +262,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "from (its peak RSS covers all)"),
         no_time=(False, "skip the interleaved timing (memory only)"),
         profile=(False, "print and record the top operators and the saved bytes per module type"),
+        rss_worker=(None, argparse.SUPPRESS, {"type": str}),  # fresh_row's processes
     )  # fmt: skip
     H.add_run_arguments(parser)
     H.add_output_arguments(parser, "train-step", per_device=False)
@@ -279,8 +282,9 @@ def check(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def fresh_row(args: argparse.Namespace, batch: int, entry: dict[str, Any]) -> dict[str, Any]:
-    """:func:`rss_worker` for one row of this checkout (``entry``: variant, amp, allocator)."""
-    from dassdp._malloc import preload_env
+    """:func:`rss_worker` for one row of this checkout (``entry``: variant, amp, allocator) in
+    a fresh ``dassdp`` program, started with that allocator."""
+    from dassdp._util.allocator import preload_env
 
     spec = {
         "model": args.model, "batch": batch, "size": args.size, "T": args.T,
@@ -288,7 +292,7 @@ def fresh_row(args: argparse.Namespace, batch: int, entry: dict[str, Any]) -> di
         "seed": args.seed, "model_args": model_args(entry["variant"], _num_stages(args.model)),
     }  # fmt: skip
     env = preload_env(BENCH_ALLOCATORS[entry["allocator"]])
-    return H.in_fresh_process("dassdp.bench.train_step:rss_worker", spec, env=env)
+    return H.in_fresh_process(WORKER, spec, env=env)
 
 
 def measure(
@@ -301,7 +305,7 @@ def measure(
     """The rows of every batch size: ``configs`` timed interleaved in this process, and one
     row per ``todo`` entry (variant, amp, allocator, source) from ``fresh`` processes, every
     entry once per repeat (interleaved), medians over the repeats."""
-    from dassdp._malloc import active_allocator
+    from dassdp._util.allocator import active_allocator
 
     here = bench_allocator(active_allocator())  # the interleaved run's allocator
     rows: list[dict[str, Any]] = []
@@ -398,10 +402,15 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+
     import torch
 
-    from dassdp._malloc import active_allocator
+    from dassdp._util.allocator import active_allocator
 
+    if args.rss_worker is not None:  # a fresh process of fresh_row: its row on stdout
+        print(json.dumps(rss_worker(**json.loads(args.rss_worker))))
+        return 0
     configs = check(args)
     torch.set_num_threads(args.threads)
     load = H.load_average()

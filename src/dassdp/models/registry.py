@@ -1,8 +1,7 @@
 """Model registry (timm style): ``@register_model`` on a 3-line entry function.
 
 ``create_model("spikingresformer_cifar", num_classes=10, T=4)`` builds a registered model;
-``list_models("spikingresformer_*")`` lists names (fnmatch patterns). The built-in models
-register on import of :mod:`dassdp.models`, which every import of this module runs first.
+``list_models("spikingresformer_*")`` lists names (fnmatch patterns).
 """
 
 from __future__ import annotations
@@ -38,19 +37,27 @@ def register_model(fn: F | None = None, *, name: str | None = None) -> Any:
     return wrap(fn) if fn is not None else wrap
 
 
+def _ensure_builtin() -> None:
+    # The built-in models register themselves on import of dassdp.models.
+    import dassdp.models  # noqa: F401
+
+
 def list_models(pattern: str | None = None) -> list[str]:
     """Sorted names of the registered models, optionally filtered by an fnmatch pattern."""
+    _ensure_builtin()
     names = sorted(_MODELS)
     return names if pattern is None else [n for n in names if fnmatch.fnmatch(n, pattern)]
 
 
 def is_model(name: str) -> bool:
     """Whether ``name`` is a registered model."""
+    _ensure_builtin()
     return name in _MODELS
 
 
 def model_entrypoint(name: str) -> Callable[..., nn.Module]:
     """The entry function of ``name``; an unknown name is a ``ValueError`` naming close matches."""
+    _ensure_builtin()
     if name not in _MODELS:
         close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
