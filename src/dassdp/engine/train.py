@@ -7,7 +7,7 @@ The step reads top to bottom::
 and everything else (builders, checkpoints, metrics) happens around it. Run folder::
 
     runs/<name>/config.yaml     the resolved config (code revision in its header)
-    runs/<name>/run.json        revision, versions, command line, start time
+    runs/<name>/run.json        revision, versions, command line, start time, LIF backends
     runs/<name>/metrics.jsonl   one row per epoch (see dassdp.engine.metrics)
     runs/<name>/train.log       the log lines
     runs/<name>/last.pt         after every epoch (atomic); --resume continues from it
@@ -138,6 +138,7 @@ RESUMABLE_CHANGES = frozenset(
         "compile_backend",
         "channels_last",
         "cudnn_benchmark",
+        "lif_backend",
     }
 )
 PROGRESS_EVERY = 50  # steps between progress-bar loss updates (each is one host read)
@@ -276,6 +277,7 @@ class Trainer:
         )
         self.firing = FiringRates(self.model)
         self.start_epoch, self.best_acc1 = 0, -math.inf
+        self._resumed, self._backends_recorded = bool(resume), False
         self.writer: MetricsWriter | None = None
         if self.dist.main:
             self._prepare_run_dir(resume)
@@ -410,6 +412,8 @@ class Trainer:
         bar = batches if getattr(batches, "disable", True) is False else None  # a shown tqdm
         for i, (x, y) in enumerate(batches, 1):
             nonfinite += self.train_step(x, y, meter, plast)
+            if not self._backends_recorded:
+                self._record_backends()  # resolved at the first forward: record it now
             if bar is not None and i % PROGRESS_EVERY == 0:
                 bar.set_postfix(loss=f"{meter.mean_loss():.4f}")  # one host read
         broadcast_buffers(self.model)  # DDP: rank 0's BN statistics for eval and checkpoints
@@ -486,6 +490,30 @@ class Trainer:
         return tqdm(batches, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None)
 
     # ----------------------------------------------------------------- reporting
+    def _record_backends(self) -> None:
+        """After the first training step: the LIF backend each layer ran, counted per backend
+        (plus the Triton version where it ran), in the log and in ``run.json`` (the latest
+        resume's entry after a resume)."""
+        from dassdp.neurons import resolved_backends
+        from dassdp.neurons.backends.triton import triton_version
+
+        self._backends_recorded = True
+        layers = resolved_backends(self.model)
+        record: dict[str, Any] = {"requested": self.cfg.lif_backend, "layers": layers}
+        if "triton" in layers:
+            record["triton"] = triton_version()
+        if not self.dist.main:
+            return
+        ran = ", ".join(f"{name} {n}" for name, n in layers.items()) or "no LIF layers"
+        triton = f" (triton {record['triton']})" if "triton" in record else ""
+        log.info("LIF backends (lif_backend=%s): %s%s", self.cfg.lif_backend, ran, triton)
+        meta = _read_json(self.run_dir / "run.json")
+        if isinstance(meta, dict):
+            resumes = meta.get("resumes")
+            entry = resumes[-1] if self._resumed and isinstance(resumes, list) and resumes else meta
+            entry["lif_backends"] = record
+            atomic_write_json(self.run_dir / "run.json", meta)
+
     def _report(self, row: dict[str, Any]) -> None:
         if self.writer is None:
             return

@@ -105,9 +105,11 @@ def _isolated(device: torch.device) -> Iterator[None]:
         stack.enter_context(tri._on_device(torch.empty(0, device=device)))
         if sync:
             torch.cuda.set_sync_debug_mode(0)
+        tri._CHECKING.on = True
         try:
             yield
         finally:
+            tri._CHECKING.on = False
             if sync:
                 torch.cuda.set_sync_debug_mode(sync)
 

@@ -73,6 +73,7 @@ __all__ = [
     "interpret_mode",
     "lif_multistep_triton",
     "lif_multistep_triton_apply",
+    "self_checking",
     "triton_available",
     "triton_version",
     "unavailable_reason",
@@ -174,6 +175,15 @@ def _kernels() -> tuple[Any, Any]:
         bwd.__annotations__ = dict(src._lif_bwd.__annotations__)
         _KERNELS[mode] = (triton.jit(src._lif_fwd), triton.jit(bwd))
     return _KERNELS[mode]
+
+
+_CHECKING = threading.local()  # .on: this thread runs the self-check
+
+
+def self_checking() -> bool:
+    """Whether this thread is inside Triton's self-check: its launches are the check's own,
+    not the caller's (launch counters skip them)."""
+    return bool(getattr(_CHECKING, "on", False))
 
 
 def _block(n: int) -> int:
