@@ -53,7 +53,9 @@ class Call(NamedTuple):
         empty: ``x`` has no elements.
         per_sample: neurons per sample and time step (``x[0, 0].numel()``; ``x[0].numel()``
             for ``[T, N]``).
-        compiling: ``torch.compile`` is tracing the call.
+        compiling: ``torch.compile`` is tracing the call; sizes may then be symbolic, so
+            ``empty`` is ``False`` and ``per_sample`` 0 (no backend that depends on them runs
+            inside a compiled graph).
     """
 
     device: torch.device
@@ -73,6 +75,12 @@ class Call(NamedTuple):
     ) -> Call:
         """The :class:`Call` of ``x`` ``[T, B, ...]`` with these arguments."""
         tensor_k = isinstance(inv_tau, Tensor)
+        compiling = torch.compiler.is_compiling()
+        if compiling:  # sizes may be symbolic (a dynamic batch): not part of a traced choice
+            empty, per_sample = False, 0
+        else:
+            empty = x.numel() == 0
+            per_sample = math.prod(x.shape[2:]) if x.dim() >= 2 else math.prod(x.shape[1:])
         return cls(
             x.device,
             x.dtype,
@@ -81,9 +89,9 @@ class Call(NamedTuple):
             inv_tau.numel() if tensor_k else 1,  # type: ignore[union-attr]
             inv_tau.device if tensor_k else None,  # type: ignore[union-attr]
             bool(return_membrane),
-            x.numel() == 0,
-            math.prod(x.shape[2:]) if x.dim() >= 2 else math.prod(x.shape[1:]),
-            torch.compiler.is_compiling(),
+            empty,
+            per_sample,
+            compiling,
         )
 
     @property
