@@ -106,8 +106,11 @@ def load(src: NativeSource, cache: Path | None = None) -> ctypes.CDLL:
     cc = compiler()
     if cc is None:
         raise NativeError("no C compiler found (set CC, or install gcc or clang)")
-    text = src.source.read_text()
-    key = _key(src, text, cc)
+    try:
+        text = src.source.read_text()
+        key = _key(src, text, cc)
+    except OSError as err:  # a broken install, or a compiler that does not run
+        raise NativeError(f"preparing {src.what} ({src.source}, {cc}) failed: {err}") from None
     folder = cache_dir() if cache is None else cache
     if folder.exists() and not folder.is_dir():
         raise NativeError(f"the kernel cache {folder} is not a folder (set {CACHE_ENV})")

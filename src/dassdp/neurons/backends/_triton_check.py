@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -123,7 +123,9 @@ def _input(params: LIFParams, k: float, gen: torch.Generator) -> Tensor:
     return x
 
 
-def _grads(fn, x: Tensor, k: Tensor | None, g: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+def _grads(
+    fn: Callable[[Tensor, Tensor | None], Tensor], x: Tensor, k: Tensor | None, g: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(spikes, gX, gk)`` of ``fn(x, k) -> spikes`` for incoming gradient ``g``."""
     xi = x.detach().clone().requires_grad_(True)
     ki = None if k is None else k.detach().clone().requires_grad_(True)
