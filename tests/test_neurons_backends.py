@@ -17,7 +17,6 @@ from dassdp.neurons import (
     LIF,
     PLIF,
     LIFParams,
-    _native,
     available,
     backends,
     resolve,
@@ -180,22 +179,3 @@ def test_engine_records_the_backend_of_a_resume_in_its_entry(tmp_path):
     meta = json.loads((tmp_path / "run.json").read_text())
     assert meta["lif_backends"] == first  # the first start's record stays
     assert meta["resumes"][-1]["lif_backends"]["layers"] == {"torch": sum(first["layers"].values())}
-
-
-@pytest.mark.skipif(_native.compiler() is None, reason="needs a C compiler (cc, gcc or clang)")
-def test_cpu_backend_keeps_a_channels_last_layout_without_a_copy():
-    """The C kernels treat every neuron alike: a dense input with time outermost is processed
-    as stored, and spikes and gradients come back in its layout, equal to the torch backend."""
-    flat = (2 * torch.rand(6, 5, 4, 3)).to(memory_format=torch.channels_last)
-    x = flat.view(3, 2, 5, 4, 3).requires_grad_(True)  # [T, B, C, H, W], channels-last steps
-    assert not x.is_contiguous()
-    s = LIF(backend="cpu")(x)
-    assert s.stride() == x.stride() and type(s.grad_fn).__name__ == "CpuLIFBackward"
-    g = torch.randn(x.shape)
-    (s * g).sum().backward()
-    assert x.grad.stride() == x.stride()
-    xc = x.detach().contiguous().requires_grad_(True)
-    s_ref = LIF(backend="torch")(xc)
-    (s_ref * g).sum().backward()
-    assert torch.equal(s, s_ref)
-    torch.testing.assert_close(x.grad, xc.grad, rtol=1e-6, atol=1e-7)

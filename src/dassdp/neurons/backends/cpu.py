@@ -15,9 +15,11 @@ every reset / ``decay_input`` / ``detach_reset`` / surrogate combination in fp32
 
 Scope: a CPU ``x`` of dtype fp32 or fp64, a fixed time constant (``inv_tau`` ``None`` or a
 number; PLIF's learnable one runs on the torch backend), no returned membrane, not while
-``torch.compile`` traces. Layout: a dense input with time outermost (contiguous,
-channels-last, ...) is processed as it is stored, and the spikes come back in its layout;
-others are made contiguous first. Threads: the neurons are split over
+``torch.compile`` traces. Layout: the input is made contiguous and the spikes are contiguous.
+(The kernels treat every neuron alike, so a dense channels-last input could be processed as
+stored, as the Triton backend does; it is not, because the next conv's weight gradient then
+rounds differently, and CPU runs with ``channels_last`` would no longer repeat bit for bit.)
+Threads: the neurons are split over
 ``torch.get_num_threads()`` threads (:mod:`dassdp.neurons.backends._threads`; the C calls
 release the GIL).
 
@@ -48,7 +50,7 @@ from dassdp.neurons._native import CACHE_ENV, NativeError, NativeSource
 from dassdp.neurons.backends._registry import Backend, Call
 from dassdp.neurons.backends._threads import run_split
 from dassdp.neurons.backends.torch_fused import FUSED_SURROGATES, call_supported
-from dassdp.neurons.lif import LIFParams, check_time_major, dense_time_major, split_k
+from dassdp.neurons.lif import LIFParams, check_time_major, split_k
 from dassdp.neurons.saving import attach_spike_bits
 from dassdp.neurons.surrogate import get_surrogate
 
@@ -139,9 +141,8 @@ def _run(fn: Any, n: int, args: tuple[Any, ...], tail: tuple[Any, ...]) -> None:
     run_split(fn, n, args, tail, chunk=_CHUNK, align=_BLOCK)
 
 
-def _in_layout(t: Tensor, like: Tensor) -> Tensor:
-    """``t`` with ``like``'s strides (a copy only when they differ)."""
-    return t if t.stride() == like.stride() else torch.empty_like(like, dtype=t.dtype).copy_(t)
+def _as_2d(t: Tensor) -> Tensor:
+    return t.contiguous().view(t.shape[0], -1)
 
 
 def _reset(params: Any) -> tuple[float, int]:
@@ -151,23 +152,24 @@ def _reset(params: Any) -> tuple[float, int]:
 
 class CpuLIF(torch.autograd.Function):
     """Forward and backward through the C kernels; saves only ``H``. The spikes come out as
-    the dtype, in ``x``'s layout, and, attached for :func:`dassdp.neurons.spike_saving`, as
+    the dtype (contiguous) and, attached for :func:`dassdp.neurons.spike_saving`, as
     ``bool``."""
 
     @staticmethod
     def forward(ctx, x: Tensor, k: float, params: Any) -> Tensor:  # type: ignore[override]
         lib = build()
-        x = x if dense_time_major(x) else x.contiguous()
-        T, n = x.shape[0], x.numel() // x.shape[0]
-        # Outputs in x's layout, owning their memory (the neuron module marks the spikes and
-        # attaches the bytes; neither works on a view).
-        h, s = torch.empty_like(x), torch.empty_like(x)
-        bits = torch.empty_like(x, dtype=torch.uint8)
+        x2 = _as_2d(x)
+        T, n = x2.shape
+        h = torch.empty_like(x2)
+        # The spikes own their memory in x's shape (contiguous), so the neuron module can
+        # mark them and the bytes can be attached (neither works on a view).
+        s = torch.empty(x.shape, dtype=x.dtype)
+        bits = torch.empty(x.shape, dtype=torch.uint8)
         fn = lib.lif_fwd_f32 if x.dtype == torch.float32 else lib.lif_fwd_f64
         _run(
             fn,
             n,
-            (x.data_ptr(), h.data_ptr(), s.data_ptr(), bits.data_ptr(), T, n),
+            (x2.data_ptr(), h.data_ptr(), s.data_ptr(), bits.data_ptr(), T, n),
             (k, params.v_threshold, *_reset(params), int(params.decay_input)),
         )
         ctx.save_for_backward(h)
@@ -182,16 +184,16 @@ class CpuLIF(torch.autograd.Function):
         p = ctx.params
         alpha = float(get_surrogate(p.surrogate)[1] if p.alpha is None else p.alpha)
         lib = build()
-        g = _in_layout(g_s.to(h.dtype), h)
-        T, n = h.shape[0], h.numel() // h.shape[0]
+        g2 = _as_2d(g_s).to(h.dtype)
+        T, n = h.shape
         gx = torch.empty_like(h)
         fn = lib.lif_bwd_f32 if h.dtype == torch.float32 else lib.lif_bwd_f64
         _run(
-            fn, n, (h.data_ptr(), g.data_ptr(), gx.data_ptr(), T, n),
+            fn, n, (h.data_ptr(), g2.data_ptr(), gx.data_ptr(), T, n),
             (ctx.k, p.v_threshold, *_reset(p), int(p.decay_input), int(p.detach_reset),
              0 if p.surrogate == "atan" else 1, alpha),
         )  # fmt: skip
-        return gx, None, None
+        return gx.view(g_s.shape), None, None
 
 
 def large_enough(x: Tensor) -> bool:
