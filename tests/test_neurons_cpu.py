@@ -10,11 +10,11 @@ import zlib
 import pytest
 import torch
 
+from dassdp._util import native as _native
 from dassdp.neurons import (
     LIF,
     PLIF,
     LIFParams,
-    _native,
     backends,
     is_marked_spikes,
     lif_multistep,

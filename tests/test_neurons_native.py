@@ -1,4 +1,4 @@
-"""The compiled-kernel cache (:mod:`dassdp.neurons._native`): a cached library is verified
+"""The compiled-kernel cache (:mod:`dassdp._util.native`): a cached library is verified
 (size and sha256 recorded at build) before it is loaded, a bad one is rebuilt, and a cache
 that cannot be used is a fallback to the torch backend with one warning naming the path (an
 error when ``backend="cpu"`` is asked for by name).

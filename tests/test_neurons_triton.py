@@ -225,7 +225,7 @@ def test_backend_selection():
     assert resolve_backend("auto", x, LIFParams(), torch.full((4,), 0.5)) == "loop"
     for backend in ("loop", "torch", "triton", "cpu"):
         assert resolve_backend(backend, x, params) == backend
-    from dassdp.neurons import _native
+    from dassdp._util import native as _native
 
     nodes = {
         backend: type(lif_multistep(x.requires_grad_(True), params, backend=backend).grad_fn)

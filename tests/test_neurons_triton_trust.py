@@ -31,7 +31,7 @@ def _fresh(monkeypatch):
     monkeypatch.delenv(tri.ENV, raising=False)
     monkeypatch.setattr(tri, "_PROBE", [])
     monkeypatch.setattr(tri, "_WARNED", set())
-    monkeypatch.setattr(_triton_check, "_CHECKED", {})
+    monkeypatch.setattr(tri, "_CHECKED", {})
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_auto_runs_a_checked_triton_without_a_warning(_trust_cpu):
         out = LIF()(_x())
     assert type(out.grad_fn).__name__ == "TritonLIFBackward"
     assert _triton_warnings(record) == []
-    assert {("cpu", torch.float32): None} == _triton_check._CHECKED
+    assert {("cpu", torch.float32): None} == tri._CHECKED
 
 
 @pytest.mark.parametrize("failure", list(FAILURES))
@@ -115,7 +115,7 @@ def test_a_failing_triton_is_an_error_when_asked_for_by_name(monkeypatch, failur
 
 def test_env_switch_skips_triton_without_a_check_or_a_warning(monkeypatch, _trust_cpu):
     monkeypatch.setenv(tri.ENV, "0")
-    monkeypatch.setattr(_triton_check, "self_check", lambda *a: pytest.fail("checked"))
+    monkeypatch.setattr(tri, "self_check", lambda *a: pytest.fail("checked"))
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         out = LIF()(_x())
@@ -124,14 +124,14 @@ def test_env_switch_skips_triton_without_a_check_or_a_warning(monkeypatch, _trus
 
 def test_the_check_runs_once_per_device_and_dtype_and_half_needs_fp32(_trust_cpu):
     runs = []
-    real = _triton_check._run
-    _triton_check._run = lambda *a: runs.append(a[1]) or real(*a)
+    real = _triton_check.check
+    _triton_check.check = lambda *a: runs.append(a[1]) or real(*a)
     try:
         for layer in (LIF(), PLIF(), LIF(v_reset=None)):
             layer(_x())
             layer(_x().bfloat16())
     finally:
-        _triton_check._run = real
+        _triton_check.check = real
     assert runs == [torch.float32, torch.bfloat16]
 
 
@@ -167,7 +167,7 @@ def test_under_torch_compile_the_check_runs_at_trace_time(monkeypatch, _trust_cp
     graph break; a failing check gives the torch backend inside the graph, one warning."""
     for broken in (False, True):
         torch._dynamo.reset()
-        monkeypatch.setattr(_triton_check, "_CHECKED", {})
+        monkeypatch.setattr(tri, "_CHECKED", {})
         monkeypatch.setattr(tri, "_WARNED", set())
         if broken:
             _kernel_with_wrong_spikes(monkeypatch)

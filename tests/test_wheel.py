@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dassdp.neurons import _native
+from dassdp._util import native as _native
 from engine_fixtures import tiny_dict
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,13 +10,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dassdp._recompute import recomputing
+from dassdp._util.recompute import recomputing
 from dassdp.neurons import LIF
 from dassdp.plasticity.sites import SiteSpec
 
 __all__ = [
     "NeuronLayer",
     "SpikeConvBN",
+    "TimeSharedDropout",
     "check_stage_indices",
     "checkpointed",
     "pick_preset",
@@ -89,6 +90,33 @@ class SpikeConvBN(nn.Module):
         return seq_apply(lambda z: self.bn(self.conv(z)), s)
 
 
+class TimeSharedDropout(nn.Module):
+    """Dropout of whole units for a whole sample: one mask per sample, shared by every step.
+
+    Shapes: ``[T, B, ...] -> [T, B, ...]``. In training each unit of a sample is zeroed with
+    probability ``p`` at every time step together (the mask is drawn ``[1, B, ...]``) and
+    the others are scaled by ``1 / (1 - p)``; in eval mode (or with ``p = 0``) the input is
+    returned as it is. A dropped spiking unit is silent for the whole sample, as ordinary
+    dropout silences a feature; masks drawn per step would add spike-time noise instead.
+    ``0 <= p < 1``, else ``ValueError``.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {p!r}")
+        self.p = float(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.empty((1, *x.shape[1:]), device=x.device, dtype=x.dtype)
+        return x * keep.bernoulli_(1 - self.p).div_(1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 def pick_preset(
     model: str, preset: str, presets: Mapping[str, Callable[[], dict[str, SiteSpec]]]
 ) -> dict[str, SiteSpec]:
@@ -124,7 +152,7 @@ def checkpointed(module: nn.Module, x: Tensor) -> Tensor:
     The recomputation is an exact replay: the module's buffers (BatchNorm running statistics,
     DSSA running firing rates) are set back to their values before the forward for it and
     restored afterwards, so they are updated once per forward and the recomputed activations
-    equal the original ones; it runs under :func:`dassdp._recompute.recomputing`, so
+    equal the original ones; it runs under :func:`dassdp._util.recompute.recomputing`, so
     recording hooks (DA-SSDP recorder, firing rates) skip it. Without grad it is a plain call.
     """
     if not torch.is_grad_enabled():

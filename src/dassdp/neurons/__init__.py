@@ -7,7 +7,7 @@ Where things live:
   surrogate gradients.
 * :mod:`dassdp.neurons.backends`: one file per implementation (``loop``, ``torch``,
   ``triton``, ``cpu``) behind a registry (``register``, ``resolve``, ``available``), and
-  :func:`lif_multistep`, which runs one; :mod:`dassdp.neurons._native` builds, caches and
+  :func:`lif_multistep`, which runs one; :mod:`dassdp._util.native` builds, caches and
   verifies the C library of the ``cpu`` backend.
 * :mod:`dassdp.neurons.modules`: :class:`LIF` / :class:`PLIF`, module shells that resolve
   their backend once per kind of call, and :func:`set_backend` / :func:`resolved_backends`

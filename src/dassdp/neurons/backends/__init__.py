@@ -8,7 +8,7 @@
 ``triton`` :mod:`~dassdp.neurons.backends.triton`: one Triton kernel per direction (CUDA, or
            Triton's interpreter); trusted only after a self-check on the device.
 ``cpu``    :mod:`~dassdp.neurons.backends.cpu`: one compiled C loop per direction (CPU, fp32 /
-           fp64, fixed tau), built with :mod:`dassdp.neurons._native`.
+           fp64, fixed tau), built with :mod:`dassdp._util.native`.
 =========  ====================================================================================
 
 ``"auto"`` takes, per call, the first that picks it: ``triton`` for a CUDA input when Triton

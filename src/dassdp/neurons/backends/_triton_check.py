@@ -36,35 +36,23 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from dassdp.neurons.backends import triton as tri
 from dassdp.neurons.backends.torch_fused import lif_multistep_fused
 from dassdp.neurons.lif import LIFParams
 from dassdp.neurons.surrogate import get_surrogate
 
-__all__ = ["self_check", "tolerance"]
+__all__ = ["check", "tolerance"]
+
+# run(x, k_tensor or None, k, params) -> spikes: the Triton LIF as it runs, with autograd
+Runner = Callable[[Tensor, Tensor | None, float, LIFParams], Tensor]
 
 _T, _N = 6, 2 * 1024 + 45
 _K_LEARNED = 0.4
 _HALF = (torch.float16, torch.bfloat16)
-_CHECKED: dict[tuple[str, torch.dtype], str | None] = {}
-_LOCK = threading.RLock()
-
-
-def self_check(device: torch.device, dtype: torch.dtype, params: LIFParams) -> str | None:
-    """Why the Triton LIF is not to be trusted on ``(device, dtype)`` (module docstring), or
-    ``None`` when it passed; checked once per pair and process."""
-    key = (str(device), dtype)
-    with _LOCK:
-        if key not in _CHECKED:
-            base = self_check(device, torch.float32, params) if dtype in _HALF else None
-            _CHECKED[key] = base if base is not None else _run(device, dtype, params)
-        return _CHECKED[key]
 
 
 def tolerance(dtype: torch.dtype, params: LIFParams, k: float) -> float:
@@ -79,11 +67,14 @@ def tolerance(dtype: torch.dtype, params: LIFParams, k: float) -> float:
     return tol
 
 
-def _run(device: torch.device, dtype: torch.dtype, params: LIFParams) -> str | None:
+def check(device: torch.device, dtype: torch.dtype, params: LIFParams, run: Runner) -> str | None:
+    """Why ``run`` (the Triton LIF) disagrees with the torch backend on ``(device, dtype)``
+    (module docstring), or ``None``. The caller runs it under the device guard, caches the
+    answer and, for fp16 / bf16, checks fp32 first."""
     try:
         with _isolated(device):
             for learn_k in (False, True):
-                why = _compare(device, dtype, params, learn_k)
+                why = _compare(device, dtype, params, learn_k, run)
                 if why is not None:
                     return why
     except Exception as err:  # a compile or launch failure of any kind fails the check
@@ -102,14 +93,11 @@ def _isolated(device: torch.device) -> Iterator[None]:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         stack.enter_context(torch.autocast(device.type, enabled=False))
-        stack.enter_context(tri._on_device(torch.empty(0, device=device)))
         if sync:
             torch.cuda.set_sync_debug_mode(0)
-        tri._CHECKING.on = True
         try:
             yield
         finally:
-            tri._CHECKING.on = False
             if sync:
                 torch.cuda.set_sync_debug_mode(sync)
 
@@ -136,7 +124,7 @@ def _grads(
 
 
 def _compare(
-    device: torch.device, dtype: torch.dtype, params: LIFParams, learn_k: bool
+    device: torch.device, dtype: torch.dtype, params: LIFParams, learn_k: bool, run: Runner
 ) -> str | None:
     """Why the Triton LIF disagrees with the torch backend on one case, or ``None``."""
     gen = torch.Generator().manual_seed(0x5EED + learn_k)
@@ -145,9 +133,7 @@ def _compare(
     k_t = torch.tensor(k, dtype=compute, device=device) if learn_k else None
     x = _input(params, k, gen).to(dtype).to(device)
     g = torch.randn(_T, _N, generator=gen, dtype=torch.float64).to(dtype).to(device)
-    s, gx, gk = _grads(
-        lambda xi, ki: tri.lif_multistep_triton_apply(xi, ki, k, params, False), x, k_t, g
-    )
+    s, gx, gk = _grads(lambda xi, ki: run(xi, ki, k, params), x, k_t, g)
     membrane: list[Tensor] = []
 
     def reference(xi: Tensor, ki: Tensor | None) -> Tensor:

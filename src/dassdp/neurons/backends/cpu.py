@@ -23,7 +23,7 @@ Threads: the neurons are split over
 ``torch.get_num_threads()`` threads (:mod:`dassdp.neurons.backends._threads`; the C calls
 release the GIL).
 
-Build: :mod:`dassdp.neurons._native` compiles ``cpu_lif.c`` once per machine with the system
+Build: :mod:`dassdp._util.native` compiles ``cpu_lif.c`` once per machine with the system
 C compiler (``$CC``, else ``cc`` / ``gcc`` / ``clang``; 1-2 s) into ``$DASSDP_KERNEL_CACHE``
 (default ``~/.cache/dassdp/kernels``) and verifies a cached library (size and sha256) before
 loading it. No compiler, a failed build or an unusable cache: :func:`usable` is false for the
@@ -45,8 +45,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from dassdp.neurons import _native
-from dassdp.neurons._native import CACHE_ENV, NativeError, NativeSource
+from dassdp._util import native as _native
+from dassdp._util.native import CACHE_ENV, NativeError, NativeSource
 from dassdp.neurons.backends._registry import Backend, Call
 from dassdp.neurons.backends._threads import run_split
 from dassdp.neurons.backends.torch_fused import FUSED_SURROGATES, call_supported
@@ -122,7 +122,7 @@ def disable(reason: str) -> None:
 def build() -> Any:
     """The loaded kernel library, built (or verified in the cache) on first use, see the
     module docstring. A missing compiler, a failed build or an unusable cache is a
-    ``RuntimeError`` (:class:`~dassdp.neurons._native.NativeError`) saying which."""
+    ``RuntimeError`` (:class:`~dassdp._util.native.NativeError`) saying which."""
     with _LOCK:
         if _LIB:
             return _LIB[0]

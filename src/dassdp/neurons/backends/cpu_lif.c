@@ -1,6 +1,6 @@
 /* The CPU LIF kernels of dassdp (the "cpu" backend, dassdp/neurons/backends/cpu.py).
 
-   Built on first use with the system C compiler by dassdp/neurons/_native.py, with
+   Built on first use with the system C compiler by dassdp/_util/native.py, with
    -O3 -march=native -ffp-contract=off -fno-math-errno (no FMA: the torch backend rounds every
    product). The math is dassdp/neurons/lif.py's; the operations and their order are those of
    the torch backend (torch_fused.py), so H and the spikes are bit-identical to it. */

@@ -35,7 +35,8 @@ implementations), so ``torch.compile`` traces :class:`TritonLIF` whole, without 
 
 Trust: Triton must import, be at least :data:`MIN_VERSION` (the kernels read
 ``triton.knobs``, new in 3.4; Triton 3.3 fails on it) and pass a self-check on the device
-before it runs (:mod:`dassdp.neurons.backends._triton_check`: once per device and dtype).
+before it runs (:func:`self_check`, :mod:`dassdp.neurons.backends._triton_check`: once per
+device and dtype).
 Under ``backend="auto"`` any failure means the torch backend, with one warning naming the
 reason; ``backend="triton"`` raises it instead. ``DASSDP_LIF_TRITON=0`` keeps ``auto`` off
 Triton.
@@ -383,6 +384,37 @@ def lif_multistep_triton_apply(
     return TritonLIF.apply(x, k_tensor, k, params, return_membrane)  # type: ignore[no-any-return]
 
 
+# ---------------------------------------------------------------- the self-check
+
+_CHECKED: dict[tuple[str, torch.dtype], str | None] = {}
+_CHECK_LOCK = threading.RLock()
+
+
+def _run_for_check(x: Tensor, k_tensor: Tensor | None, k: float, params: LIFParams) -> Tensor:
+    return lif_multistep_triton_apply(x, k_tensor, k, params, False)  # type: ignore[return-value]
+
+
+def self_check(device: torch.device, dtype: torch.dtype, params: LIFParams) -> str | None:
+    """Why the Triton LIF is not to be trusted on ``(device, dtype)``, or ``None`` when it
+    agreed with the torch backend there (:mod:`~dassdp.neurons.backends._triton_check`, run
+    under the device guard, once per pair and process; fp16 / bf16 need fp32 to pass too)."""
+    from dassdp.neurons.backends import _triton_check
+
+    key = (str(device), dtype)
+    with _CHECK_LOCK:
+        if key not in _CHECKED:
+            base = self_check(device, torch.float32, params) if dtype in _HALF_DTYPES else None
+            if base is None:
+                _CHECKING.on = True
+                try:
+                    with _on_device(torch.empty(0, device=device)):
+                        base = _triton_check.check(device, dtype, params, _run_for_check)
+                finally:
+                    _CHECKING.on = False
+            _CHECKED[key] = base
+        return _CHECKED[key]
+
+
 # ---------------------------------------------------------------- the backend
 
 _WARNED: set[str] = set()
@@ -431,8 +463,6 @@ def _check(call: Call) -> None:
             "TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter; "
             "use backend='torch' or 'auto' on the CPU"
         )
-    from dassdp.neurons.backends._triton_check import self_check
-
     failed = self_check(call.device, call.dtype, call.params)
     if failed is not None:
         raise RuntimeError(
@@ -450,8 +480,6 @@ def _pick(call: Call) -> bool:
         reason = unavailable_reason() or "unavailable"
         _warn_once("probe", f"dassdp: the Triton LIF is off ({reason}); {_FALLBACK}")
         return False
-    from dassdp.neurons.backends._triton_check import self_check
-
     failed = self_check(call.device, call.dtype, call.params)
     if failed is not None:
         _warn_once(
