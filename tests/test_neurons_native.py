@@ -22,7 +22,8 @@ import pytest
 import torch
 
 import dassdp
-from dassdp.neurons import LIF, _native
+from dassdp._util import native as _native
+from dassdp.neurons import LIF
 from dassdp.neurons.backends import cpu
 
 pytestmark = pytest.mark.skipif(
