@@ -148,8 +148,8 @@ def dassdp_updates(
     config = config.replace(warmup_epochs=0, apply="post_step", enabled=True)
     learner = DASSDP(model, config, sites=dict(sites), T=getattr(model, "T", None))
     try:
-        if learner_state is not None:
-            learner.load_state_dict(learner_state)
+        if learner_state is not None:  # its gate and learned values, under this config
+            learner.load_state_dict(learner_state, strict=False)
         learner.set_epoch(config.warmup_epochs)
         layers = learner.recorder.layers
         with _restored(model):
