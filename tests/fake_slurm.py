@@ -127,7 +127,8 @@ def _run(job: str, script_path: str) -> int:
 
 
 def _start_task(job: str, index: int, name: str, opts: dict, script: str) -> subprocess.Popen:
-    task_id = FIRST_JOB * 10 + int(job) - FIRST_JOB + index  # each array task's own job id
+    # an array task has its own job id (SLURM_JOB_ID); a plain job's is the submitted one
+    task_id = FIRST_JOB * 10 + int(job) - FIRST_JOB + index if "array" in opts else int(job)
     ntasks = opts.get("ntasks-per-node", "1")
     env = {
         **os.environ,

@@ -64,6 +64,12 @@ def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900):
     )
 
 
+def _ok(proc: subprocess.Popen, timeout: float = 1800) -> str:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout
+
+
 # ---------------------------------------------------------------- local launcher
 
 
@@ -216,6 +222,44 @@ def test_status_shows_done_running_failed_interrupted_and_not_started(
     assert "not started" in capsys.readouterr().out
 
 
+def test_a_second_compare_on_a_folder_in_use_is_refused(
+    config_file: Path, tmp_path: Path, capsys
+) -> None:
+    """The first compare holds OUT/.lock while it runs (the pool, or a waiting launcher)."""
+    from dassdp.engine.rundir import RunLock
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    held = RunLock(out)  # what a running `dassdp compare` holds
+    try:
+        assert main(_compare(config_file, out, "--seeds", "0", "--variants", "baseline")) == 2
+        assert f"another dassdp compare uses {out}" in capsys.readouterr().err
+        assert not (out / "baseline").exists()
+    finally:
+        held.release()
+
+
+def test_a_failed_run_leaves_its_error_in_failed_json_until_it_is_retried(
+    config_file: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "cmp"
+    args = _compare(config_file, out, "--seeds", "0", "--variants", "lr=1e6", "--no-report")
+    assert main(args) == 1
+    assert "lr=1e6 seed0: TrainingDiverged: training diverged in epoch 2" in capsys.readouterr().err
+    failed = out / "lr=1e6" / "seed0" / "failed.json"
+    assert json.loads(failed.read_text())["error"].startswith("TrainingDiverged: training")
+    assert main([*args, "--status"]) == 0
+    assert "failed: TrainingDiverged: training diverged in epoch 2" in capsys.readouterr().out
+    retry = out / "baseline" / "seed0"  # an earlier failure is cleared when the run starts
+    retry.mkdir(parents=True)
+    (retry / "failed.json").write_text(json.dumps({"error": "OSError: disk full"}))
+    assert (
+        main(_compare(config_file, out, "--seeds", "0", "--variants", "baseline", "--no-report"))
+        == 0
+    )
+    assert not (retry / "failed.json").exists() and (retry / "done.json").is_file()
+
+
 # ---------------------------------------------------------------- SLURM (fake executables)
 
 
@@ -324,3 +368,133 @@ def test_the_readme_cluster_command_submits_the_paper_grid(
     n = 5 * len(variants)
     assert opts["array"].startswith(f"0-{n - 1}%") and opts["gpus-per-node"] == "1"
     assert opts["partition"] == argv[argv.index("--slurm-partition") + 1]
+
+
+# ---------------------------------------------------------------- slow: real processes, minutes
+
+
+def _startup_s() -> float:
+    """Seconds a task process needs before it trains (interpreter, torch, dassdp)."""
+    start = time.monotonic()
+    code = "import dassdp.experiments.launch, dassdp.engine.train"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
+    return time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_a_task_over_its_time_limit_is_requeued_and_ends_bit_identical(tmp_path: Path) -> None:
+    """A real time limit (submitit's local controller signals, then kills): the limit is
+    sized from this machine's speed to fall mid-run, so the run needs a requeue."""
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump(tiny_dict(epochs=4, subset=4096)))
+    out, ref = tmp_path / "cmp", tmp_path / "ref"
+    spec = plan(config, [0], ["dassdp"], out)[0]
+    start = time.monotonic()
+    fit(spec.resolve(), ref)  # the uninterrupted run, and how long training takes here
+    train_s = time.monotonic() - start
+    delay = 10  # the task has 5 s to end its epoch, then 5 s to requeue and exit
+    limit_s = _startup_s() + 0.6 * train_s + delay
+    args = _compare(config, out, "--seeds", "0", "--variants", "dassdp", "--launcher", "local")
+    args += ["--time-min", f"{limit_s / 60:.4f}", "--signal-delay-s", str(delay)]
+    args += ["--max-requeues", "5"]
+    proc = _cli(*args, "--poll-s", "0.2", "--no-report")
+    stdout, stderr = proc.communicate(timeout=1800)
+    assert proc.returncode == 0, stdout + stderr
+    run = Path(spec.run_dir)
+    requeues = [
+        r["launch"]["requeues"] for r in json.loads((run / "run.json").read_text())["resumes"]
+    ]
+    assert requeues and requeues == list(range(1, len(requeues) + 1)), requeues
+    _assert_same_end(run, ref)
+
+
+@pytest.mark.slow
+def test_a_signal_mid_epoch_requeues_from_the_last_checkpoint_and_ends_exactly(
+    tmp_path: Path,
+) -> None:
+    """The epoch does not end within half the signal delay: the task is requeued at once,
+    mid-epoch, and the run resumes from the previous epoch's last.pt."""
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump(tiny_dict(epochs=3, subset=4096)))
+    out = tmp_path / "cmp"
+    args = _compare(config, out, "--seeds", "0", "--variants", "dassdp", "--launcher", "local")
+    proc = _cli(*args, "--signal-delay-s", "2", "--poll-s", "0.2", "--no-report")
+    run = out / "dassdp" / "seed0"
+    _wait_for_rows(run, 1, proc)
+    deadline = time.monotonic() + 300
+    while not (run / "last.pt").is_file() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # into epoch 2 (seconds long): the 1 s budget ends before it does
+    os.kill(int((run / ".lock").read_text()), signal.SIGUSR2)
+    stdout, stderr = proc.communicate(timeout=1800)
+    assert proc.returncode == 0, stdout + stderr
+    assert "stopping on request" not in (run / "train.log").read_text()
+    meta = json.loads((run / "run.json").read_text())
+    assert [r["launch"]["requeues"] for r in meta["resumes"]] == [1]
+    ref = tmp_path / "ref"
+    fit(plan(config, [0], ["dassdp"], out)[0].resolve(), ref)
+    _assert_same_end(run, ref)
+
+
+@pytest.mark.slow
+def test_a_failing_run_is_reported_not_requeued_and_a_rerun_resubmits_only_it(
+    config_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cmp"
+    args = _compare(config_file, out, "--seeds", "0", "--variants", "baseline,lr=1e6")
+    args += ["--launcher", "local", "--poll-s", "0.2", "--no-report", "epochs=3"]
+    proc = _cli(*args)
+    stdout, stderr = proc.communicate(timeout=1800)
+    assert proc.returncode == 1, stdout + stderr
+    error = "TrainingDiverged: training diverged in epoch 2"  # mid-run: epoch 1 was fine
+    assert re.search(rf"lr=1e6 seed0: FAILED \(job \d+\): {error}", stderr)
+    assert "1 trained, 0 already done, 1 failed" in stdout
+    bad, good = out / "lr=1e6" / "seed0", out / "baseline" / "seed0"
+    failed = json.loads((bad / "failed.json").read_text())
+    assert failed["error"].startswith(error) and "Traceback" in failed["traceback"]
+    assert "resumes" not in json.loads((bad / "run.json").read_text())  # not requeued
+    first = json.loads((out / "compare.json").read_text())["invocations"][0]["jobs"]
+    assert _starts(out, first["lr=1e6 seed0"]) == 1
+    status = _cli(*args, "--status")
+    assert re.search(rf"lr=1e6 seed0 .* failed: {error}", status.communicate()[0])
+    before = _stamps(good)
+
+    proc = _cli(*args)  # the same command: only the failed run is submitted again
+    stdout, stderr = proc.communicate(timeout=1800)
+    assert proc.returncode == 1 and "1 already done, 1 failed" in stdout, stdout + stderr
+    second = json.loads((out / "compare.json").read_text())["invocations"][1]["jobs"]
+    assert list(second) == ["lr=1e6 seed0"] and second["lr=1e6 seed0"] != first["lr=1e6 seed0"]
+    assert _stamps(good) == before
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_rank_runs_of_the_local_and_slurm_launchers_equal_nproc_2(
+    tmp_path: Path, fake_slurm: Path
+) -> None:
+    """--gpus-per-run 2 without GPUs: 2 CPU processes (gloo) per run form one DDP run from
+    the job's environment (submitit local; SLURM variables through the fake srun)."""
+    config = tmp_path / "ddp.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            tiny_dict(
+                model_args={"channels": [4, 8], "hidden": 16, "norm": False, "v_threshold": 0.2},
+                batch_size=16,
+                plasticity={"A_plus": 1e-2, "A_minus": 2e-3},
+            )
+        )
+    )
+    spec_args = ["--seeds", "0", "--variants", "dassdp", "--gpus-per-run", "2", "--no-report"]
+    local, slurm, ref = tmp_path / "local", tmp_path / "slurm", tmp_path / "ref"
+    _ok(_cli(*_compare(config, local, *spec_args, "--launcher", "local", "--poll-s", "0.2")))
+    slurm_args = ["--launcher", "slurm", "--time-min", "60", "--poll-s", "0.5"]
+    _ok(_cli(*_compare(config, slurm, *spec_args, *slurm_args), env={"FAKE_SLURM_RUN": "1"}))
+    overrides = list(plan(config, [0], ["dassdp"], ref)[0].overrides)
+    _ok(_cli("train", "--config", str(config), "--out", str(ref), "--nproc", "2", *overrides))
+    for out in (local, slurm):
+        run = out / "dassdp" / "seed0"
+        assert json.loads((run / "run.json").read_text())["world_size"] == 2
+        assert all(r["replicas_identical"] for r in read_metrics(run))
+        _assert_same_end(run, ref)
+    opts = sbatch_options((fake_slurm / "4242.sh").read_text())
+    assert opts["ntasks-per-node"] == opts["gpus-per-node"] == "2"

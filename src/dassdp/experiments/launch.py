@@ -198,6 +198,14 @@ class RunTask:
         except RequeueLimitReached as err:
             record_failure(Path(self.spec.run_dir), err)
             raise
+        except SystemExit as end:
+            if self.launcher == "local" and end.code == LOCAL_REQUEUE_EXIT:
+                # the local controller must see this code before its own time limit: skip
+                # the interpreter's teardown (files are written; the flock dies with us)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(LOCAL_REQUEUE_EXIT)
+            raise
 
     def _hand_back(self, sig: int, handler: Any) -> None:
         if self._rank != 0:
@@ -386,11 +394,10 @@ class _Launch:
                 self.running[task.spec.label] = (job, task, ())
             array = str(jobs[0].job_id).split("_")[0]
             self._record(array=array)
-            print(
-                f"[compare] submitted {len(jobs)} runs as SLURM job array {array} "
-                f"(tasks 0-{len(jobs) - 1}); logs in {self.out / JOBS}",
-                flush=True,
-            )
+            what = f"1 run as SLURM job {array}"
+            if len(jobs) > 1:
+                what = f"{len(jobs)} runs as SLURM job array {array} (tasks 0-{len(jobs) - 1})"
+            print(f"[compare] submitted {what}; logs in {self.out / JOBS}", flush=True)
             return
         self.queue.extend(tasks)
         self._fill()
