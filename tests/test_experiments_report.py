@@ -168,3 +168,68 @@ def test_learned_sigma_and_amplitude_are_reported(tmp_path: Path) -> None:
         rows = [r for r in csv.DictReader(f) if r["variant"] == "dassdp" and r["epoch"] == "2"]
     assert [float(r["amplitude"]) for r in rows] == pytest.approx([1.1, 1.2, 1.3])
     assert all(float(r["hypergrad_amplitude"]) == -2e-4 for r in rows)
+
+
+def _overfit_baseline(out: Path) -> None:
+    """Make the golden baseline overfit: test acc@1 peaks at epoch 2 (final + 1) and falls
+    back to its final value while train acc@1 climbs 90 -> 95 -> 99."""
+    for seed in range(3):
+        path = out / "baseline" / f"seed{seed}" / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        final = rows[-1]["test"]["acc1"]
+        rows[1]["test"]["acc1"] = final + 1.0
+        for row, train in zip(rows, (90.0, 95.0, 99.0)):
+            row["train"]["acc1"] = train
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_best_epoch_and_train_test_gap(tmp_path: Path) -> None:
+    out = tmp_path / "compare"
+    shutil.copytree(GOLDEN, out)
+    _overfit_baseline(out)
+    assert main(["report", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "## Best epoch and train-test gap" in text
+    # baseline: finals 80, 81, 82; best 81, 82, 83 at epoch 2; gaps 99 - final, 95 - best
+    assert (
+        "| baseline | 3 | 81.00 ± 1.00 | 82.00 ± 1.00 | 2.0 ± 0.0 | 99.00 ± 0.00 | "
+        "18.00 ± 1.00 | 13.00 ± 1.00 | – | – | – |"
+    ) in text
+    # dassdp: best = final (epoch 3), train = test - 1; paired best: -0.5, -0.3, -0.7
+    assert (
+        "| dassdp | 3 | 81.50 ± 0.92 | 81.50 ± 0.92 | 3.0 ± 0.0 | 80.50 ± 0.92 | "
+        "-1.00 ± 0.00 | -1.00 ± 0.00 | -0.50 | [-0.70, -0.30] |"
+    ) in text
+    assert "Mixup" not in text
+    with open(out / "generalization.csv") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert float(rows["dassdp"]["delta_best"]) == pytest.approx(-0.5)
+    assert float(rows["dassdp"]["p_ttest_best"]) == pytest.approx(0.049414, abs=1e-6)
+    assert float(rows["baseline"]["gap_final_mean"]) == pytest.approx(18.0)
+    with open(out / "runs.csv") as f:
+        runs = {(r["variant"], r["seed"]): r for r in csv.DictReader(f)}
+    base0 = runs[("baseline", "0")]
+    assert float(base0["best_acc1"]) == 81.0 and float(base0["best_epoch"]) == 2
+    assert float(base0["gap_final"]) == 19.0 and float(base0["gap_best"]) == 14.0
+    assert float(base0["final_train_acc1"]) == 99.0 and float(base0["best_train_acc1"]) == 95.0
+
+
+def test_gap_of_a_damaged_best_row_is_unknown_and_mixup_is_flagged(tmp_path: Path) -> None:
+    out = tmp_path / "compare"
+    shutil.copytree(GOLDEN, out)
+    _overfit_baseline(out)
+    run = out / "baseline" / "seed0"
+    done = json.loads((run / "done.json").read_text())
+    (run / "done.json").write_text(json.dumps({**done, "best_test_acc1": 81.0}))
+    _cut_line(run / "metrics.jsonl", 1)  # the best epoch's row
+    config = run / "config.yaml"
+    config.write_text(config.read_text() + "mixup: true\n")
+    assert main(["report", str(out)]) == 0
+    with open(out / "runs.csv") as f:
+        runs = {(r["variant"], r["seed"]): r for r in csv.DictReader(f)}
+    base0 = runs[("baseline", "0")]
+    assert float(base0["best_acc1"]) == 81.0  # done.json's value
+    assert base0["best_epoch"] == "nan" and base0["gap_best"] == "nan"
+    assert float(base0["gap_final"]) == 19.0  # the final row is intact
+    text = (out / "report.md").read_text()
+    assert "**Mixup/CutMix** was on in `baseline`" in text

@@ -117,3 +117,29 @@ def test_bad_key_value_parts_are_named(config_file: Path) -> None:
         parse_variants("dassdp+data_root=/tmp/x")
     with pytest.raises(ValueError, match="no_such_key"):
         load_config(config_file, variant_overrides("no_such_key=1"))
+
+
+def test_baseline_takes_overrides_outside_the_plasticity_block(tmp_path: Path) -> None:
+    """Ordinary regularizers as variants: 10x weight decay, dropout before the classifier."""
+    path = tmp_path / "cnn.yaml"
+    path.write_text(yaml.safe_dump(tiny_dict()))  # spiking_cnn: has model_args.dropout
+    ref = _flat(config_to_dict(load_config(path, variant_overrides("baseline"))))
+    args = ref["model_args"]
+    for variant, expected in [
+        ("baseline+weight_decay=0.1", {"weight_decay": 0.1}),
+        ("baseline+model_args.dropout=0.3", {"model_args": {**args, "dropout": 0.3}}),
+        ("model_args.site_norm=true+baseline", {"model_args": {**args, "site_norm": True}}),
+    ]:
+        got = _flat(config_to_dict(load_config(path, variant_overrides(variant))))
+        changed = {k: got[k] for k in ref.keys() | got.keys() if ref.get(k) != got.get(k)}
+        assert changed == expected, variant
+        assert got["plasticity.enabled"] is False
+    assert parse_variants("baseline,baseline+weight_decay=0.1") == [
+        "baseline",
+        "baseline+weight_decay=0.1",
+    ]
+    for bad in ("baseline+sigma=2", "baseline+plasticity.enabled=true", "baseline+ssdp"):
+        with pytest.raises(ValueError, match="cannot be combined"):
+            parse_variants(bad)
+    with pytest.raises(ValueError, match="plasticity override changes nothing"):
+        parse_variants("baseline+A_plus=1e-4")

@@ -6,6 +6,15 @@ layer, its kind (Linear / 1x1 conv), ``C_out x C_in`` and the weight's shape, an
 sources; with ``--data``, the firing fractions of the pre and post units at initialisation
 (:func:`site_firing`), measured on the dataset's training images through the normal data
 builders, or on random input when the dataset is not prepared (the output says which).
+
+``ls sites MODEL --effect --data DATASET [--checkpoint FILE] [--csv F] [--markdown]``: how
+much of one DA-SSDP update per site reaches what follows it, the site's output, the next
+BatchNorm in eval and train mode, and the logits, for the whole update and its uniform and
+non-uniform parts (:mod:`dassdp.experiments.site_effect`). It lives here because it is a
+property of a model's sites, measured the way ``--data`` measures their firing: same
+model building, same data path, same flags. An initialised model gets ``G = 1`` and its
+BatchNorm statistics re-estimated on the batches; ``--checkpoint`` takes a trained model, its
+config, its fitted gate and learned values, and its own running statistics.
 """
 
 from __future__ import annotations
@@ -27,7 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="models: fnmatch pattern on names, e.g. 'spikingresformer_*'; sites: the model",
     )
-    parser.add_argument("--preset", default="default", help="sites: the site preset")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help="sites: the site preset (default: 'default', or the checkpoint's sites)",
+    )
     parser.add_argument(
         "--data",
         default=None,
@@ -48,6 +61,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="YAML",
         help="sites: model constructor arguments, e.g. '{channels: [8, 16], hidden: 32}'",
+    )
+    effect = parser.add_argument_group("sites --effect: what one DA-SSDP update changes")
+    effect.add_argument(
+        "--effect",
+        action="store_true",
+        help="apply one DA-SSDP update per site (from the first batch) and measure its "
+        "relative change at the site's output, the next BatchNorm (eval and train mode) and "
+        "the logits, for dW, its uniform part and the rest",
+    )
+    effect.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a trained run's last.pt / best.pt: its model, config, data, gate and learned "
+        "values (default: an initialised model, G = 1)",
+    )
+    effect.add_argument("--csv", default=None, metavar="FILE", help="also write the rows here")
+    effect.add_argument(
+        "--markdown", action="store_true", help="print the table as Markdown (for docs)"
     )
 
 
@@ -217,13 +248,19 @@ def _sites_input(args: argparse.Namespace, model_T: int) -> tuple[Any, str, Any]
     return info, f"random input {tuple(shape)} x {n} ({reason})", batches
 
 
-def _list_sites(args: argparse.Namespace) -> list[str]:
-    import torch
+def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     import yaml
 
-    from dassdp.models import create_model
+    kwargs: dict[str, Any] = {}
+    if args.model_args:
+        kwargs = yaml.safe_load(args.model_args) or {}
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"--model-args must be a YAML mapping, got {args.model_args!r}")
+    return kwargs
 
-    if not args.pattern:
+
+def _check_sites_args(args: argparse.Namespace) -> None:
+    if not args.pattern and not (args.effect and args.checkpoint):
         raise ValueError(
             "ls sites needs a model name, e.g. `dassdp ls sites spikingresformer_cifar`"
         )
@@ -231,18 +268,31 @@ def _list_sites(args: argparse.Namespace) -> list[str]:
         raise ValueError(
             f"--batches and --batch-size must be >= 1, got {args.batches}, {args.batch_size}"
         )
-    kwargs: dict[str, Any] = {}
-    if args.model_args:
-        kwargs = yaml.safe_load(args.model_args) or {}
-        if not isinstance(kwargs, dict):
-            raise ValueError(f"--model-args must be a YAML mapping, got {args.model_args!r}")
+    effect_only = {"--checkpoint": args.checkpoint, "--csv": args.csv, "--markdown": args.markdown}
+    misplaced = [flag for flag, value in effect_only.items() if value and not args.effect]
+    if misplaced:
+        raise ValueError(f"{', '.join(misplaced)}: only with --effect")
+
+
+def _list_sites(args: argparse.Namespace) -> list[str]:
+    import torch
+
+    from dassdp.models import create_model
+
+    _check_sites_args(args)
+    if args.effect:
+        from dassdp.commands.ls_effect import site_effect_lines
+
+        return site_effect_lines(args)
+    preset = args.preset or "default"
+    kwargs = _model_kwargs(args)
     T = args.T
     if args.data is None:
         with torch.device("meta"):  # shapes only
             model = create_model(args.pattern, **({"T": T} if T else {}), **kwargs)
-        infos = site_infos(model, args.preset)
+        infos = site_infos(model, preset)
         return [
-            f"{args.pattern}, site preset {args.preset!r}: {len(infos)} site(s)",
+            f"{args.pattern}, site preset {preset!r}: {len(infos)} site(s)",
             *format_sites(infos),
         ]
     from dassdp.data import dataset_info
@@ -253,11 +303,11 @@ def _list_sites(args: argparse.Namespace) -> list[str]:
     model = create_model(
         args.pattern, num_classes=info.num_classes, in_channels=info.in_channels, T=T, **kwargs
     )
-    infos = site_infos(model, args.preset)
+    infos = site_infos(model, preset)
     _, source, batches = _sites_input(args, T)
-    firing = site_firing(model, args.preset, batches, T=T)
+    firing = site_firing(model, preset, batches, T=T)
     return [
-        f"{args.pattern}, site preset {args.preset!r}: {len(infos)} site(s); firing at "
+        f"{args.pattern}, site preset {preset!r}: {len(infos)} site(s); firing at "
         f"initialisation (T={T}) on {source}",
         *format_sites(infos, firing),
     ]

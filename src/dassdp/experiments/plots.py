@@ -58,7 +58,13 @@ def accuracy_curves(path: Path, curves: Rows, variants: Sequence[str]) -> None:
         x, mean, std = _by_epoch(curves, "test_acc1", variant=v)
         ax.plot(x, mean, color=color, label=v, marker="o", ms=3)
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2)
-    ax.set(xlabel="epoch", ylabel="test acc@1 (%)", title="Test accuracy (mean ± std)")
+        x, mean, _ = _by_epoch(curves, "train_acc1", variant=v)
+        ax.plot(x, mean, color=color, ls="--", lw=1)  # train (running, augmented)
+    ax.set(
+        xlabel="epoch",
+        ylabel="acc@1 (%)",
+        title="Test accuracy (solid, mean ± std) and train accuracy (dashed)",
+    )
     ax.legend(fontsize=8)
     _save(fig, path)
 

@@ -5,10 +5,12 @@ done.json, robustness.json}`` and ``DIR/compare.json``) and writes into ``DIR``:
 
 - ``report.md``: the headline table (n, mean ± std of the final test acc@1, the paired
   difference to ``baseline`` with its bootstrap 95% CI, paired-t and Wilcoxon p, and the
-  Holm-adjusted t p over the variants), per-seed values, the fitted gates, plasticity and
-  firing-rate summaries and, when ``robustness.json`` files exist, a robustness table;
-- CSV tables: ``runs.csv``, ``summary.csv``, ``curves.csv``, ``gate.csv``,
-  ``plasticity.csv``, ``firing.csv`` (and ``robustness.csv``, ``robustness_summary.csv``);
+  Holm-adjusted t p over the variants), per-seed values, the best epoch and the train-test
+  gap, the fitted gates, plasticity and firing-rate summaries and, when ``robustness.json``
+  files exist, a robustness table;
+- CSV tables: ``runs.csv``, ``summary.csv``, ``generalization.csv``, ``curves.csv``,
+  ``gate.csv``, ``plasticity.csv``, ``firing.csv`` (and ``robustness.csv``,
+  ``robustness_summary.csv``);
 - PNG plots (matplotlib, Agg): ``accuracy_curves.png``, ``final_paired.png``,
   ``delta_vs_baseline.png``, ``warmup_sync_loss.png``, ``plasticity.png``,
   ``firing_rates.png`` (and ``robustness.png``).
@@ -21,6 +23,16 @@ Unfinished runs and damaged result files (unreadable metrics lines, a ``done.jso
 cannot be read, fewer metrics rows than epochs) are listed in ``report.md`` and on stderr;
 nothing is dropped silently. A paired t-test whose differences are all equal has zero
 variance: its p is undefined (NaN, shown as "undefined"), not 0.
+
+Best epoch and train-test gap (``generalization.csv``, and per run in ``runs.csv``): the
+best epoch is the one with the highest test acc@1 (the first on a tie), so its accuracy is
+chosen on the test set (no validation split): read it as the ceiling early stopping could
+reach, not as an unbiased estimate. The gap is train acc@1 minus test acc@1, at the final
+epoch and at the best epoch. Train acc@1 is what ``metrics.jsonl`` records: the running
+accuracy over the epoch's training batches, augmented, in train mode, while the weights
+move (not a clean pass over the training set), so it is a little below a clean evaluation
+and the gap is, if anything, understated. Under Mixup/CutMix it is scored against the
+unmixed labels and means little: the report says so when a run used it.
 """
 
 from __future__ import annotations
@@ -74,6 +86,27 @@ class Run:
     def final_acc1(self) -> float:
         value = self.final_test.get("acc1")
         return math.nan if value is None else float(value)
+
+    @property
+    def best_row(self) -> dict[str, Any] | None:
+        """The metrics row of the best epoch (highest test acc@1, the first on a tie), or
+        ``None`` without rows or when the best value (``done.json``'s ``best_test_acc1``)
+        is in no readable row (that row is damaged)."""
+        rows = [r for r in self.rows if _finite(r["test"].get("acc1"))]
+        if not rows:
+            return None
+        row = max(rows, key=lambda r: r["test"]["acc1"])  # max keeps the first of equals
+        best = (self.done or {}).get("best_test_acc1")
+        return row if best is None or best == row["test"]["acc1"] else None
+
+    @property
+    def final_train_acc1(self) -> float:
+        """Train acc@1 of the final epoch (NaN when that epoch's row is missing or damaged)."""
+        epochs = _int((self.done or {}).get("epochs")) or len(self.rows)
+        last = self.rows[-1] if self.rows else {}
+        if last.get("epoch") != epochs - 1:
+            return math.nan
+        return _float(last.get("train", {}).get("acc1"))
 
     @property
     def revision(self) -> str:
@@ -135,6 +168,14 @@ def _problems(folder: Path, rows: list[dict[str, Any]], damaged: list[int], done
 
 def _int(x: Any) -> int:
     return x if isinstance(x, int) else 0
+
+
+def _float(x: Any) -> float:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else math.nan
+
+
+def _finite(x: Any) -> bool:
+    return math.isfinite(_float(x))
 
 
 def load_runs(root: str | os.PathLike) -> list[Run]:
@@ -208,6 +249,57 @@ def summarize(runs: Sequence[Run], variants: Sequence[str], ref: str) -> list[di
     others = [r for r in rows if r["variant"] != ref]
     for row, p in zip(others, holm([r["p_ttest"] for r in others])):
         row["p_holm"] = p
+    return rows
+
+
+def generalization(r: Run) -> dict[str, float]:
+    """One run's best epoch (1-based) and test acc@1 there, its final and best-epoch train
+    acc@1 and the train-test gaps (points; NaN where a needed row is missing or damaged)."""
+    best = r.best_row
+    best_acc = _float((r.done or {}).get("best_test_acc1"))
+    if math.isnan(best_acc) and best is not None:
+        best_acc = float(best["test"]["acc1"])
+    train_best = math.nan if best is None else _float(best.get("train", {}).get("acc1"))
+    return {
+        "best_acc1": best_acc,
+        "best_epoch": math.nan if best is None else best["epoch"] + 1,
+        "final_train_acc1": r.final_train_acc1,
+        "gap_final": r.final_train_acc1 - r.final_acc1,
+        "best_train_acc1": train_best,
+        "gap_best": train_best - best_acc,
+    }
+
+
+GENERALIZATION_KEYS = ("final", "best_acc1", "best_epoch", "final_train_acc1", "gap_final")
+GENERALIZATION_KEYS += ("gap_best",)
+
+
+def generalization_summary(
+    runs: Sequence[Run], variants: Sequence[str], ref: str
+) -> list[dict[str, Any]]:
+    """Per variant (finished runs): mean and std over seeds of the final and best-epoch test
+    acc@1, the best epoch, the final train acc@1 and both gaps; and the paired comparison
+    of the best-epoch test acc@1 with ``ref`` (``*_best`` keys, Holm over the variants)."""
+    per = {
+        (r.variant, r.seed): {"final": r.final_acc1, **generalization(r)} for r in runs if r.done
+    }
+    rows = []
+    for v in variants:
+        mine = [m for (vv, _), m in per.items() if vv == v]
+        row: dict[str, Any] = {"variant": v, "n": len(mine)}
+        for key in GENERALIZATION_KEYS:
+            values = np.array([m[key] for m in mine if math.isfinite(m[key])], dtype=np.float64)
+            row[f"{key}_mean"] = _mean(values)
+            row[f"{key}_std"] = float(values.std(ddof=1)) if values.size > 1 else math.nan
+        if v != ref:
+            best = {s: m["best_acc1"] for (vv, s), m in per.items() if vv == v}
+            base = {s: m["best_acc1"] for (vv, s), m in per.items() if vv == ref}
+            paired = _paired(compare_paired(base, best))
+            row.update({f"{k}_best": value for k, value in paired.items()})
+        rows.append(row)
+    others = [r for r in rows if r["variant"] != ref]
+    for row, p in zip(others, holm([r["p_ttest_best"] for r in others])):
+        row["p_holm_best"] = p
     return rows
 
 
@@ -303,6 +395,41 @@ def _per_seed(runs: Sequence[Run], variants: Sequence[str]) -> str:
     finals = {v: _finals(runs, v) for v in variants}
     body = [[s, *[_num(finals[v].get(s)) for v in variants]] for s in seeds]
     return _md_table(["seed", *variants], body)
+
+
+def _pm(r: dict[str, Any], key: str, fmt: str = ".2f") -> str:
+    mean, std = r[f"{key}_mean"], r[f"{key}_std"]
+    return _num(mean, fmt) if math.isnan(std) else f"{_num(mean, fmt)} ± {_num(std, fmt)}"
+
+
+def _generalization_md(rows: Sequence[dict[str, Any]], ref: str) -> str:
+    header = ["variant", "n", "final test acc@1", "best-epoch test acc@1", "best epoch"]
+    header += ["final train acc@1", "gap, final", "gap, best epoch"]
+    header += [f"Δ best vs {ref}", "95% CI", "p (t, Holm)"]
+    body = []
+    for r in rows:
+        cells = [r["variant"], r["n"], _pm(r, "final"), _pm(r, "best_acc1")]
+        cells += [_pm(r, "best_epoch", ".1f"), _pm(r, "final_train_acc1"), _pm(r, "gap_final")]
+        cells.append(_pm(r, "gap_best"))
+        if r["variant"] == ref:
+            cells += ["–"] * 3
+        else:
+            ci = f"[{_num(r['ci_low_best'], '+.2f')}, {_num(r['ci_high_best'], '+.2f')}]"
+            holm_p = _p_t({"n_paired": r["n_paired_best"], "p": r["p_holm_best"]}, "p")
+            cells += [_num(r["delta_best"], "+.2f"), ci, holm_p]
+        body.append(cells)
+    return _md_table(header, body)
+
+
+def _mixup_note(runs: Sequence[Run]) -> str:
+    mixed = sorted({r.variant for r in runs if r.config.get("mixup")})
+    if not mixed:
+        return ""
+    return (
+        f"**Mixup/CutMix** was on in {', '.join(f'`{v}`' for v in mixed)}: train acc@1 is "
+        "scored against the unmixed labels of mixed images, so the train accuracy and the "
+        "gaps of those runs mean little.\n\n"
+    )
 
 
 # ---------------------------------------------------------------- long-form rows
@@ -557,6 +684,7 @@ def write_report(root: str | os.PathLike) -> Path:
     tables = {
         "runs": [_run_row(r) for r in runs],
         "summary": summarize(runs, variants, ref),
+        "generalization": generalization_summary(runs, variants, ref),
         "curves": curve_rows(done),
         "gate": gate_rows(done),
         "plasticity": plasticity_rows(done),
@@ -576,19 +704,18 @@ def write_report(root: str | os.PathLike) -> Path:
 
 
 def _run_row(r: Run) -> dict[str, Any]:
-    best = (r.done or {}).get("best_test_acc1")
-    if best is None:
-        best = max((row["test"].get("acc1", math.nan) for row in r.rows), default=math.nan)
+    gen = generalization(r)
     return {
         "variant": r.variant,
         "seed": r.seed,
         "epochs": (r.done or {}).get("epochs", len(r.rows)),
         "finished": bool(r.done),
         "final_acc1": r.final_acc1,
-        "best_acc1": best,
+        "best_acc1": gen.pop("best_acc1"),
         "final_test_loss": r.final_test.get("loss", math.nan),
         "revision": r.revision,
         "problems": "; ".join(r.problems),
+        **gen,
     }
 
 
@@ -617,9 +744,22 @@ def _markdown(
         "\n",
         fig("final_paired", "Final test accuracy per seed; lines join the same seed."),
         fig("delta_vs_baseline", f"Per-seed difference to {ref}, mean and bootstrap 95% CI."),
-        fig("accuracy_curves", "Test accuracy over epochs (mean ± std over seeds)."),
+        fig(
+            "accuracy_curves",
+            "Test accuracy over epochs (mean ± std over seeds) and train accuracy (dashed).",
+        ),
         "### Per seed (final test acc@1, %)\n\n",
         _per_seed(runs, variants),
+        "\n## Best epoch and train-test gap\n\n",
+        "acc@1 in %, mean ± std over seeds; gap = train acc@1 − test acc@1 (points), at the "
+        "final epoch and at the best epoch. The best epoch is chosen on the test set (there "
+        "is no validation split): its accuracy is the ceiling early stopping could reach, "
+        "optimistic by construction. Train acc@1 is the running accuracy over each epoch's "
+        "augmented training batches in train mode, not a clean pass over the training set. "
+        f"Δ best: paired difference of the best-epoch test acc@1 to `{ref}` (bootstrap 95% "
+        "CI, Holm-adjusted paired t p).\n\n",
+        _mixup_note(runs),
+        _generalization_md(tables["generalization"], ref),
         "\n## The dopamine gate\n\n",
         "Fitted once after warm-up from all warm-up records (S[b], L): "
         "k = -corr(S, L), G = clip(1 + k (S - mu) / sd, 0, 2). The metrics hold per-epoch "

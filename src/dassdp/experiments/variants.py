@@ -11,6 +11,12 @@ to right; later parts win on a shared key. A part may also be one override ``key
 there is one (else a top-level key); a dotted key is used as given. This is how a
 sensitivity sweep is written: ``--variants baseline,dassdp,A_plus=1.5e-4,A_plus=1.5e-5``.
 
+``baseline`` combines with overrides of anything but the plasticity block, so an ordinary
+regularizer is a variant too: ``baseline+weight_decay=0.1`` (10x the configs' 0.01),
+``baseline+model_args.dropout=0.3`` (a model argument; ``spiking_cnn`` has ``dropout`` and
+``site_norm``). A ``plasticity`` override on ``baseline`` would change nothing (plasticity
+is off), and another named variant would turn it on: both are errors.
+
 =================  ==========================================================================
 name               overrides (on top of ``dassdp``)
 =================  ==========================================================================
@@ -104,9 +110,27 @@ def _check_name(name: str) -> list[str]:
         raise ValueError(
             f"variant {name!r}: a variant name is a folder name (no '/', no leading '.')"
         )
-    if BASELINE in parts and len(parts) > 1:
-        raise ValueError(f"variant {name!r}: 'baseline' cannot be combined with another variant")
+    if BASELINE in parts:
+        _check_baseline_parts(name, parts)
     return parts
+
+
+def _check_baseline_parts(name: str, parts: list[str]) -> None:
+    """``baseline`` goes with ``key=value`` parts outside the plasticity block only."""
+    for part in parts:
+        if part == BASELINE:
+            continue
+        if "=" not in part:
+            raise ValueError(
+                f"variant {name!r}: 'baseline' cannot be combined with another variant"
+            )
+        key = _part_override(name, part).partition("=")[0]
+        if key == "plasticity" or key.startswith("plasticity."):
+            raise ValueError(
+                f"variant {name!r}: 'baseline' cannot be combined with {part!r}: plasticity "
+                "is off in the baseline, so a plasticity override changes nothing (baseline "
+                "takes overrides of other keys, e.g. baseline+weight_decay=0.1)"
+            )
 
 
 def variant_overrides(name: str) -> list[str]:

@@ -17,6 +17,7 @@ from dassdp.plasticity.sites import SiteSpec
 __all__ = [
     "NeuronLayer",
     "SpikeConvBN",
+    "TimeSharedDropout",
     "check_stage_indices",
     "checkpointed",
     "pick_preset",
@@ -87,6 +88,33 @@ class SpikeConvBN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         s = self.lif(x)  # [T, B, C_in, H, W] spikes
         return seq_apply(lambda z: self.bn(self.conv(z)), s)
+
+
+class TimeSharedDropout(nn.Module):
+    """Dropout of whole units for a whole sample: one mask per sample, shared by every step.
+
+    Shapes: ``[T, B, ...] -> [T, B, ...]``. In training each unit of a sample is zeroed with
+    probability ``p`` at every time step together (the mask is drawn ``[1, B, ...]``) and
+    the others are scaled by ``1 / (1 - p)``; in eval mode (or with ``p = 0``) the input is
+    returned as it is. A dropped spiking unit is silent for the whole sample, as ordinary
+    dropout silences a feature; masks drawn per step would add spike-time noise instead.
+    ``0 <= p < 1``, else ``ValueError``.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {p!r}")
+        self.p = float(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.empty((1, *x.shape[1:]), device=x.device, dtype=x.dtype)
+        return x * keep.bernoulli_(1 - self.p).div_(1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 def pick_preset(

@@ -6,10 +6,18 @@ Layout (``c1, c2 = channels``; every neuron multi-step over time-major tensors):
     conv2 3x3 (c1 -> c2), bn2, lif2, pool2 (max 2)        [T, B, c2, H/4, W/4]
     pool3 (adaptive max to 4x4), flatten                  [T, B, c2 * 16]   spikes
     fc1 (c2 * 16 -> hidden), bn3, lif3                    [T, B, hidden]    spikes
-    classifier (hidden -> classes), mean over T           [B, classes]
+    [drop: dropout p, one mask per sample for all T]      (``dropout > 0`` only)
+    classifier (hidden -> classes)                        [T, B, classes]
+    [classifier_bn: BatchNorm1d over classes]             (``site_norm=True`` only)
+    mean over T                                           [B, classes]
 
 Max pooling of spikes is again spikes, so both Linear layers see {0, 1} inputs: the two
 DA-SSDP sites (``fc1`` and ``classifier``) have genuine spike activity on both sides.
+``fc1`` is followed by a BatchNorm (``bn3``, with ``norm=True``); ``site_norm=True`` puts
+one after the classifier too, so that every default site is followed by a BatchNorm, as
+SpikingResformer's ``W_proj`` is (:attr:`SpikingCNN.dassdp_site_norms` names them).
+With the defaults (``dropout=0``, ``site_norm=False``) neither extra module exists: the
+model, its parameters, its initialisation and its outputs are those of earlier versions.
 """
 
 from __future__ import annotations
@@ -18,7 +26,13 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from dassdp.models.layers import NeuronLayer, pick_preset, seq_apply, to_time_major
+from dassdp.models.layers import (
+    NeuronLayer,
+    TimeSharedDropout,
+    pick_preset,
+    seq_apply,
+    to_time_major,
+)
 from dassdp.models.registry import register_model
 from dassdp.neurons import LIF, mark_spikes, spike_saving
 from dassdp.plasticity.sites import SiteSpec
@@ -34,6 +48,14 @@ class SpikingCNN(nn.Module):
     ``spike_saving`` (default on): autograd keeps the spikes it saves (the neurons' outputs
     and their max pools) as ``bool`` (:func:`dassdp.neurons.spike_saving`; bit-identical
     gradients, less memory).
+
+    Regularizer and site variants (defaults: today's model, bit for bit):
+    ``dropout`` (probability in ``[0, 1)``): dropout of the hidden spikes before the
+    classifier, one mask per sample shared by all T steps
+    (:class:`dassdp.models.layers.TimeSharedDropout`); the classifier then sees
+    ``{0, 1/(1-p)}`` and a dropped unit counts as silent for DA-SSDP's classifier site.
+    ``site_norm``: a ``BatchNorm1d(num_classes)`` (``classifier_bn``) on the classifier's
+    per-step output, so the classifier site, like ``fc1``, is followed by a BatchNorm.
     """
 
     def __init__(
@@ -47,10 +69,13 @@ class SpikingCNN(nn.Module):
         v_threshold: float = 1.0,
         neuron_layer: NeuronLayer = LIF,
         spike_saving: bool = True,
+        dropout: float = 0.0,
+        site_norm: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(spike_saving, bool):
-            raise ValueError(f"spike_saving must be true or false, got {spike_saving!r}")
+        for key, flag in (("spike_saving", spike_saving), ("site_norm", site_norm)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{key} must be true or false, got {flag!r}")
         c1, c2 = channels
         self.T = int(T)
         self.spike_saving = spike_saving
@@ -68,7 +93,11 @@ class SpikingCNN(nn.Module):
         # (batch statistics are per rank under DDP on CPU, where SyncBatchNorm is unavailable)
         self.bn3 = nn.BatchNorm1d(hidden) if norm else nn.Identity()
         self.lif3 = neuron_layer(v_threshold=v_threshold)
+        # optional modules exist only when asked for: the default model is unchanged
+        drop = TimeSharedDropout(dropout)  # checks 0 <= dropout < 1
+        self.drop = drop if drop.p > 0 else None
         self.classifier = nn.Linear(hidden, num_classes)
+        self.classifier_bn = nn.BatchNorm1d(num_classes) if site_norm else None
 
     def forward(self, x: Tensor) -> Tensor:
         with spike_saving(self.spike_saving):
@@ -80,7 +109,12 @@ class SpikingCNN(nn.Module):
             x = seq_apply(lambda z: mark_spikes(self.pool2(z)), x)
             x = seq_apply(lambda z: mark_spikes(self.pool3(z)), x).flatten(2)  # [T, B, c2*16]
             x = self.lif3(seq_apply(self.bn3, self.fc1(x)))  # [T, B, hidden] spikes
-            return self.classifier(x).mean(0)  # [T, B, classes] -> [B, classes]
+            if self.drop is not None:
+                x = self.drop(x)  # [T, B, hidden], a unit dropped for all T
+            logits = self.classifier(x)  # [T, B, classes]
+            if self.classifier_bn is not None:
+                logits = seq_apply(self.classifier_bn, logits)
+            return logits.mean(0)  # [T, B, classes] -> [B, classes]
 
     def dassdp_sites(self, preset: str = "default") -> dict[str, SiteSpec]:
         """DA-SSDP sites: the classifier and the last hidden layer (post: its LIF spikes).
@@ -93,6 +127,16 @@ class SpikingCNN(nn.Module):
     def dassdp_site_presets(self) -> tuple[str, ...]:
         """Names accepted by :meth:`dassdp_sites`."""
         return tuple(sorted(self._site_presets()))
+
+    @property
+    def dassdp_site_norms(self) -> dict[str, str | None]:
+        """The normalisation that follows each DA-SSDP site (every preset's sites): the
+        module name of the BatchNorm its output goes through next, or ``None`` (the
+        classifier without ``site_norm`` feeds the logits directly). Read by
+        :mod:`dassdp.experiments.site_effect`."""
+        fc1 = "bn3" if isinstance(self.bn3, nn.BatchNorm1d) else None
+        classifier = "classifier_bn" if self.classifier_bn is not None else None
+        return {"fc1": fc1, "classifier": classifier}
 
     def _site_presets(self) -> dict[str, Callable[[], dict[str, SiteSpec]]]:
         classifier = {"classifier": SiteSpec(pre="input", post="output>0")}

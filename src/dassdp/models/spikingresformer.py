@@ -302,6 +302,18 @@ class SpikingResformer(nn.Module):
         stage = self.stages[i].blocks
         return [f"stages.{i}.blocks.{j}" for j, m in enumerate(stage) if isinstance(m, DSSA)]
 
+    @property
+    def dassdp_site_norms(self) -> dict[str, str | None]:
+        """The normalisation that follows each possible DA-SSDP site: every DSSA block's
+        ``proj`` (``W_proj``) goes through its ``proj_bn``; the classifier feeds the logits
+        directly (``None``). Read by :mod:`dassdp.experiments.site_effect`."""
+        norms: dict[str, str | None] = {
+            f"{name}.proj": f"{name}.proj_bn"
+            for name, module in self.named_modules()
+            if isinstance(module, DSSA)
+        }
+        return {**norms, "classifier": None}
+
     def _site_presets(self) -> dict[str, Callable[[], dict[str, SiteSpec]]]:
         block = self.projection_block
         classifier = {"classifier": SiteSpec(pre="input>0", post="output>0")}
