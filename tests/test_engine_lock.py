@@ -147,34 +147,21 @@ def test_auto_falls_back_to_the_lock_file_where_flock_is_refused(tmp_path, monke
         RunLock(tmp_path, "nfs")
 
 
-@POSIX
-def test_a_trainer_holds_the_file_lock_and_a_killed_one_is_taken_over(tmp_path, monkeypatch):
-    """The engine end to end with DASSDP_LOCK=file: a second trainer is refused while the
-    first trains; after SIGKILL (nothing removes the file) the run resumes."""
-    import yaml
+def test_a_trainer_holds_the_file_lock_while_it_lives(tmp_path, monkeypatch):
+    """The engine with DASSDP_LOCK=file: a second trainer of the folder is refused (host and
+    pid named) while the first exists; close() removes the lock file."""
+    from dassdp.engine import Trainer
+    from engine_fixtures import tiny
 
-    from dassdp.cli import main
-    from dassdp.engine import load_checkpoint, read_metrics
-    from engine_fixtures import tiny_dict
-
-    config, run = tmp_path / "tiny.yaml", tmp_path / "run"
-    config.write_text(yaml.safe_dump(tiny_dict(epochs=500)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DASSDP_LOCK": "file"}
-    cmd = [sys.executable, "-m", "dassdp", "train", "-c", str(config), "--out", str(run)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    monkeypatch.setenv("DASSDP_LOCK", "file")
+    first = Trainer(tiny(), tmp_path)
     try:
-        deadline = time.monotonic() + 180
-        while not (run / "last.pt").exists() and time.monotonic() < deadline:
-            assert proc.poll() is None, "the trainer ended early"
-            time.sleep(0.05)
-        monkeypatch.setenv("DASSDP_LOCK", "file")
-        assert main(["train", "--resume", "--out", str(run)]) == 2
-        assert json.loads((run / EXCL_LOCK).read_text())["pid"] == proc.pid
-        assert not (run / LOCK).exists()  # the flock mechanism was not used
+        holder = json.loads((tmp_path / EXCL_LOCK).read_text())
+        assert (holder["pid"], holder["host"]) == (os.getpid(), platform.node())
+        assert not (tmp_path / LOCK).exists()  # the flock mechanism was not used
+        with pytest.raises(RunFolderError, match=f"pid {os.getpid()} on {platform.node()}"):
+            Trainer(tiny(), tmp_path)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    epochs = load_checkpoint(run / "last.pt")["epoch"]
-    assert main(["train", "--resume", "--out", str(run), f"epochs={epochs + 1}"]) == 0
-    assert [r["epoch"] for r in read_metrics(run)] == list(range(epochs + 1))
-    assert not (run / EXCL_LOCK).exists()  # released at the end of the run
+        first.close()
+    assert not (tmp_path / EXCL_LOCK).exists()
+    Trainer(tiny(), tmp_path).close()

@@ -124,6 +124,7 @@ def _assert_same_end(run: Path, ref: Path) -> None:
         assert_same_tensors(got[key], want[key], key)
 
 
+@pytest.mark.slow
 def test_a_signalled_task_stops_at_an_epoch_end_is_requeued_and_ends_exactly(
     tmp_path: Path,
 ) -> None:
