@@ -91,8 +91,16 @@ def _add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
         help="GPUs of one node per run, one task (DDP rank) each; 0: a CPU run (default 1 "
         "on SLURM, locally 1 if CUDA is visible, else 0)",
     )
-    g.add_argument("--cpus-per-gpu", type=int, default=None, metavar="C", help="CPUs per task")
-    g.add_argument("--mem-gb", type=float, default=None, help="memory per task's node, GB")
+    g.add_argument(
+        "--cpus-per-gpu",
+        type=int,
+        default=None,
+        metavar="C",
+        help="CPUs per task (per GPU; with --gpus-per-run 0 the run's CPUs)",
+    )
+    g.add_argument(
+        "--mem-gb", type=float, default=None, metavar="G", help="memory per run (its node), GB"
+    )
     g.add_argument("--array-parallelism", type=int, default=None, metavar="P", help="runs at once")
     g.add_argument(
         "--slurm-setup",
