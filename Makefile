@@ -13,9 +13,15 @@ INTEROP_SPEC ?= snntorch==1.0.0 spikingjelly==2.0.0 loguru
 LIGHTNING_SPEC ?= lightning==2.6.6
 # submitit for `dassdp compare --launcher local|slurm` (the `cluster` extra) and its tests.
 CLUSTER_SPEC ?= submitit==1.5.4
+# Wheels for scripts/gpu_check.sh on a GPU machine without network, into the git-ignored
+# .whl/ (carry it with the checkout): pytest and its dependencies (a GPU image may lack them),
+# SpikingJelly 2.0.0 and loguru (bench throughput's comparison row). All pure Python, fetched
+# without their dependencies; the check installs, offline, only those the machine lacks.
+WHEELS_SPEC ?= pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 pygments==2.21.0 \
+	spikingjelly==2.0.0 loguru==0.7.3
 STAMP := $(VENV)/.dassdp-installed
 
-.PHONY: demo test lint format install clean-venv
+.PHONY: demo test lint format install clean-venv wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +51,9 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format src tests
 	$(VENV)/bin/ruff check --fix src tests
+
+wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --dest .whl $(WHEELS_SPEC)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -113,10 +113,13 @@ def run_skips(rank: int, world: int, init_file: str, out_dir: str) -> None:
     _finish()
 
 
-def run_learned(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def run_learned(
+    rank: int, world: int, init_file: str, out_dir: str, hyper_step: str = "plain"
+) -> None:
     """DDP with learned sigma and amplitude: a warm-up epoch, then two active epochs; at one
     active step rank 1 drops its records (it joins the stacked dW/dsigma all-reduce with
-    zeros). The gradients (DDP) and D_t (the learner) are all-reduced, so h must agree."""
+    zeros). The gradients (DDP) and D_t (the learner) are all-reduced, so h must agree, and
+    with ``hyper_step="normalized"`` so must its running means and counts."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -124,6 +127,7 @@ def run_learned(rank: int, world: int, init_file: str, out_dir: str) -> None:
     net = DDP(model)
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
     cfg = CFG.replace(learn=("sigma", "amplitude"), sigma_lr=20.0, amplitude_lr=20.0)
+    cfg = cfg.replace(hyper_step=hyper_step, hyper_lr=0.05, hyper_beta=0.9)
     plast = DASSDP(net, cfg)
     history = []
     for epoch in range(3):
@@ -141,7 +145,12 @@ def run_learned(rank: int, world: int, init_file: str, out_dir: str) -> None:
             dassdp.reset(model)
             history.append(plast.learned)
     torch.save(
-        {"model": model.state_dict(), "history": history, "counters": plast.counters},
+        {
+            "model": model.state_dict(),
+            "history": history,
+            "counters": plast.counters,
+            "learned": plast.state_dict()["learned"],
+        },
         os.path.join(out_dir, f"learned-rank{rank}.pt"),
     )
     _finish()

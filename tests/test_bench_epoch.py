@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dassdp import _malloc
+from dassdp._util import allocator as _malloc
 from dassdp.bench import epoch
 from dassdp.commands import bench
 from engine_fixtures import tiny_dict

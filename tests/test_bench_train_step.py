@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dassdp import _malloc
+from dassdp._util import allocator as _malloc
 from dassdp.bench import train_step
 from dassdp.commands import bench
 

@@ -1,11 +1,13 @@
 """CUDA checks (marked ``cuda``: skipped, with the reason said, where no GPU is visible).
 
 They run on a GPU machine through ``scripts/gpu_check.sh`` (``pytest -m cuda``): the Triton
-LIF/PLIF against the autograd loop, the rule and the learner on CUDA against the CPU in
-float64, a training step with DA-SSDP that must not synchronise with the host
-(``torch.cuda.set_sync_debug_mode("error")``), the engine in fp16 (a grad-scaler skip is a
-DA-SSDP skip in both ``apply`` modes), bf16 and compiled, and DDP over NCCL when two GPUs
-exist. Sizes are tiny: the whole file is meant to take well under two minutes on one GPU.
+LIF/PLIF in float32 and float64 against a float64 reference, within rounding bounds derived in
+``tests/lif_reference.py`` (checked on the CPU by ``tests/test_fp_bounds.py``), the rule and
+the learner on CUDA against the CPU in float64, a training step with DA-SSDP that must not
+synchronise with the host (``torch.cuda.set_sync_debug_mode("error")``), the engine in fp16
+(a grad-scaler skip is a DA-SSDP skip in both ``apply`` modes), bf16 and compiled, and DDP
+over NCCL when two GPUs exist. Sizes are tiny: the whole file is meant to take well under two
+minutes on one GPU.
 """
 
 from __future__ import annotations
@@ -27,45 +29,68 @@ from dassdp.neurons import LIF, PLIF
 from dassdp.neurons.functional import LIFParams, lif_multistep
 from dassdp.plasticity.rule import delta_w, fired_latency
 from engine_fixtures import tiny, tiny_dict
+from lif_reference import CONFIGS, check_lif, lif_inputs, reference, triton_gk_depth
 from snn_fixtures import TinySNN
 from test_engine_train import _InfGrad
 
 pytestmark = pytest.mark.cuda
 
 CUDA = torch.device("cuda")
-CONFIGS = [
-    LIFParams(),
-    LIFParams(v_reset=None),
-    LIFParams(decay_input=False, detach_reset=False),
-    LIFParams(v_reset=None, detach_reset=False, surrogate="sigmoid", alpha=3.0),
-    LIFParams(tau=1.7, v_threshold=0.6, v_reset=-0.1, surrogate="sigmoid"),
-]
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+def _kernel_block(n: int) -> int:
+    """Lanes per program of the Triton LIF for ``n`` neurons a step (the kernel's own choice);
+    16, its smallest block and so the deepest sum, if that helper is not there."""
+    from dassdp.neurons import triton_lif
+
+    pick = getattr(triton_lif, "_block", None)
+    return int(pick(n)) if callable(pick) else 16
+
+
+def _run_lif(backend: str, params: LIFParams, learn_k: bool, dtype: torch.dtype):
+    """``(spikes, g_x, g_w, k, x, g_s)`` of ``<spikes, g_s>`` on CUDA for ``lif_inputs()``
+    (made on the CPU: the same values on every machine, so the spike margin checked by
+    ``tests/test_fp_bounds.py`` holds here)."""
+    x, g_s = (t.to(CUDA, dtype) for t in lif_inputs())
+    xi = x.clone().requires_grad_(True)
+    w = torch.tensor(0.3, device=CUDA, dtype=dtype, requires_grad=True)
+    k = torch.sigmoid(w) if learn_k else None
+    s = lif_multistep(xi, params, k, backend=backend)
+    (s * g_s).sum().backward()
+    return s.detach(), xi.grad, (w.grad if learn_k else None), k, x, g_s
+
+
+def _check_against_float64(params: LIFParams, run: tuple, dtype: torch.dtype) -> None:
+    """A Triton ``run`` (``_run_lif``): spikes equal to the float64 reference's; ``g_x`` per
+    element and PLIF's ``g_w`` within the rounding bounds of ``tests/lif_reference.py``.
+    ``g_w`` sums ``T N`` terms (41k here) whose absolute sum is 50-2500x the result, so its
+    bound is ``γ_depth`` times that absolute sum (``depth``: the kernel's summation order)
+    plus each term's own rounding, not a relative 1e-5."""
+    s, g_x, g_w, k, x, g_s = run
+    ref = reference(x, g_s, params, k, dtype)
+    T, n = x.shape[0], x[0].numel()
+    check_lif(ref, s, g_x, g_w, dtype, triton_gk_depth(T, n, _kernel_block(n)))
 
 
 @pytest.mark.parametrize("params", CONFIGS, ids=lambda p: f"{p.v_reset}-{p.surrogate}")
 @pytest.mark.parametrize("learn_k", [False, True], ids=["lif", "plif"])
 def test_triton_lif_equals_the_loop_on_cuda(params, learn_k):
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(4, 8, 16, 9, 9, device=CUDA, generator=gen) * 1.5
-    g_s = torch.randn(x.shape, device=CUDA, generator=gen)
-    out = {}
-    for backend in ("loop", "triton"):
-        xi = x.clone().requires_grad_(True)
-        w = torch.tensor(0.3, device=CUDA, requires_grad=True)
-        k = torch.sigmoid(w) if learn_k else None
-        s = lif_multistep(xi, params, k, backend=backend)
-        (s * g_s).sum().backward()
-        out[backend] = (s.detach(), xi.grad, w.grad)
-    s_loop, gx_loop, gw_loop = out["loop"]
-    s_tri, gx_tri, gw_tri = out["triton"]
+    s_loop, *_ = _run_lif("loop", params, learn_k, torch.float32)
+    run = _run_lif("triton", params, learn_k, torch.float32)
+    s_tri = run[0]
     assert torch.equal(s_loop, s_tri)
-    assert _rel(gx_tri, gx_loop) < 1e-5
-    if learn_k:
-        assert _rel(gw_tri, gw_loop) < 1e-5
+    _check_against_float64(params, run, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "params,learn_k",
+    [(CONFIGS[0], False), *[(p, True) for p in CONFIGS]],
+    ids=["lif-0.0-atan", *[f"plif-{p.v_reset}-{p.surrogate}" for p in CONFIGS]],
+)
+def test_triton_lif_in_float64_on_cuda(params, learn_k):
+    # the fp64 kernels (F64: fp64 registers, constants unrounded) against the float64 loop
+    run = _run_lif("triton", params, learn_k, torch.float64)
+    _check_against_float64(params, run, torch.float64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

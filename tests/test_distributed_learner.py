@@ -8,6 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ddp_worker import run, run_learned, run_skips
+from engine_fixtures import assert_same_tensors
 
 pytestmark = pytest.mark.distributed
 
@@ -106,16 +107,17 @@ def test_device_side_skips_hold_on_every_rank(tmp_path):
     assert not torch.equal(r0["snapshots"][5][1], warm)
 
 
-def _learned_entry(rank, world, init, out):
-    run_learned(rank, world, init, out)
+def _learned_entry(rank, world, init, out, hyper_step):
+    run_learned(rank, world, init, out, hyper_step)
 
 
-def test_learned_sigma_and_amplitude_agree_on_every_rank(tmp_path):
-    mp.spawn(
-        functools.partial(_learned_entry, world=2, init=str(tmp_path / "init"), out=str(tmp_path)),
-        nprocs=2,
-        join=True,
-    )
+@pytest.mark.parametrize("hyper_step", ["plain", "normalized"])
+def test_learned_sigma_and_amplitude_agree_on_every_rank(tmp_path, hyper_step):
+    entry = functools.partial(
+        _learned_entry, world=2, init=str(tmp_path / "init"), out=str(tmp_path),
+        hyper_step=hyper_step,
+    )  # fmt: skip
+    mp.spawn(entry, nprocs=2, join=True)
     r0, r1 = load(tmp_path, "learned-rank0"), load(tmp_path, "learned-rank1")
     for key in r0["model"]:
         assert torch.equal(r0["model"][key], r1["model"][key]), key
@@ -125,3 +127,6 @@ def test_learned_sigma_and_amplitude_agree_on_every_rank(tmp_path):
     assert all(v["sigma"] != 1.0 and v["amplitude"] != 1.0 for v in last.values())
     # the skipped step (epoch 1, step 2 = index 6) and the one after it leave them unchanged
     assert r0["history"][5] == r0["history"][6] == r0["history"][7]
+    assert_same_tensors(r0["learned"], r1["learned"])  # running means and counts too
+    if hyper_step == "normalized":  # 8 active steps: no h at the first, the skipped, the next
+        assert r0["learned"]["fc2"]["steps_amplitude"] == 5

@@ -188,3 +188,94 @@ def test_grad_clip_accepts_any_positive_max_norm():
         assert "grad_clip must be null (no clipping) or a max gradient norm > 0" in error_of(
             grad_clip=bad
         )
+
+
+# ---------------------------------------------------------------- the plasticity block
+
+
+def test_the_plasticity_block_takes_every_learner_field():
+    from dataclasses import fields
+
+    from dassdp import DASSDPConfig
+
+    keys = {f.name for f in fields(PlasticityConfig)}
+    assert {f.name for f in fields(DASSDPConfig)} <= keys
+    assert keys - {f.name for f in fields(DASSDPConfig)} == {"preset"}  # the engine's own
+
+
+# Learner fields with a non-default value; none is named anywhere in the engine's code.
+UNNAMED = {
+    "A_minus": 2e-4,
+    "latency": "last",
+    "control": "shuffled_latency",
+    "eps": 1e-6,
+    "debug": True,
+    "sigma_lr": 3.0,
+    "amplitude_range": [0.5, 2.0],
+    "hyper_step": "normalized",
+    "hyper_lr": 0.01,
+    "hyper_beta": 0.9,
+}
+
+
+@pytest.mark.parametrize(("key", "value"), UNNAMED.items(), ids=list(UNNAMED))
+def test_a_learner_field_the_engine_never_names_reaches_the_learner(key, value, tmp_path):
+    """A new DASSDPConfig field needs no engine change: these fields pass through although
+    no line of the engine names them (the proof that nothing lists the fields by hand)."""
+    import re
+
+    import dassdp.engine
+
+    engine = Path(dassdp.engine.__file__).parent
+    for source in engine.glob("*.py"):
+        assert not re.search(rf"\b{key}\b", source.read_text()), (key, source.name)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_dict()))
+    cfg = load_config(path, [f"plasticity.{key}={value}"])
+    expected = tuple(value) if isinstance(value, list) else value
+    assert getattr(dassdp_config(cfg.plasticity), key) == expected
+    assert getattr(dassdp_config(tiny().plasticity), key) != expected  # unset: the default
+
+
+def test_the_learner_seed_is_the_run_seed_unless_the_block_sets_it():
+    assert dassdp_config(tiny(seed=5).plasticity, seed=5).seed == 5
+    assert dassdp_config(tiny(seed=5, plasticity={"seed": 9}).plasticity, seed=5).seed == 9
+
+
+def test_the_learner_config_is_built_once_per_run(monkeypatch):
+    """Validating the config and building the learner share one DASSDPConfig."""
+    from dassdp import DASSDPConfig
+    from dassdp.engine.builders import build_learner
+    from dassdp.models import create_model
+
+    built = []
+    check = DASSDPConfig.__post_init__
+    monkeypatch.setattr(DASSDPConfig, "__post_init__", lambda self: built.append(check(self)))
+    cfg = tiny(seed=1234, plasticity={"A_plus": 1.25e-3})  # a block no other test builds
+    learner = build_learner(cfg, create_model(cfg.model, T=cfg.T, **cfg.model_args))
+    assert len(built) == 1
+    assert learner.config is dassdp_config(cfg.plasticity, seed=cfg.seed)
+    assert (learner.config.A_plus, learner.config.seed) == (1.25e-3, 1234)
+
+
+def test_a_learner_error_from_an_override_blames_the_override(tmp_path):
+    """Regression: `plasticity.gate=two` on the command line was reported as the file's."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(tiny_dict()))
+    with pytest.raises(ConfigError, match=r"^override 'plasticity.gate=two': plasticity: gate"):
+        load_config(path, ["lr=1e-3", "plasticity.gate=two"])
+    with pytest.raises(ConfigError, match=r"^override 'plasticity.learn=\[tau\]': plasticity"):
+        load_config(path, ["plasticity.learn=[tau]"])
+
+
+def test_resume_takes_a_plasticity_block_saved_before_keys_were_added():
+    """A checkpoint's block lacks the keys added to DASSDPConfig since, or spells an unset
+    value as the learner's default: the same learner, so resume goes on."""
+    saved = config_to_dict(tiny())
+    old = dict(saved["plasticity"])
+    del old["eps"], old["seed"]  # keys an older version did not have
+    old["debug"] = False  # the older engine's default, now "unset" (None)
+    saved["plasticity"] = old
+    assert resume_config(saved, tiny(epochs=5)).epochs == 5
+    with pytest.raises(ConfigError, match=r"--resume: .*plasticity: .*'A_plus': 0\.01"):
+        resume_config(saved, tiny(plasticity={"A_plus": 0.01}))

@@ -32,7 +32,7 @@ def test_two_epochs_on_a_tiny_subset_lower_the_loss(tmp_path):
     assert {"config.yaml", "run.json", "metrics.jsonl", "last.pt", "best.pt"} <= {
         p.name for p in tmp_path.iterdir()
     }
-    from dassdp._malloc import active_allocator
+    from dassdp._util.allocator import active_allocator
 
     meta = json.loads((tmp_path / "run.json").read_text())
     assert meta["allocator"] == active_allocator()  # recorded next to the numbers

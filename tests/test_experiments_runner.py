@@ -112,6 +112,25 @@ def test_a_folder_with_another_config_is_not_overwritten(config_file: Path, tmp_
     assert _stamps(run_dir) == before
 
 
+def test_a_folder_from_before_a_learner_key_was_added_is_kept(
+    config_file: Path, tmp_path: Path
+) -> None:
+    """A finished run whose saved plasticity block lacks a key added since (it takes the
+    preset's value, so the same learner) is done, not a conflict."""
+    out = tmp_path / "cmp"
+    specs = plan(config_file, [1], ["dassdp"], out, ["epochs=1", "plasticity.warmup_epochs=0"])
+    assert run_sweep(specs, out, argv=[]).ok
+    saved = out / "dassdp" / "seed1" / "config.yaml"
+    lines = saved.read_text().splitlines(keepends=True)
+    data = yaml.safe_load("".join(lines))
+    del data["plasticity"]["eps"]  # as an older version wrote it
+    saved.write_text("".join(x for x in lines if x.startswith("#")) + yaml.safe_dump(data))
+    before = _stamps(out / "dassdp" / "seed1")
+    result = run_sweep(specs, out, argv=[])
+    assert result.ok and result.status["dassdp seed1"] == "done"
+    assert _stamps(out / "dassdp" / "seed1") == before
+
+
 def test_sigkill_mid_sweep_then_continue(config_file: Path, tmp_path: Path) -> None:
     """A real kill (SIGKILL of the CLI process) at an arbitrary moment after the first run."""
     out = tmp_path / "cmp"

@@ -4,14 +4,14 @@ import json
 
 import pytest
 
-from dassdp._io import atomic_write_json, atomic_write_text
+from dassdp._util.io import atomic_write_json, atomic_write_text
 from dassdp.engine.metrics import MetricsWriter, read_metrics
 
 
 def test_atomic_write_leaves_no_temp_and_keeps_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "a.txt"
     atomic_write_text(path, "old")
-    import dassdp._io as io
+    import dassdp._util.io as io
 
     def fail(*args):
         raise OSError("disk full")

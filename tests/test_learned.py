@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import dassdp
 from dassdp import DASSDP, DASSDPConfig
+from dassdp.plasticity.controls import random_update as _random_update
 from dassdp.plasticity.gate import gate_values
-from dassdp.plasticity.learner import _random_update
 from dassdp.plasticity.rule import delta_w, synchrony
 from snn_fixtures import TinySNN
 
@@ -472,3 +472,205 @@ def test_engine_config_builds_the_learning_learner_config(tmp_path):
     assert learner.amplitude_range == (0.5, 2.0) and learner.debug is True
     assert learner.amplitude_lr == DASSDPConfig().amplitude_lr  # unset: the default
     assert dassdp_config(load_config(path).plasticity).learn == ()
+
+
+# ------------------------------------------------ hyper_step="normalized", amplitude_init
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.9, 0.999])
+def test_normalized_step_moves_at_the_rate_for_a_constant_hypergradient_of_any_scale(beta):
+    from dassdp.plasticity.learned import normalized_step
+
+    lr, yes, no = 0.01, torch.tensor(True), torch.tensor(False)
+    paths = {}
+    for h in (1e-8, 1e3, -1e-8, -1e3, 0.37):
+        log_v, h2, n = (torch.zeros((), dtype=torch.float64) for _ in range(3))
+        h_t = torch.tensor(h, dtype=torch.float64)
+        path = []
+        for step in range(60):
+            if step == 30:  # a step without a hypergradient moves nothing and counts nothing
+                before = (log_v, h2, n)
+                log_v, h2, n = normalized_step(log_v, h_t * 0, h2, n, no, lr=lr, beta=beta)
+                assert all(torch.equal(a, b) for a, b in zip(before, (log_v, h2, n)))
+            new, h2, n = normalized_step(log_v, h_t, h2, n, yes, lr=lr, beta=beta)
+            assert float(new - log_v) == pytest.approx(-lr * math.copysign(1, h), rel=1e-9)
+            log_v = new
+            path.append(float(log_v))
+        assert float(n) == 60
+        paths[h] = path
+    assert paths[1e-8] == pytest.approx(paths[1e3], rel=1e-12)  # the scale is gone
+    assert paths[-1e-8] == pytest.approx([-x for x in paths[1e3]], rel=1e-12)
+    assert paths[0.37][-1] == pytest.approx(-0.6, rel=1e-9)  # 60 steps of lr
+
+
+def test_normalized_step_starts_from_zero_and_respects_bounds():
+    from dassdp.plasticity.learned import normalized_step
+
+    zero, yes = torch.zeros((), dtype=torch.float64), torch.tensor(True)
+    log_v, h2, n = normalized_step(zero, zero, zero, zero, yes, lr=0.1, beta=0.0)
+    assert float(log_v) == 0 and float(h2) == 0 and float(n) == 1  # h = 0: no 0/0
+    h = torch.tensor(-5.0, dtype=torch.float64)
+    for _ in range(10):
+        log_v, h2, n = normalized_step(log_v, h, h2, n, yes, lr=0.1, beta=0.5, bounds=(0.5, 1.2))
+    assert float(log_v) == pytest.approx(math.log(1.2))
+
+
+def run_scaled(hyper_step, scale, steps=12, **changes):
+    """Learned sigma and a with the task gradient scaled by ``scale`` (a power of 2) and the
+    SGD rate by 1/scale: the weights move exactly as for scale 1, every h is scale times."""
+    torch.manual_seed(0)
+    model = TinySNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05 / scale)
+    cfg = CFG.replace(hyper_step=hyper_step, hyper_lr=0.02, hyper_beta=0.9, **changes)
+    plast = DASSDP(model, cfg)
+    history = []
+    for step in range(3 + steps):
+        plast.set_epoch(0 if step < 3 else 1)
+        gen = torch.Generator().manual_seed(step)
+        x, y = torch.randn(B, 12, generator=gen), torch.randint(0, 4, (B,), generator=gen)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        (loss * scale).backward()
+        opt.step()
+        plast.step(loss)  # the unscaled loss: the gate sees the same statistics
+        dassdp.reset(model)
+        history.append(plast.learned)
+    return history, plast.last_metrics()
+
+
+def test_normalized_learning_is_the_same_at_any_gradient_scale():
+    normalized = {k: run_scaled("normalized", 2.0**k) for k in (-27, 0, 10)}
+    ref, metrics = normalized[0]
+    assert ref[-1]["fc2"]["sigma"] != 1.0 and ref[-1]["fc2"]["amplitude"] != 1.0
+    for k, (history, m) in normalized.items():
+        assert history == ref, k  # bit-identical: h / RMS(h) does not see the scale
+        assert m["fc2"]["hypergrad_amplitude"] == metrics["fc2"]["hypergrad_amplitude"] * 2.0**k
+    # the first step with a hypergradient (the 2nd after warm-up) moves each log by hyper_lr
+    for site in ("fc1", "fc2"):
+        for key in ("sigma", "amplitude"):
+            change = math.log(ref[4][site][key]) - math.log(ref[3][site][key])
+            assert abs(change) == pytest.approx(0.02, rel=1e-9), (site, key)
+    plain = {k: run_scaled("plain", 2.0**k)[0] for k in (0, 10)}
+    assert plain[0] != plain[10]  # the plain step scales with the task's gradients
+
+
+@pytest.mark.parametrize("nan_at", [None, (1, 2)])  # (1, 2): the step before the checkpoint
+def test_resume_with_normalized_learning_is_bit_identical(nan_at):
+    from engine_fixtures import assert_same_tensors
+
+    cfg = CFG.replace(hyper_step="normalized", hyper_lr=0.05, hyper_beta=0.9, clip=0.01)
+    full, opt = make()
+    plast = DASSDP(full, cfg)
+    train(full, opt, plast, epochs=4, nan_at=nan_at)
+    first, opt1 = make()
+    p1 = DASSDP(first, cfg)
+    train(first, opt1, p1, epochs=2, nan_at=nan_at)
+    ckpt = copy.deepcopy(
+        {"model": first.state_dict(), "opt": opt1.state_dict(), "plast": p1.state_dict()}
+    )
+    p1.close()
+    item = ckpt["plast"]["learned"]["fc2"]
+    assert {"h2_sigma", "steps_sigma", "h2_amplitude", "steps_amplitude", "D_counted"} <= set(item)
+    # the first active step has no hypergradient, nor has a skipped one
+    assert item["steps_amplitude"] == (2 if nan_at is None else 1)
+    assert item["D_counted"] is (nan_at is None)
+    resumed, opt2 = make(seed=123)
+    resumed.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    p2 = DASSDP(resumed, cfg)
+    p2.load_state_dict(ckpt["plast"])
+    train(resumed, opt2, p2, epochs=4, start=2, nan_at=nan_at)
+    a, b = weights(full), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert p2.learned == plast.learned
+    assert_same_tensors(p2.state_dict()["learned"], plast.state_dict()["learned"])
+    assert p2.last_metrics() == plast.last_metrics()
+
+
+def test_a_frozen_amplitude_init_is_the_fixed_rule_with_scaled_amplitudes():
+    """a_0 = 1/4 with the amplitude learned at rate 0 is the fixed rule at A+-/4."""
+    frozen = CFG.replace(learn=("amplitude",), amplitude_lr=0.0, amplitude_init=0.25)
+    scaled = DASSDPConfig(warmup_epochs=1, A_plus=0.005, A_minus=0.00125)
+    runs = []
+    for cfg in (frozen, scaled):
+        model, opt = make()
+        plast = DASSDP(model, cfg)
+        train(model, opt, plast, epochs=3)
+        runs.append(weights(model))
+        if cfg is frozen:
+            assert plast.learned["fc2"]["amplitude"] == pytest.approx(0.25, rel=1e-15)
+    assert not torch.equal(runs[0]["fc2.weight"], make()[0].fc2.weight)  # it did learn
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_a_small_amplitude_init_grows_when_the_hypergradient_says_so():
+    # The constructed case of test_learned_values_move_downhill...: h_a < 0 at every step.
+    torch.manual_seed(0)
+    model = TinySNN(hidden=16, classes=5)
+    cfg = DASSDPConfig(
+        warmup_epochs=0, gate="one", A_plus=0.01, A_minus=0.0, learn=("amplitude",),
+        amplitude_init=0.1, hyper_step="normalized", hyper_lr=0.05, hyper_beta=0.9,
+    )  # fmt: skip
+    plast = DASSDP(model, cfg, sites=SITE)
+    assert plast.learned["fc2"]["amplitude"] == pytest.approx(0.1)
+    amps = []
+    for step in range(10):
+        x, _ = batch(step, model)
+        loss = -model(x.float()).mean()
+        model.zero_grad()
+        loss.backward()
+        plast.step(loss)
+        dassdp.reset(model)
+        amps.append(plast.last_metrics()["fc2"]["amplitude"])
+    assert amps[0] == pytest.approx(0.1)  # the first step has no hypergradient yet
+    assert amps[1] == pytest.approx(0.1 * math.exp(0.05))  # then exactly hyper_lr
+    assert all(b > a for a, b in itertools.pairwise(amps[1:])) and amps[-1] < 0.1 * math.exp(0.5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key", "match"),
+    [
+        ({"hyper_step": "adam"}, "hyper_step", r"hyper_step must be one of \('plain', 'norm"),
+        ({"hyper_beta": 1.0}, "hyper_beta", r"hyper_beta must be in \[0, 1\), got 1.0"),
+        ({"hyper_beta": -0.1}, "hyper_beta", r"hyper_beta must be in \[0, 1\)"),
+        ({"hyper_beta": float("nan")}, "hyper_beta", r"hyper_beta must be in \[0, 1\)"),
+        ({"hyper_lr": 0.0}, "hyper_lr", r"hyper_lr must be a finite number > 0 \[log-change"),
+        ({"hyper_lr": -1e-3}, "hyper_lr", "hyper_lr must be a finite number > 0"),
+        ({"hyper_lr": float("inf")}, "hyper_lr", "hyper_lr must be a finite number > 0"),
+        ({"amplitude_init": 0.0}, "amplitude_init", "amplitude_init must be a finite number > 0"),
+        ({"amplitude_init": -1.0}, "amplitude_init", "amplitude_init must be a finite number"),
+        ({"amplitude_init": 0.1, "learn": ("sigma",)}, "amplitude_init", "needs 'amplitude' in"),
+        (
+            {"amplitude_init": 0.1, "amplitude_range": (0.5, 2.0)},
+            "amplitude_range",
+            r"must contain the initial amplitude 0.1",
+        ),
+    ],
+)
+def test_hyper_step_and_amplitude_init_errors_are_named(kwargs, key, match):
+    from dassdp.plasticity.config import DASSDPConfigError
+
+    with pytest.raises(DASSDPConfigError, match=match) as info:
+        DASSDPConfig(**{"learn": LEARN, **kwargs})
+    assert info.value.key == key
+
+
+def test_the_engine_passes_hyper_step_and_amplitude_init_through(tmp_path):
+    import yaml
+
+    from dassdp.engine import load_config
+    from dassdp.engine.config import ConfigError, dassdp_config
+    from engine_fixtures import tiny_dict
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_dict()))
+    overrides = ["plasticity.learn=[sigma, amplitude]", "plasticity.hyper_step=normalized"]
+    overrides += ["plasticity.hyper_lr=0.01", "plasticity.amplitude_init=0.1"]
+    learner = dassdp_config(load_config(path, overrides).plasticity)
+    assert (learner.hyper_step, learner.hyper_lr, learner.amplitude_init) == (
+        "normalized",
+        0.01,
+        0.1,
+    )
+    with pytest.raises(ConfigError, match=r"^override 'plasticity.hyper_beta=1': plasticity: hy"):
+        load_config(path, ["plasticity.hyper_beta=1"])

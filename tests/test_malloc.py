@@ -1,5 +1,6 @@
-"""The memory allocator the ``dassdp`` command chooses (``dassdp._malloc``): the choice,
-the preload environment, the re-execution and what a process reports it runs with."""
+"""The memory allocator the ``dassdp`` command chooses (``dassdp._util.allocator``: the choice,
+the preload environment, what a process reports it runs with; ``dassdp.commands._launch``:
+the glibc settings and the re-execution)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dassdp import _malloc
+from dassdp._util import allocator as _malloc
+from dassdp.commands import _launch
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -50,11 +52,11 @@ def test_the_choice_comes_from_the_environment(monkeypatch):
 def test_glibc_settings_and_their_opt_outs(monkeypatch):
     monkeypatch.delenv(_malloc.ALLOCATOR_ENV, raising=False)
     monkeypatch.setenv(_malloc.ENV, "0")
-    assert _malloc.tune_allocator() is False
+    assert _launch.tune_allocator() is False
     monkeypatch.setenv(_malloc.ALLOCATOR_ENV, "system")
-    assert _malloc.tune_allocator() is False
+    assert _launch.tune_allocator() is False
     monkeypatch.setenv(_malloc.ALLOCATOR_ENV, "glibc")
-    assert _malloc.tune_allocator() is True  # glibc (Linux) runs the tests
+    assert _launch.tune_allocator() is True  # glibc (Linux) runs the tests
     assert _malloc.allocator_tuned()
     assert _malloc.active_allocator() in ("glibc tuned", "jemalloc", "tcmalloc")
 
@@ -106,11 +108,11 @@ def test_setup_reexecutes_once_with_the_library_preloaded(monkeypatch, capsys):
     monkeypatch.setattr(_malloc, "find_library", lambda name: f"/opt/lib/lib{name}.so.2")
     monkeypatch.setattr(_malloc, "active_allocator", lambda: "glibc")
     monkeypatch.setattr(os, "execve", lambda exe, argv, env: calls.append((exe, argv, env)))
-    monkeypatch.setattr(_malloc, "tune_allocator", lambda: calls.append("tuned"))
+    monkeypatch.setattr(_launch, "tune_allocator", lambda: calls.append("tuned"))
     monkeypatch.delenv(_malloc.ALLOCATOR_ENV, raising=False)
     monkeypatch.delenv(_malloc.ENV, raising=False)
     monkeypatch.delenv("_DASSDP_PRELOADED", raising=False)
-    _malloc.setup_allocator()
+    _launch.setup_allocator()
     exe, argv, env = calls[0]
     assert exe == sys.executable and argv == [sys.executable, *sys.orig_argv[1:]]
     assert env["LD_PRELOAD"].split()[0] == "/opt/lib/libjemalloc.so.2"  # auto: jemalloc first
@@ -120,7 +122,7 @@ def test_setup_reexecutes_once_with_the_library_preloaded(monkeypatch, capsys):
     # linker refused it): no second re-execution, glibc tuned, a note on stderr.
     calls.clear()
     monkeypatch.setenv("_DASSDP_PRELOADED", env["_DASSDP_PRELOADED"])
-    _malloc.setup_allocator()
+    _launch.setup_allocator()
     assert calls == ["tuned"]
     assert "could not preload /opt/lib/libjemalloc.so.2" in capsys.readouterr().err
 
@@ -129,13 +131,13 @@ def test_setup_with_the_library_loaded_or_glibc_chosen_does_not_reexecute(monkey
     calls = []
     monkeypatch.setattr(_malloc, "find_library", lambda name: f"/opt/lib/lib{name}.so.2")
     monkeypatch.setattr(os, "execve", lambda *a: calls.append("exec"))
-    monkeypatch.setattr(_malloc, "tune_allocator", lambda: calls.append("tuned"))
+    monkeypatch.setattr(_launch, "tune_allocator", lambda: calls.append("tuned"))
     monkeypatch.setenv(_malloc.ALLOCATOR_ENV, "tcmalloc")
     monkeypatch.setattr(_malloc, "active_allocator", lambda: "tcmalloc")
-    _malloc.setup_allocator()
+    _launch.setup_allocator()
     monkeypatch.setenv(_malloc.ALLOCATOR_ENV, "glibc")
     monkeypatch.setattr(_malloc, "active_allocator", lambda: "glibc")
-    _malloc.setup_allocator()
+    _launch.setup_allocator()
     assert calls == ["tuned", "tuned"]
 
 

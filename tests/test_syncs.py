@@ -147,10 +147,15 @@ def test_the_counter_sees_what_it_should():
     assert all(where.startswith("?") for _, where in mode.calls)  # not dassdp code
 
 
-def test_learned_sigma_and_amplitude_make_no_host_sync():
+@pytest.mark.parametrize("hyper_step", ["plain", "normalized"])
+def test_learned_sigma_and_amplitude_make_no_host_sync(hyper_step):
     # Learning adds the hypergradient (a read of .grad, the stored D_t), the stacked
-    # dD/dsigma GEMM and the log-space updates: all on the device, skipped steps included.
-    run = Run(learn=("sigma", "amplitude"), sigma_range=(0.25, 4.0), amplitude_range=(0.1, 10.0))
+    # dD/dsigma GEMM and the log-space updates (normalized: and the running means): all on
+    # the device, skipped steps included.
+    run = Run(
+        learn=("sigma", "amplitude"), sigma_range=(0.25, 4.0), amplitude_range=(0.1, 10.0),
+        hyper_step=hyper_step,
+    )  # fmt: skip
     with SyncCounter() as warmup:
         run.step()
     run.step()

@@ -15,7 +15,7 @@ from torch import nn
 
 import dassdp
 from dassdp import DASSDP, DASSDPConfig
-from dassdp._recompute import is_recomputing, recomputing
+from dassdp._util.recompute import is_recomputing, recomputing
 from dassdp.engine.metrics import FiringRates
 from dassdp.models import create_model, spikingresformer
 from dassdp.models.layers import check_stage_indices, checkpointed

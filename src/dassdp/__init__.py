@@ -17,10 +17,10 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
     "DASSDP": "dassdp.plasticity.learner",
-    "DASSDPConfig": "dassdp.plasticity.learner",
+    "DASSDPConfig": "dassdp.plasticity.config",
     "SiteSpec": "dassdp.plasticity.sites",
     "DASSDPWarning": "dassdp.plasticity.sites",
-    "reset": "dassdp._reset",
+    "reset": "dassdp.plasticity.reset",
     "create_model": "dassdp.models.registry",
     "list_models": "dassdp.models.registry",
     "register_model": "dassdp.models.registry",

@@ -1,3 +1,3 @@
-from dassdp.cli import entry
+from dassdp.commands._launch import entry
 
 entry()

@@ -3,6 +3,11 @@
 Each command lives in its own module under :mod:`dassdp.commands` exposing
 ``HELP: str``, ``add_arguments(parser)`` and ``run(args) -> int``; this file only
 dispatches, so commands import their (heavy) dependencies only when they run.
+
+:func:`main` changes nothing about the process it runs in, so a script or a test may call
+it; the ``dassdp`` program itself starts in :func:`dassdp.commands._launch.entry`, which
+installs the memory allocator first. A user error (a bad value, a missing file) is one line
+on stderr and exit status 2; ``DASSDP_TRACEBACK=1`` raises it with its traceback instead.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from dassdp._util.env import env_flag
+
+TRACEBACK_ENV = "DASSDP_TRACEBACK"  # on: user errors raise with their traceback
 # command name -> module under dassdp.commands
 COMMANDS: dict[str, str] = {
     "demo": "demo",
@@ -47,7 +55,7 @@ class _Version(argparse.Action):
         import torch
 
         import dassdp
-        from dassdp._malloc import active_allocator
+        from dassdp._util.allocator import active_allocator
 
         allocator = active_allocator()
         print(f"dassdp {dassdp.__version__} (torch {torch.__version__}, allocator {allocator})")
@@ -73,42 +81,16 @@ def add_subcommands(
         p.set_defaults(**{run_attr: module.run})
 
 
-def entry() -> None:
-    """The ``dassdp`` program (console script and ``python -m dassdp``): choose the memory
-    allocator first (it may re-execute this process with jemalloc preloaded, see
-    :mod:`dassdp._malloc`), then run :func:`main` and exit with its status."""
-    from dassdp._malloc import setup_allocator
-
-    try:
-        setup_allocator()
-    except ValueError as err:  # a bad DASSDP_ALLOCATOR, or a named library not installed
-        print(f"dassdp: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(main())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the command; returns the exit
-    status. In-process callers get the glibc allocator settings at most (no re-execution)."""
-    from dassdp._malloc import tune_allocator
-
-    try:
-        tune_allocator()  # glibc: reuse heap for large tensors, unless a library is preloaded
-    except ValueError as err:
-        print(f"dassdp: error: {err}", file=sys.stderr)
-        return 2
+    status. The process is left as it is (the allocator too: that is the program's start,
+    :mod:`dassdp.commands._launch`)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
-        # User errors: one clear line, no traceback (set DASSDP_DEBUG=1 to see it).
-        import os
-
-        if os.environ.get("DASSDP_DEBUG"):
+        # User errors: one clear line, no traceback (DASSDP_TRACEBACK=1 shows it).
+        if env_flag(TRACEBACK_ENV):
             raise
         print(f"dassdp {args.command}: error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    entry()

@@ -46,7 +46,7 @@ def train_process(
 ) -> dict[str, Any]:
     """Run one ``dassdp train`` in a fresh interpreter; its epoch times, wall time, peak RSS."""
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
-    from dassdp._malloc import preload_env
+    from dassdp._util.allocator import preload_env
 
     # This checkout chooses its allocator as `dassdp train` does (DASSDP_ALLOCATOR, else the
     # best installed); another checkout's sources start without this process's preload.

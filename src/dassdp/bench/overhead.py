@@ -157,7 +157,7 @@ def _profiled_own_ms(run: dict[str, Any], x: Any, y: Any, device: Any, amp: str,
     return ms[PLAST_RANGE] / steps, ms[HOOK_RANGE] / steps
 
 
-def bench_batch(
+def bench_batch(  # noqa: C901
     model_name: str = "spikingresformer_cifar",
     *,
     batch: int = 8,

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dassdp._io import atomic_write_text
+from dassdp._util.io import atomic_write_text
 
 __all__ = [
     "add_output_arguments",
@@ -50,7 +50,7 @@ def environment(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Facts a benchmark number needs next to it: command, torch, threads, CPU, date."""
     import torch
 
-    from dassdp._malloc import active_allocator
+    from dassdp._util.allocator import active_allocator
 
     args = sys.argv[1:] if argv is None else list(argv)
     return {

@@ -46,13 +46,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "checkpoint-all": {"spike_saving": True, "checkpoint_stages": "all"},
 }
 AMP_MODES = ("fp32", "bf16")
-# --allocator name -> dassdp._malloc choice (DASSDP_ALLOCATOR)
+# --allocator name -> dassdp._util.allocator choice (DASSDP_ALLOCATOR)
 BENCH_ALLOCATORS = {"jemalloc": "jemalloc", "tcmalloc": "tcmalloc", "tuned": "glibc",
                     "default": "system"}  # fmt: skip
 
 
 def bench_allocator(active: str) -> str:
-    """The ``--allocator`` name of :func:`dassdp._malloc.active_allocator`'s answer."""
+    """The ``--allocator`` name of :func:`dassdp._util.allocator.active_allocator`'s answer."""
     return {"glibc tuned": "tuned", "glibc": "default"}.get(active, active)
 
 
@@ -72,7 +72,7 @@ def rss_mib(key):
             return int(line.split()[1]) / 1024
     return float("nan")
 
-if cfg["allocator"] == "tuned":  # as dassdp._malloc.tune_allocator (the CLI) does
+if cfg["allocator"] == "tuned":  # as the dassdp command does (commands/_launch.py)
     import ctypes, ctypes.util
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.mallopt(-4, 0)  # M_MMAP_MAX
@@ -136,7 +136,7 @@ def fresh_process(cfg: dict[str, Any], src: str | None = None) -> dict[str, Any]
     """Run the worker in a fresh interpreter with ``cfg`` (its ``allocator``: a
     :data:`BENCH_ALLOCATORS` name); ``src`` (a directory holding the ``dassdp`` package)
     replaces this checkout's sources on its path."""
-    from dassdp._malloc import preload_env
+    from dassdp._util.allocator import preload_env
 
     env = preload_env(BENCH_ALLOCATORS[cfg["allocator"]])
     if src is not None:
@@ -306,7 +306,7 @@ def markdown(
         "processes per row, run interleaved, every row once per round; medians).",
         "*allocator*: `jemalloc` / `tcmalloc` = that library preloaded (`LD_PRELOAD`; jemalloc",
         "with `MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`), `tuned` = glibc with",
-        "`M_MMAP_MAX=0`, `M_TRIM_THRESHOLD=-1`, `default` = glibc's defaults (`dassdp._malloc`;",
+        "`M_MMAP_MAX=0`, `M_TRIM_THRESHOLD=-1`, `default` = glibc's defaults (`_util.allocator`;",
         "the `dassdp` CLI runs with jemalloc where it is installed, else tcmalloc, else glibc",
         "tuned; `DASSDP_ALLOCATOR` chooses); the interleaved timing runs in the `dassdp`",
         "process itself: its images/s sit in the rows of its own allocator.",
@@ -407,7 +407,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(BENCH_ALLOCATORS),
         help="allocators of the fresh processes: 'jemalloc' / 'tcmalloc' (preloaded), "
         "'tuned' (glibc with the dassdp settings), 'default' (glibc's defaults); default: "
-        "the one the dassdp CLI runs with here (dassdp._malloc)",
+        "the one the dassdp CLI runs with here (dassdp._util.allocator)",
     )
     parser.add_argument(
         "--no-time", action="store_true", help="skip the interleaved timing (memory only)"
@@ -430,7 +430,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dassdp._malloc import active_allocator
+    from dassdp._util.allocator import active_allocator
     from dassdp.bench.report import environment, write_csv, write_section
     from dassdp.bench.timing import load_average, median
 

@@ -53,7 +53,7 @@ def run_robustness(args: argparse.Namespace, conditions: list[Perturbation]) -> 
     """Clean + one evaluation per perturbation; print a table, optionally write JSON."""
     from pathlib import Path
 
-    from dassdp._io import atomic_write_json
+    from dassdp._util.io import atomic_write_json
     from dassdp.engine import load_checkpoint
     from dassdp.experiments.runner import evaluate_robustness
 

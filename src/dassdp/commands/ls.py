@@ -24,6 +24,8 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from dassdp.commands._ls_input import model_kwargs, sites_input
+
 HELP = "list what is available (models; a model's DA-SSDP sites)"
 DRIFT_LEVEL = 0.9  # pre and post both fire at least this often: dW is a near-uniform drift
 
@@ -212,53 +214,6 @@ def format_sites(
     return lines
 
 
-def _sites_input(args: argparse.Namespace, model_T: int) -> tuple[Any, str, Any]:
-    """``(info, description, batches)`` for ``--data``: real training images through the
-    normal data builders, or random input of the same shape when none is prepared."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from dassdp.data import DatasetNotFoundError, build_dataset, dataset_info
-    from dassdp.data.prepare import resolve_root
-
-    info = dataset_info(args.data)
-    B, n = args.batch_size, args.batches
-    if not args.random:
-        try:
-            dataset = build_dataset(args.data, args.root, train=True, T=model_T)
-        except DatasetNotFoundError:
-            reason = f"{args.data} is not prepared in {resolve_root(args.root)}"
-        else:
-            gen = torch.Generator().manual_seed(args.seed)
-            loader = DataLoader(dataset, batch_size=B, shuffle=True, generator=gen)
-            batches = [b for b, _ in zip(loader, range(n), strict=False)]
-            seen = sum(len(b[0]) for b in batches)
-            where = resolve_root(args.root)
-            return info, f"real data: {seen} {args.data} training images in {where}", batches
-    else:
-        reason = "--random"
-    gen = torch.Generator().manual_seed(args.seed)
-    S = info.input_size
-    if info.is_event:  # sparse event counts [B, T, 2, S, S]
-        shape = (B, model_T, info.in_channels, S, S)
-        batches = [torch.rand(shape, generator=gen).lt(0.05).float() for _ in range(n)]
-    else:  # normalised images are roughly standard normal
-        shape = (B, info.in_channels, S, S)
-        batches = [torch.randn(shape, generator=gen) for _ in range(n)]
-    return info, f"random input {tuple(shape)} x {n} ({reason})", batches
-
-
-def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    import yaml
-
-    kwargs: dict[str, Any] = {}
-    if args.model_args:
-        kwargs = yaml.safe_load(args.model_args) or {}
-        if not isinstance(kwargs, dict):
-            raise ValueError(f"--model-args must be a YAML mapping, got {args.model_args!r}")
-    return kwargs
-
-
 def _check_sites_args(args: argparse.Namespace) -> None:
     if not args.pattern and not (args.effect and args.checkpoint):
         raise ValueError(
@@ -285,7 +240,7 @@ def _list_sites(args: argparse.Namespace) -> list[str]:
 
         return site_effect_lines(args)
     preset = args.preset or "default"
-    kwargs = _model_kwargs(args)
+    kwargs = model_kwargs(args)
     T = args.T
     if args.data is None:
         with torch.device("meta"):  # shapes only
@@ -304,7 +259,7 @@ def _list_sites(args: argparse.Namespace) -> list[str]:
         args.pattern, num_classes=info.num_classes, in_channels=info.in_channels, T=T, **kwargs
     )
     infos = site_infos(model, preset)
-    _, source, batches = _sites_input(args, T)
+    _, source, batches = sites_input(args, T)
     firing = site_firing(model, preset, batches, T=T)
     return [
         f"{args.pattern}, site preset {preset!r}: {len(infos)} site(s); firing at "

@@ -51,7 +51,7 @@ def _as_batches(raw: list[Any]) -> list[tuple[Any, Any]]:
 def _init_setup(args: argparse.Namespace) -> _Setup:
     import torch
 
-    from dassdp.commands.ls import _model_kwargs, _sites_input
+    from dassdp.commands._ls_input import model_kwargs, sites_input
     from dassdp.data import dataset_info
     from dassdp.experiments.site_effect import calibrate_norms
     from dassdp.models import create_model
@@ -70,12 +70,12 @@ def _init_setup(args: argparse.Namespace) -> _Setup:
         num_classes=info.num_classes,
         in_channels=info.in_channels,
         T=T,
-        **_model_kwargs(args),
+        **model_kwargs(args),
     )
     specs = _specs(model, preset)
     make = DASSDPConfig.compat if preset == "compat" else DASSDPConfig
     rule = make(gate="one", seed=args.seed)
-    _, source, raw = _sites_input(args, T)
+    _, source, raw = sites_input(args, T)
     batches = _as_batches(raw)
     calibrate_norms(model, batches)
     return _Setup(

@@ -196,7 +196,7 @@ def _read_verified(out: Path) -> dict:
 
 
 def _write_verified(out: Path, cache: dict) -> None:
-    from dassdp._io import atomic_write_json
+    from dassdp._util.io import atomic_write_json
 
     with contextlib.suppress(OSError):  # a read-only data root: verify again next time
         atomic_write_json(out / VERIFIED, cache)

@@ -9,7 +9,12 @@ Library use::
 The command line wraps the same calls: ``dassdp train --config FILE [key=value ...]``.
 """
 
-from dassdp.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dassdp.engine.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    resume_config,
+    save_checkpoint,
+)
 from dassdp.engine.config import (
     ConfigError,
     PlasticityConfig,
@@ -21,7 +26,7 @@ from dassdp.engine.config import (
 )
 from dassdp.engine.metrics import read_metrics
 from dassdp.engine.seed import get_rng_state, seed_everything, set_rng_state
-from dassdp.engine.train import Trainer, evaluate, evaluate_checkpoint, fit, resume_config
+from dassdp.engine.train import Trainer, evaluate, evaluate_checkpoint, fit
 
 __all__ = [
     "CheckpointError",

@@ -5,6 +5,9 @@ A training checkpoint is a dict with ``format``/``version`` and ``model``, ``opt
 (:func:`dassdp.engine.seed.get_rng_state`), ``loader`` (the data-order generator state),
 ``epoch`` (epochs completed), ``best_acc1``, ``config`` and ``revision``.
 
+Resume policy: :func:`resume_config` decides which config a resume continues with; only the
+keys in :data:`RESUMABLE_CHANGES` may differ from the checkpoint's.
+
 Writes go to a temporary file in the same folder, are flushed to disk, then renamed over
 the target (``os.replace`` is atomic on POSIX and Windows): a crash mid-write leaves the
 previous checkpoint intact. Loads use ``torch.load(weights_only=True)``, so a checkpoint
@@ -13,6 +16,7 @@ cannot run code; a truncated or foreign file is a :class:`CheckpointError` namin
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,18 +25,48 @@ from typing import Any
 import torch
 from torch import nn
 
+from dassdp.engine.config import (
+    ConfigError,
+    TrainConfig,
+    amp_dtype,
+    config_from_dict,
+    same_plasticity,
+)
+
 __all__ = [
     "FORMAT",
+    "RESUMABLE_CHANGES",
     "VERSION",
     "CheckpointError",
     "load_checkpoint",
     "load_model_state",
+    "resume_config",
     "save_checkpoint",
 ]
 
 FORMAT = "dassdp-checkpoint"
 VERSION = 1
 REQUIRED = ("model", "epoch", "config")
+# Keys that may differ between a checkpoint's config and the one given with --resume.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "epochs",
+        "workers",
+        "threads",
+        "progress",
+        "tensorboard",
+        "device",
+        "data_root",
+        "name",
+        "pretrained",
+        # how fast, not what: float32 results may differ in rounding (see dassdp.engine.train)
+        "compile",
+        "compile_mode",
+        "compile_backend",
+        "channels_last",
+        "cudnn_benchmark",
+    }
+)
 
 
 class CheckpointError(ValueError):
@@ -121,3 +155,46 @@ def load_model_state(model: nn.Module, state: Mapping[str, Any], where: str | os
             + "; ".join(parts)
         )
     model.load_state_dict(state)
+
+
+def resume_config(saved: dict[str, Any], given: TrainConfig | None) -> TrainConfig:
+    """The config to resume with: the checkpoint's, or ``given`` if it differs only in
+    :data:`RESUMABLE_CHANGES` (anything else would not continue the same run)."""
+    if given is None:
+        return config_from_dict(saved)
+    new = dataclasses.asdict(given)
+    saved = {**_defaults(), **saved}  # keys added since that checkpoint: their defaults
+    changed = sorted(k for k in set(saved) | set(new) if not _same(k, saved.get(k), new.get(k)))
+    bad = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if bad:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in bad)
+        raise ConfigError(
+            f"--resume: the config differs from the checkpoint's in {detail}; only "
+            f"{', '.join(sorted(RESUMABLE_CHANGES))} may change (or start a new run folder)"
+        )
+    return given
+
+
+def _defaults() -> dict[str, Any]:
+    """The default value of every :class:`TrainConfig` field (``None`` if it has none)."""
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    """Equal config values; ``amp: true`` and ``amp: fp16`` are the same setting, and so are
+    two ``plasticity`` blocks that configure the same learner (:func:`same_plasticity`)."""
+    if key == "plasticity":
+        return same_plasticity(old, new)
+    if key == "amp":
+        try:
+            return amp_dtype(old) == amp_dtype(new)
+        except ConfigError:
+            return False
+    return old == new

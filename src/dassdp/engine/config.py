@@ -19,7 +19,9 @@ stays plain data: the builders in :mod:`dassdp.engine.builders` turn it into obj
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import operator
 import re
 import types
 import typing
@@ -30,7 +32,8 @@ from typing import Any
 
 import yaml
 
-from dassdp._io import atomic_write_text
+from dassdp._util.io import atomic_write_text
+from dassdp.plasticity.config import DASSDPConfig, DASSDPConfigError
 
 __all__ = [
     "AMP_MODES",
@@ -45,6 +48,7 @@ __all__ = [
     "config_to_dict",
     "dassdp_config",
     "load_config",
+    "same_plasticity",
     "save_config",
 ]
 
@@ -56,49 +60,75 @@ PLASTICITY_PRESETS = ("default", "compat")
 
 
 class ConfigError(ValueError):
-    """A config key is unknown, has the wrong type, or breaks a rule; the message names it."""
+    """A config key is unknown, has the wrong type, or breaks a rule; the message names it.
+
+    ``key``: the dotted key at fault when the message comes from elsewhere (the learner's
+    config) and may not spell it, so that :func:`load_config` blames the right override.
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
-class PlasticityConfig:
-    """The ``plasticity:`` block: how DA-SSDP runs alongside training.
-
-    ``None`` fields take the preset's value (:class:`dassdp.DASSDPConfig` for ``"default"``,
-    :meth:`dassdp.DASSDPConfig.compat` for ``"compat"``, the released code's semantics).
-
-    Attributes:
-        enabled: ``False`` keeps the learner attached but inert (bit-identical to no learner).
-        preset: ``"default"`` (the paper) or ``"compat"`` (the authors' released code).
-        sites: the model's site preset (``"default"``, ``"compat"``, ``"classifier"``, ...).
-        warmup_epochs: epochs that only record (S, L); must be < ``epochs``.
-        A_plus, A_minus, sigma, clip, gate, latency, apply, control, dtype, debug: see
-            :class:`dassdp.DASSDPConfig`.
-        learn: what each site learns by the one-step hypergradient of the task loss, a list
-            of ``sigma`` and/or ``amplitude`` (``[]``: nothing); ``None`` takes the preset's
-            (nothing).
-        sigma_lr, amplitude_lr: step sizes of the learned log sigma / log amplitude.
-        sigma_range, amplitude_range: ``[lo, hi]`` bounds of the learned values, or ``None``.
-    """
+class _PlasticityKeys:
+    """The engine's own keys of the ``plasticity:`` block (see :class:`PlasticityConfig`)."""
 
     enabled: bool = True
     preset: str = "default"
     sites: str | None = None
     warmup_epochs: int = 100
-    A_plus: float | None = None
-    A_minus: float | None = None
-    sigma: float | None = None
-    clip: float | None = None
-    gate: str | None = None
-    latency: str | None = None
-    apply: str | None = None
-    control: str | None = None
-    dtype: str | None = None
-    debug: bool = False
-    learn: list[str] | None = None
-    sigma_lr: float | None = None
-    amplitude_lr: float | None = None
-    sigma_range: list[float] | None = None
-    amplitude_range: list[float] | None = None
+
+
+def _yaml_type(tp: Any) -> Any:
+    """The YAML-side type of a :class:`DASSDPConfig` annotation: tuples are lists in YAML."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return functools.reduce(operator.or_, (_yaml_type(a) for a in args))
+    if origin is tuple:
+        items = {a for a in args if a is not Ellipsis}
+        return list[items.pop()] if len(items) == 1 else list
+    return tp
+
+
+def _plasticity_class() -> type:
+    """:class:`_PlasticityKeys` plus every other :class:`DASSDPConfig` field, typed as the
+    learner types it (tuples as lists) or ``None``: the preset's value."""
+    own = {f.name for f in dataclasses.fields(_PlasticityKeys)}
+    hints = typing.get_type_hints(DASSDPConfig)
+    passed = [
+        (f.name, _yaml_type(hints[f.name]) | None, field(default=None))
+        for f in dataclasses.fields(DASSDPConfig)
+        if f.name not in own
+    ]
+    doc = """The ``plasticity:`` block: how DA-SSDP runs alongside training.
+
+    The engine's own keys:
+
+    Attributes:
+        enabled: ``False`` keeps the learner attached but inert (bit-identical to no learner).
+        preset: ``"default"`` (:class:`dassdp.DASSDPConfig`, the paper) or ``"compat"``
+            (:meth:`dassdp.DASSDPConfig.compat`, the authors' released code).
+        sites: the model's site preset (``"default"``, ``"compat"``, ``"classifier"``, ...);
+            ``None``: the preset's.
+        warmup_epochs: epochs that only record (S, L); must be < ``epochs``.
+
+    Every other :class:`dassdp.DASSDPConfig` field is a key too (``A_plus``, ``sigma``,
+    ``gate``, ``learn``, ...: see its docstring), typed as there with lists for tuples;
+    ``None`` (unset) takes the preset's value. The engine names none of them: a new field of
+    ``DASSDPConfig`` is a key here with no change to the engine, and the learner's config
+    checks every value (:func:`dassdp_config`).
+    """
+    return dataclasses.make_dataclass(
+        "PlasticityConfig",
+        passed,
+        bases=(_PlasticityKeys,),
+        namespace={"__module__": __name__, "__doc__": doc},
+    )
+
+
+PlasticityConfig = _plasticity_class()
 
 
 @dataclass
@@ -257,44 +287,60 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            if dataclasses.is_dataclass(arg) and isinstance(value, Mapping):
-                return _coerce(key, value, arg)  # a mapping's own key errors are the news
-            if typing.get_origin(arg) is list and isinstance(value, list | tuple):
-                return _coerce(key, value, arg)  # so are a list's item errors
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError:
-                continue
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif dataclasses.is_dataclass(tp):
-        if isinstance(value, Mapping):
-            return _from_mapping(tp, value, prefix=f"{key}.")
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        return _coerce_union(key, value, tp)
+    if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+        return _from_mapping(tp, value, prefix=f"{key}.")
+    if origin is dict and isinstance(value, Mapping):
+        return dict(value)
+    if origin is list and isinstance(value, Sequence) and not isinstance(value, str):
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    out = _scalar(value, tp)
+    if out is _NOT:
+        raise _type_error(key, value, tp)
+    return out
+
+
+def _coerce_union(key: str, value: Any, tp: Any) -> Any:
+    """``value`` as the first member of union ``tp`` that takes it; else ConfigError."""
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg) and isinstance(value, Mapping):
+            return _coerce(key, value, arg)  # a mapping's own key errors are the news
+        if typing.get_origin(arg) is list and isinstance(value, list | tuple):
+            return _coerce(key, value, arg)  # so are a list's item errors
+        try:
+            return _coerce(key, value, arg)
+        except ConfigError:
+            continue
+    raise _type_error(key, value, tp)
+
+
+_NOT = object()  # _scalar: the value is not of that type
+
+
+def _scalar(value: Any, tp: Any) -> Any:
+    """``value`` as scalar type ``tp`` (``None``, bool, int, float, str), or :data:`_NOT`."""
+    if tp is type(None):
+        return None if value is None else _NOT
+    if tp is bool:
+        return value if isinstance(value, bool) else _NOT
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NOT
+    if tp is str:
+        return value if isinstance(value, str) else _NOT
+    if tp is float and not isinstance(value, bool):
+        if isinstance(value, int | float):
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
             try:
                 return float(value)
             except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif origin is dict and isinstance(value, Mapping):
-        return dict(value)
-    elif origin is list and isinstance(value, Sequence) and not isinstance(value, str):
-        (item,) = typing.get_args(tp) or (Any,)
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+                return _NOT
+    return _NOT
+
+
+def _type_error(key: str, value: Any, tp: Any) -> ConfigError:
+    return ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
 def _from_mapping(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
@@ -366,13 +412,14 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
 
 
 def _blame(err: ConfigError, overrides: Sequence[str], path: Path) -> str:
-    """Where a config error comes from: the override(s) whose key the message names, else
-    the file (an override's mistake must not send the user looking in the file)."""
-    named = [
-        item
-        for item in overrides
-        if re.search(rf"(?<![\w.]){re.escape(item.partition('=')[0].strip())}(?!\w)", str(err))
-    ]
+    """Where a config error comes from: the override(s) whose key the message names (or
+    ``err.key``), else the file (an override's mistake must not send the user looking in
+    the file)."""
+
+    def names(key: str) -> bool:
+        return key == err.key or bool(re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", str(err)))
+
+    named = [item for item in overrides if names(item.partition("=")[0].strip())]
     if not named:
         return str(path)
     return "override " + ", ".join(repr(item) for item in named)
@@ -425,9 +472,8 @@ def validate(cfg: TrainConfig) -> None:
     _check_mixup(cfg)
     _check_dataset(cfg)
     _check_transform(cfg)
-    _check_model(cfg)
-    if cfg.plasticity is not None:
-        _check_plasticity(cfg.plasticity, cfg.epochs)
+    learner = _check_plasticity(cfg) if cfg.plasticity is not None else None
+    _check_model(cfg, learner)
 
 
 def amp_dtype(amp: bool | str) -> Any:
@@ -527,8 +573,9 @@ def _check_transform(cfg: TrainConfig) -> None:
         raise ConfigError(f"transform.{err}") from None
 
 
-def _check_model(cfg: TrainConfig) -> None:
-    """The model name is registered and its ``model_args`` construct it (on the meta device)."""
+def _check_model(cfg: TrainConfig, learner: DASSDPConfig | None) -> None:
+    """The model name is registered, its ``model_args`` construct it (on the meta device),
+    and it declares the learner's site preset."""
     import torch
 
     from dassdp.models.registry import create_model, is_model, list_models
@@ -547,49 +594,87 @@ def _check_model(cfg: TrainConfig) -> None:
             model = create_model(cfg.model, T=cfg.T, **cfg.model_args)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model_args: {cfg.model} rejects {cfg.model_args} ({err})") from None
-    p = cfg.plasticity
-    if p is not None and hasattr(model, "dassdp_sites"):
+    if learner is not None and hasattr(model, "dassdp_sites"):
         try:
-            model.dassdp_sites(p.sites or ("compat" if p.preset == "compat" else "default"))
+            model.dassdp_sites(learner.sites)
         except (KeyError, ValueError) as err:
             raise ConfigError(f"plasticity.sites: {err}") from None
 
 
-def dassdp_config(p: PlasticityConfig, seed: int = 0) -> Any:
-    """The :class:`dassdp.DASSDPConfig` for a plasticity block (preset + explicit values)."""
-    from dassdp.plasticity.learner import DASSDPConfig
+# ---------------------------------------------------------------- the plasticity block
 
+# Learner errors the engine worded itself before the learner's config checked them: they
+# keep reading ``plasticity.<key> ...``; every other one reads ``plasticity: <its message>``.
+_DOTTED_ERRORS = frozenset({"sigma", "warmup_epochs"})
+
+
+def dassdp_config(p: PlasticityConfig, seed: int = 0) -> DASSDPConfig:
+    """The :class:`dassdp.DASSDPConfig` of a plasticity block: the preset, then every value
+    the block sets (``seed``, unless set, is the run's). Built once per run: memoised on the
+    block's values, so validating the config and building the learner share one object.
+
+    Raises:
+        ConfigError: the preset is unknown, or the learner's config rejects a value (the
+            message names ``plasticity`` and the key).
+    """
     _require(
         p.preset in PLASTICITY_PRESETS,
         f"plasticity.preset must be one of {', '.join(PLASTICITY_PRESETS)}, got {p.preset!r}",
     )
-    skip = {"preset"}
-    explicit = {
-        f.name: getattr(p, f.name)
+    values = {
+        f.name: _frozen(getattr(p, f.name))
         for f in dataclasses.fields(p)
-        if f.name not in skip and getattr(p, f.name) is not None
+        if f.name != "preset" and getattr(p, f.name) is not None
     }
-    explicit.setdefault("seed", seed)
+    return _learner_config(p.preset, tuple(values.items()), seed)
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable copy of a config value (lists become tuples, as the learner stores them)."""
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple((k, _frozen(v)) for k, v in value.items())
+    return value
+
+
+@functools.lru_cache(maxsize=32)
+def _learner_config(preset: str, values: tuple[tuple[str, Any], ...], seed: int) -> DASSDPConfig:
+    explicit = {"seed": seed, **dict(values)}
+    build = DASSDPConfig.compat if preset == "compat" else DASSDPConfig
     try:
-        if p.preset == "compat":
-            return DASSDPConfig.compat(**explicit)
-        return DASSDPConfig(**explicit)
+        return build(**explicit)
+    except DASSDPConfigError as err:
+        text, key = str(err), err.key
+        sep = "." if key in _DOTTED_ERRORS and text.startswith(f"{key} ") else ": "
+        raise ConfigError(f"plasticity{sep}{text}", key=f"plasticity.{key}") from None
     except (ValueError, TypeError) as err:
         raise ConfigError(f"plasticity: {err}") from None
 
 
-def _check_plasticity(p: PlasticityConfig, epochs: int) -> None:
-    if p.sigma is not None:
-        _require(
-            p.sigma > 0,
-            f"plasticity.sigma must be > 0 [time steps] (.inf: no kernel), got {p.sigma}",
-        )
-    _require(p.warmup_epochs >= 0, f"plasticity.warmup_epochs must be >= 0, got {p.warmup_epochs}")
+def _check_plasticity(cfg: TrainConfig) -> DASSDPConfig:
+    """The learner's config (every value checked there) and the engine's one rule on top."""
+    p = cfg.plasticity
+    learner = dassdp_config(p, seed=cfg.seed)
     if p.enabled:
         _require(
-            p.warmup_epochs < epochs,
-            f"plasticity.warmup_epochs ({p.warmup_epochs}) must be < epochs ({epochs}): the "
+            p.warmup_epochs < cfg.epochs,
+            f"plasticity.warmup_epochs ({p.warmup_epochs}) must be < epochs ({cfg.epochs}): the "
             "gate is fitted after warm-up, so DA-SSDP would never change a weight; lower it, "
             "raise epochs, or set plasticity.enabled=false",
         )
-    dassdp_config(p)
+    return learner
+
+
+def same_plasticity(old: Any, new: Any) -> bool:
+    """Whether two saved ``plasticity`` blocks (mappings, or ``None``) configure the same
+    learner: a key one of them lacks (added since it was saved) or leaves unset means the
+    preset's value, so only the resolved :class:`dassdp.DASSDPConfig` is compared."""
+    if not (isinstance(old, Mapping) and isinstance(new, Mapping)):
+        return old == new
+    try:
+        blocks = (_from_mapping(PlasticityConfig, x, "plasticity.") for x in (old, new))
+        a, b = (dassdp_config(block) for block in blocks)
+    except ConfigError:
+        return False
+    return a == b

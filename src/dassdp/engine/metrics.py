@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dassdp._io import atomic_write_text
-from dassdp._recompute import is_recomputing
+from dassdp._util.io import atomic_write_text
+from dassdp._util.recompute import is_recomputing
 from dassdp.plasticity import distributed as D
 
 __all__ = [

@@ -1,5 +1,11 @@
-"""Run-folder safety: one trainer per folder (a lock), no resume into another run's folder,
-and a ``run.json`` that keeps every start and resume.
+"""The run folder: what a run writes about itself, and its safety (one trainer per folder,
+a lock file; no resume into another run's folder; a ``run.json`` that keeps every start and
+resume).
+
+:func:`write_run_files` writes ``config.yaml`` (the resolved config, the code revision in its
+header) and ``run.json`` (:func:`run_metadata`: revision, versions, command line, host,
+world size, device, memory allocator, start time; after a resume, the first start's fields
+and a ``resumes`` list).
 
 The lock has two mechanisms, chosen by ``DASSDP_LOCK`` (``auto``, the default; ``flock``;
 ``file``):
@@ -31,11 +37,18 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+
+import dassdp
+from dassdp._util.allocator import active_allocator
+from dassdp._util.io import atomic_write_json
+from dassdp.engine.config import TrainConfig, save_config
 
 try:
     import fcntl
@@ -49,11 +62,16 @@ __all__ = [
     "RunFolderError",
     "RunLock",
     "check_resume_target",
+    "code_revision",
     "lock_holder",
+    "read_json",
+    "run_metadata",
     "run_name",
     "slurm_job_active",
     "with_resume",
+    "write_run_files",
 ]
+
 
 LOCK = ".lock"
 EXCL_LOCK = ".lock.excl"
@@ -341,3 +359,67 @@ def with_resume(previous: dict[str, Any] | None, entry: dict[str, Any]) -> dict[
         return {**entry, "resumes": [entry]}
     history = previous.get("resumes")
     return {**previous, "resumes": [*(history if isinstance(history, list) else []), entry]}
+
+
+def code_revision() -> str | None:
+    """``git describe --always --dirty`` of the dassdp source tree, or None outside git."""
+    src = Path(dassdp.__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(src), "describe", "--always", "--dirty", "--tags"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's contents, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_metadata(revision: str | None, world_size: int, device: str) -> dict[str, Any]:
+    """The ``run.json`` entry of one start: code ``revision``, dassdp / torch / Python
+    versions, host, command line, ``world_size``, ``device``, the memory allocator this
+    process runs with (as the ``dassdp`` command installed it) and the start time."""
+    return {
+        "revision": revision,
+        "dassdp": dassdp.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "argv": sys.argv,
+        "world_size": world_size,
+        "device": device,
+        "allocator": active_allocator(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_run_files(
+    run_dir: Path,
+    cfg: TrainConfig,
+    *,
+    world_size: int,
+    device: str,
+    resumed_from: Path | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write ``run_dir/config.yaml`` and ``run_dir/run.json`` for a start of ``cfg``
+    (``resumed_from``: the checkpoint a resume continues; the history is kept, see
+    :func:`with_resume`; ``extra``: more fields of this start, e.g. a launcher's job)."""
+    revision = code_revision()
+    header = f"dassdp train (revision {revision or 'unknown'}): resolved config"
+    save_config(cfg, run_dir / "config.yaml", header=header)
+    meta = {**run_metadata(revision, world_size, device), **(extra or {})}
+    if resumed_from is not None:  # keep the history: the first start's fields, then every resume
+        meta["checkpoint"] = str(resumed_from)
+        meta = with_resume(read_json(run_dir / "run.json"), meta)
+    atomic_write_json(run_dir / "run.json", meta)

@@ -7,7 +7,7 @@ The step reads top to bottom::
 and everything else (builders, checkpoints, metrics) happens around it. Run folder::
 
     runs/<name>/config.yaml     the resolved config (code revision in its header)
-    runs/<name>/run.json        revision, versions, command line, start time
+    runs/<name>/run.json        revision, versions, command line, start time (rundir.py)
     runs/<name>/metrics.jsonl   one row per epoch (see dassdp.engine.metrics)
     runs/<name>/train.log       the log lines
     runs/<name>/last.pt         after every epoch (atomic); --resume continues from it
@@ -22,7 +22,8 @@ RNG state (per rank) and the data-order generator.
 Precision (``amp``): float32, bfloat16 autocast (no grad scaler) or float16 autocast with a
 ``GradScaler`` (CUDA). ``compile`` wraps the training forward in ``torch.compile``;
 evaluation runs the eager model in the same autocast dtype. Resume is bit-exact only with
-the same device, precision and compile setting.
+the same device, precision and compile setting (which config keys a resume may change:
+:data:`dassdp.engine.checkpoint.RESUMABLE_CHANGES`).
 
 Host reads per training step (``aten._local_scalar_dense`` on a device tensor; counted in
 ``tests/test_engine_precision.py``), with the optimizer's own CPU step counters excluded:
@@ -50,9 +51,6 @@ import json
 import logging
 import math
 import os
-import platform
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -65,8 +63,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import dassdp
-from dassdp._io import atomic_write_json
-from dassdp._malloc import active_allocator
 from dassdp.engine.builders import (
     build_criterion,
     build_datasets,
@@ -80,14 +76,7 @@ from dassdp.engine.builders import (
     load_pretrained,
 )
 from dassdp.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from dassdp.engine.config import (
-    ConfigError,
-    TrainConfig,
-    amp_dtype,
-    apply_overrides,
-    config_from_dict,
-    save_config,
-)
+from dassdp.engine.config import ConfigError, TrainConfig, apply_overrides, config_from_dict
 from dassdp.engine.distributed import (
     broadcast_buffers,
     init_distributed,
@@ -102,61 +91,22 @@ from dassdp.engine.precision import (
     prepare_model,
     resolve_amp,
 )
-from dassdp.engine.rundir import RunLock, check_resume_target, with_resume
+from dassdp.engine.rundir import RunLock, check_resume_target, code_revision, write_run_files
 from dassdp.engine.seed import get_rng_state, seed_everything, set_rng_state
 from dassdp.plasticity import distributed as D
 
 __all__ = [
     "PROGRESS_EVERY",
-    "RESUMABLE_CHANGES",
     "Trainer",
     "TrainingDiverged",
-    "code_revision",
     "evaluate",
     "evaluate_checkpoint",
     "fit",
-    "resume_config",
 ]
 
 log = logging.getLogger("dassdp.train")
 
-# Keys that may differ between a checkpoint's config and the one given with --resume.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "epochs",
-        "workers",
-        "threads",
-        "progress",
-        "tensorboard",
-        "device",
-        "data_root",
-        "name",
-        "pretrained",
-        # how fast, not what: float32 results may differ in rounding (see the module doc)
-        "compile",
-        "compile_mode",
-        "compile_backend",
-        "channels_last",
-        "cudnn_benchmark",
-    }
-)
 PROGRESS_EVERY = 50  # steps between progress-bar loss updates (each is one host read)
-
-
-def code_revision() -> str | None:
-    """``git describe --always --dirty`` of the dassdp source tree, or None outside git."""
-    src = Path(dassdp.__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(src), "describe", "--always", "--dirty", "--tags"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 class TrainingDiverged(RuntimeError):
@@ -302,13 +252,22 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._lock = RunLock(self.run_dir)  # one trainer per folder; freed when we die
-            self._write_run_files(resume, checkpoint)
+            self._open_log()
+            resumed_from = (checkpoint or self.run_dir / "last.pt") if resume else None
+            write_run_files(
+                self.run_dir,
+                self.cfg,
+                world_size=self.dist.world_size,
+                device=str(self.device),
+                resumed_from=resumed_from,
+                extra=self._run_info,
+            )
         except BaseException:
             self.close()
             raise
 
-    def _write_run_files(self, resume: bool | str, checkpoint: Path | None) -> None:
-        revision = code_revision()
+    def _open_log(self) -> None:
+        """Send this run's log lines to ``train.log`` in the run folder (until :meth:`close`)."""
         handler = logging.FileHandler(self.run_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
@@ -316,25 +275,6 @@ class Trainer:
         self._log_level = log.level
         if log.getEffectiveLevel() > logging.INFO:
             log.setLevel(logging.INFO)  # train.log gets the epoch lines even without a setup
-        header = f"dassdp train (revision {revision or 'unknown'}): resolved config"
-        save_config(self.cfg, self.run_dir / "config.yaml", header=header)
-        meta = {
-            "revision": revision,
-            "dassdp": dassdp.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "host": platform.node(),
-            "argv": sys.argv,
-            "world_size": self.dist.world_size,
-            "device": str(self.device),
-            "allocator": active_allocator(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            **self._run_info,
-        }
-        if resume:  # keep the history: the first start's fields, then every resume
-            meta["checkpoint"] = str(checkpoint or self.run_dir / "last.pt")
-            meta = with_resume(_read_json(self.run_dir / "run.json"), meta)
-        atomic_write_json(self.run_dir / "run.json", meta)
 
     # ----------------------------------------------------------------- the loop
     def fit(
@@ -591,14 +531,6 @@ class Trainer:
             lock.release()
 
 
-def _read_json(path: Path) -> Any:
-    """A JSON file's contents, or None when it is missing or unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _plasticity_line(p: dict[str, Any]) -> str:
     parts = [f"DA-SSDP {p['phase']}"]
     if p["phase"] == "off":
@@ -612,46 +544,6 @@ def _plasticity_line(p: dict[str, Any]) -> str:
     if skipped:
         parts.append(f"skipped {skipped}")
     return "  ".join(parts)
-
-
-def resume_config(saved: dict[str, Any], given: TrainConfig | None) -> TrainConfig:
-    """The config to resume with: the checkpoint's, or ``given`` if it differs only in
-    :data:`RESUMABLE_CHANGES` (anything else would not continue the same run)."""
-    if given is None:
-        return config_from_dict(saved)
-    new = dataclasses.asdict(given)
-    saved = {**_defaults(), **saved}  # keys added since that checkpoint: their defaults
-    changed = sorted(k for k in set(saved) | set(new) if not _same(k, saved.get(k), new.get(k)))
-    bad = [k for k in changed if k not in RESUMABLE_CHANGES]
-    if bad:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in bad)
-        raise ConfigError(
-            f"--resume: the config differs from the checkpoint's in {detail}; only "
-            f"{', '.join(sorted(RESUMABLE_CHANGES))} may change (or start a new run folder)"
-        )
-    return given
-
-
-def _defaults() -> dict[str, Any]:
-    """The default value of every :class:`TrainConfig` field (``None`` if it has none)."""
-    out = {}
-    for f in dataclasses.fields(TrainConfig):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            value = f.default_factory()
-            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-    return out
-
-
-def _same(key: str, old: Any, new: Any) -> bool:
-    """Equal config values; ``amp: true`` and ``amp: fp16`` are the same setting."""
-    if key == "amp":
-        try:
-            return amp_dtype(old) == amp_dtype(new)
-        except ConfigError:
-            return False
-    return old == new
 
 
 def evaluate_checkpoint(

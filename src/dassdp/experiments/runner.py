@@ -44,10 +44,12 @@ from typing import Any
 
 import yaml
 
-from dassdp._io import atomic_write_json
+from dassdp._util.io import atomic_write_json
 from dassdp.engine import config_to_dict, fit, load_checkpoint, load_config, read_metrics
-from dassdp.engine.config import ConfigError, TrainConfig
-from dassdp.engine.train import RESUMABLE_CHANGES, code_revision, evaluate_checkpoint
+from dassdp.engine.checkpoint import RESUMABLE_CHANGES
+from dassdp.engine.config import ConfigError, TrainConfig, same_plasticity
+from dassdp.engine.rundir import code_revision
+from dassdp.engine.train import evaluate_checkpoint
 from dassdp.experiments.robustness import Perturbation, Perturber
 from dassdp.experiments.state import record_invocation
 from dassdp.experiments.variants import variant_overrides
@@ -153,7 +155,13 @@ def _config_conflict(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """Keys (other than :data:`MAY_DIFFER`) where a folder's config differs from ``cfg``."""
     new = config_to_dict(cfg)
     keys = set(saved) | set(new)
-    return sorted(k for k in keys if saved.get(k) != new.get(k) and k not in MAY_DIFFER)
+    return sorted(k for k in keys if not _same(k, saved.get(k), new.get(k)) and k not in MAY_DIFFER)
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    """Equal values; two ``plasticity`` blocks are equal when they configure the same learner
+    (a key added to the block since the folder was written takes the preset's value)."""
+    return same_plasticity(old, new) if key == "plasticity" else old == new
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -24,9 +24,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dassdp._io import atomic_write_json
-from dassdp.engine.rundir import lock_holder
-from dassdp.engine.train import code_revision
+from dassdp._util.io import atomic_write_json
+from dassdp.engine.rundir import code_revision, lock_holder
 
 __all__ = [
     "MANIFEST",

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dassdp._recompute import recomputing
+from dassdp._util.recompute import recomputing
 from dassdp.neurons import LIF
 from dassdp.plasticity.sites import SiteSpec
 
@@ -152,7 +152,7 @@ def checkpointed(module: nn.Module, x: Tensor) -> Tensor:
     The recomputation is an exact replay: the module's buffers (BatchNorm running statistics,
     DSSA running firing rates) are set back to their values before the forward for it and
     restored afterwards, so they are updated once per forward and the recomputed activations
-    equal the original ones; it runs under :func:`dassdp._recompute.recomputing`, so
+    equal the original ones; it runs under :func:`dassdp._util.recompute.recomputing`, so
     recording hooks (DA-SSDP recorder, firing rates) skip it. Without grad it is a plain call.
     """
     if not torch.is_grad_enabled():

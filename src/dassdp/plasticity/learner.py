@@ -28,36 +28,35 @@ checks that do read values back.
 amplitude scale ``a`` (``dW = clip(a D)``) by the one-step hypergradient of the next step's
 loss: the next step's gradient, already in the site weight's ``.grad`` when :meth:`DASSDP.step`
 runs, is paired with the stored ``D_t`` and ``dD_t/dsigma`` (computed in the same GEMM as
-``D_t``, all-reduced with it), so this too stays on the device and agrees on every rank.
+``D_t``, all-reduced with it), so this too stays on the device and agrees on every rank
+(:mod:`dassdp.plasticity.learned`).
+
+The config is :mod:`dassdp.plasticity.config`, the controls :mod:`dassdp.plasticity.controls`.
 """
 
 from __future__ import annotations
 
-import math
 import operator
-import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from dassdp._util.env import env_flag
+from dassdp.plasticity import controls
 from dassdp.plasticity import distributed as D
-from dassdp.plasticity.gate import (
-    GATE_MODES,
-    GateFit,
-    GateStats,
-    fit_gate,
-    gate_values,
-    to_device,
-)
+from dassdp.plasticity.config import DTYPES, DASSDPConfig
+from dassdp.plasticity.gate import GateFit, GateStats, fit_gate, gate_values, to_device
+from dassdp.plasticity.learned import LearnedRule
 from dassdp.plasticity.recorder import Recorder, SiteRecord
-from dassdp.plasticity.rule import LATENCY_MODES, Activity, delta_w, synchrony
+from dassdp.plasticity.rule import delta_w, synchrony
 from dassdp.plasticity.sites import DASSDPWarning, SiteSpec, normalize_sites
 
-APPLY_MODES = ("post_step", "grad")
+__all__ = ["COUNTERS", "DASSDP", "DASSDPConfig"]
+
+
 COUNTERS = (
     "steps",
     "recorded",
@@ -68,172 +67,6 @@ COUNTERS = (
 )
 DEBUG_ENV = "DASSDP_DEBUG"
 WARMUP_NOTICE_STEPS = 1000  # steps after which a never-set epoch is reported
-CONTROLS = ("none", "shuffled_latency", "random_update", "uniform_drift")
-LEARNABLE = ("sigma", "amplitude")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass(frozen=True)
-class DASSDPConfig:
-    """DA-SSDP hyper-parameters (plain floats: never parameters of the model).
-
-    Attributes:
-        A_plus: potentiation amplitude for co-firing pairs (paper: 1.5e-3).
-        A_minus: depression amplitude for the other pairs (paper: 1.0e-4).
-        sigma: latency-kernel width in time steps (``inf``: no kernel).
-        clip: elementwise bound on ``dW`` (``None``: none).
-        warmup_epochs: epochs that only record ``(S, L)``; the gate is fitted after them.
-        gate: ``"fitted"`` (DA-SSDP) or ``"one"`` (``G = 1``, two-factor SSDP).
-        latency: ``"first"`` spike (paper) or ``"last"`` active step (released code).
-        apply: ``"post_step"`` (``W += dW`` when ``step`` is called after ``optimizer.step()``)
-            or ``"grad"`` (``W.grad -= dW`` when ``step`` is called between ``backward()``
-            and ``optimizer.step()``, so the optimizer scales the change by its learning rate).
-        sites: preset name passed to the model's ``dassdp_sites(preset)`` when no sites are
-            given (built-in models: ``"default"``, ``"compat"``, ``"classifier"``,
-            ``"projection"``).
-        control: ``"none"`` or a control that tests whether synchrony carries the effect:
-            ``"shuffled_latency"`` (latencies permuted across units each step),
-            ``"random_update"`` (random-sign dW of the same norm), ``"uniform_drift"``
-            (the constant ``A_plus * mean(G)`` the released code applies to its projection).
-        enabled: ``False`` turns the learner into a no-op (hooks record nothing).
-        eps: added to the std of S in the gate.
-        dtype: compute dtype of dW, ``"float32"`` or ``"float64"``.
-        seed: seed of the learner's own generator (controls only; never the global RNG).
-        debug: check invariants in every step (latencies in ``0..T``, the unit states the
-            rule assumes, a finite ``dW``); each check reads a value back to the host, so it
-            is off by default. The environment variable ``DASSDP_DEBUG=1`` turns it on too.
-        learn: what each site learns from the task loss, a tuple of ``"sigma"`` and/or
-            ``"amplitude"`` (default ``()``: nothing, the fixed rule). Per site the learner
-            keeps a kernel width ``sigma`` (initially ``sigma``) and an amplitude scale ``a``
-            (initially 1), both in log space; the update becomes ``dW_t = clip(a D_t)`` with
-            ``D_t`` the pre-clip rule. At the next step the one-step hypergradients of that
-            step's loss ``L_{t+1}`` (whose gradient ``g_{t+1}`` is in the site weight's
-            ``.grad``) are ``h_sigma = <g_{t+1}, a dD_t/dsigma>`` and
-            ``h_a = <g_{t+1}, D_t>`` (entries where the clip binds excluded), and
-            ``log sigma -= sigma_lr * sigma * h_sigma``, ``log a -= amplitude_lr * a * h_a``.
-            ``apply="post_step"``: ``step`` runs after ``optimizer.step()``, whose ``.grad``
-            (unscaled by a grad scaler, clipped if the loop clips it) is ``g_{t+1}`` at the
-            weights ``dW_t`` moved. ``apply="grad"``: ``step`` runs before
-            ``optimizer.step()``; the hypergradient reads ``.grad`` before ``dW`` is
-            subtracted from it (unscale it first under a grad scaler), and is then exact up
-            to the optimizer's per-step scaling of ``dW_t`` (``lr`` for SGD). Without a
-            ``.grad`` (``zero_grad()`` called before ``step``), or after a step that applied
-            nothing, ``h = 0``; a skipped step moves neither value.
-        sigma_lr, amplitude_lr: step sizes of the two log-space updates (``>= 0``; default
-            10: on ``configs/cifar10_cpu.yaml`` the per-step ``|h|`` is about 1e-4, so 10 moves
-            a consistently signed value by a factor of about e over 1,000 steps; 1 barely
-            moved it in a 5-epoch run).
-        sigma_range, amplitude_range: ``(lo, hi)`` bounds (``0 < lo <= hi``, finite) the
-            learned values are clamped to, or ``None``; the initial value must lie inside.
-    """
-
-    A_plus: float = 1.5e-3
-    A_minus: float = 1.0e-4
-    sigma: float = 1.0
-    clip: float | None = 1.0
-    warmup_epochs: int = 100
-    gate: str = "fitted"
-    latency: str = "first"
-    apply: str = "post_step"
-    sites: str = "default"
-    control: str = "none"
-    enabled: bool = True
-    eps: float = 1e-8
-    dtype: str = "float32"
-    seed: int = 0
-    debug: bool = False
-    learn: tuple[str, ...] = ()
-    sigma_lr: float = 10.0
-    amplitude_lr: float = 10.0
-    sigma_range: tuple[float, float] | None = None
-    amplitude_range: tuple[float, float] | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("A_plus", "A_minus"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not isinstance(self.sigma, int | float) or not self.sigma > 0:
-            raise ValueError(f"sigma must be > 0 (inf allowed: no kernel), got {self.sigma!r}")
-        if self.clip is not None and not (isinstance(self.clip, int | float) and self.clip > 0):
-            raise ValueError(f"clip must be > 0 or None, got {self.clip!r}")
-        if not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be an int >= 0, got {self.warmup_epochs!r}")
-        if not isinstance(self.eps, int | float) or not self.eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps!r}")
-        for name, allowed in (
-            ("gate", GATE_MODES),
-            ("latency", LATENCY_MODES),
-            ("apply", APPLY_MODES),
-            ("control", CONTROLS),
-            ("dtype", tuple(DTYPES)),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not isinstance(self.sites, str) or not self.sites:
-            raise ValueError(f"sites must be a preset name, got {self.sites!r}")
-        if not isinstance(self.debug, bool):
-            raise ValueError(f"debug must be true or false, got {self.debug!r}")
-        self._check_learning()
-
-    def _check_learning(self) -> None:
-        learn = self.learn
-        if isinstance(learn, str) or not isinstance(learn, tuple | list):
-            raise ValueError(
-                f"learn must be a tuple of names from {LEARNABLE} (e.g. ('sigma', 'amplitude'), "
-                f"or () for none), got {learn!r}"
-            )
-        unknown = [x for x in learn if x not in LEARNABLE]
-        if unknown or len(set(learn)) != len(learn):
-            raise ValueError(
-                f"learn must name each of {LEARNABLE} at most once, got {tuple(learn)!r}"
-            )
-        object.__setattr__(self, "learn", tuple(learn))
-        for name in ("sigma_lr", "amplitude_lr"):
-            value = getattr(self, name)
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-            if not ok or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        for name, init in (("sigma_range", self.sigma), ("amplitude_range", 1.0)):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            pair = tuple(value) if isinstance(value, tuple | list) else ()
-            numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in pair)
-            if len(pair) != 2 or not numbers or not all(math.isfinite(v) for v in pair):
-                raise ValueError(f"{name} must be None or (lo, hi) finite numbers, got {value!r}")
-            lo, hi = float(pair[0]), float(pair[1])
-            if not 0 < lo <= hi:
-                raise ValueError(f"{name} must satisfy 0 < lo <= hi, got {value!r}")
-            object.__setattr__(self, name, (lo, hi))
-            learned = name.removesuffix("_range") in self.learn
-            if learned and not lo <= init <= hi:
-                what = f"sigma={init!r}" if name == "sigma_range" else "the initial amplitude 1"
-                raise ValueError(f"{name}={value!r} must contain {what}")
-        if "sigma" in self.learn and math.isinf(self.sigma):
-            raise ValueError("learn=('sigma', ...) needs a finite sigma to start from, got inf")
-
-    @classmethod
-    def compat(cls, **overrides: Any) -> DASSDPConfig:
-        """The released code's semantics: last-active-step latency, ``A_minus = 5e-4``, and the
-        model's ``"compat"`` sites (mean-over-time fired indicator on the classifier,
-        block input/output proxy with silent latency 0 on the projection)."""
-        base = {"latency": "last", "A_minus": 5e-4, "sites": "compat"}
-        return cls(**{**base, **overrides})
-
-    def replace(self, **changes: Any) -> DASSDPConfig:
-        return replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DASSDPConfig:
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ValueError(f"unknown DA-SSDP config key(s) {unknown}; allowed: {sorted(allowed)}")
-        return cls(**data)
 
 
 class DASSDP:
@@ -274,13 +107,9 @@ class DASSDP:
         self._calls = 0  # step() calls, a Python int (the counters may live on the device)
         self._epoch_set = False
         self._warned: set[str] = set()
-        # learned sigma / amplitude (config.learn): per site log sigma, log a (0-d float64 on
-        # the steps' device) and the last step's (step index, D_t, dD_t/dsigma or None)
-        self._step_index = 0
-        self._learned: dict[str, dict[str, Tensor]] = {}
-        self._prev: dict[str, tuple[int, Tensor, Tensor | None]] = {}
-        if self.config.learn:
-            self._init_learned()
+        self._step_index = 0  # host-side: which step a stored D_t belongs to
+        # learned sigma / amplitude (config.learn): their values and the last update
+        self._learned = LearnedRule(self.config, self.sites) if self.config.learn else None
 
     # ----------------------------------------------------------------- schedule
     @property
@@ -314,8 +143,9 @@ class DASSDP:
 
     @property
     def debug(self) -> bool:
-        """Debug checks: ``config.debug`` or the environment variable ``DASSDP_DEBUG=1``."""
-        return self.config.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+        """Debug checks: ``config.debug`` or the environment variable ``DASSDP_DEBUG`` set on
+        (``0``, ``false``, ``no``, ``off`` or empty: off)."""
+        return self.config.debug or env_flag(DEBUG_ENV)
 
     @property
     def counters(self) -> dict[str, int]:
@@ -479,7 +309,8 @@ class DASSDP:
             shape = (2, *weight.shape[:2]) if self._learns_sigma else weight.shape[:2]
             dw = torch.zeros(shape, dtype=DTYPES[self.config.dtype], device=weight.device)
             D.all_reduce_(dw, "mean")
-            self._prev.pop(name, None)  # no update this step: nothing for the next one to learn
+            if self._learned is not None:
+                self._learned.forget(name)
 
     def fit(self) -> dict[str, GateFit]:
         """Fit every site's gate from the (all-reduced) warm-up statistics; done once."""
@@ -504,141 +335,68 @@ class DASSDP:
         return total
 
     def _update_site(self, name: str, record: SiteRecord, S: Tensor, ok: Tensor) -> None:
-        cfg, dtype = self.config, DTYPES[self.config.dtype]
+        """One site's update: gate, (learned values,) ``dW``, all-reduce, clip, apply."""
+        cfg, learned = self.config, self._learned
         G = gate_values(S, self.fits[name] if self.fits else None, cfg.gate)
         layer = self.recorder.layers[name]
         # learned sigma / a: first the hypergradient of the last step's update (apply="grad":
         # .grad is still the task gradient here, dW is subtracted below)
-        learned = self._learn_step(name, layer, ok) if cfg.learn else {}
-        sigma = torch.exp(self._learned[name]["log_sigma"]) if self._learns_sigma else cfg.sigma
-        pre, post = record.pre, record.post
-        if cfg.control == "shuffled_latency":
-            pre, post = self._shuffle(pre), self._shuffle(post)
-        if cfg.control == "uniform_drift":
-            dw = (
-                torch.full(layer.weight.shape[:2], cfg.A_plus, dtype=dtype, device=S.device)
-                * G.mean()
-            )
-        else:
-            spec = self.sites[name]
-            # With fired="any" a unit is fired iff it has a latency < T, and silent units share
-            # one latency: T + 1 fixed states, no look at the data (module rule, "spiked").
-            # Shuffled latencies or fired="mean" break that pairing: then all states on CUDA,
-            # those that occur on the CPU (fewer FLOPs, one host read).
-            spiked = spec.fired == "any" and cfg.control != "shuffled_latency"
-            dw = self._window_mean_dw(
-                SiteRecord(pre, post, record.T, record.windows),
-                G,
-                post_states="spiked" if spiked else "auto",
-                silent_post=spec.silent_post,
-                sigma=sigma,
-                sigma_grad=self._learns_sigma,  # then [2, C_out, C_in]: D and dD/dsigma
-            )
-        if cfg.control == "random_update":
-            signs = torch.randint(0, 2, dw.shape[-2:], generator=self._generator).mul_(2).sub_(1)
-            dw = _random_update(to_device(signs, dw.device).to(dw), dw)
+        metrics = {} if learned is None else learned.step(name, layer.weight, ok, self._step_index)
+        sigma = learned.sigma(name) if self._learns_sigma else cfg.sigma
+        dw = self._rule_dw(name, record, G, sigma)  # [C_out, C_in] or [2, C_out, C_in]
         D.all_reduce_(dw, "mean")  # with dD/dsigma stacked: one all-reduce for both
-        if cfg.learn:
-            dw = self._keep_update(name, dw, ok)  # stores D_t (after the all-reduce); a D_t
+        if learned is not None:  # stores D_t (after the all-reduce); returns a D_t
+            dw = learned.keep(name, dw, ok, self._step_index)
         if cfg.clip is not None:
             dw.clamp_(-cfg.clip, cfg.clip)
         if self.debug and not bool(torch.isfinite(dw).all()):
             raise RuntimeError(f"DA-SSDP debug: site {name!r} has a non-finite dW")
         dw.mul_(ok)  # a skipped step (on any rank) changes nothing
         self._apply(layer, dw)
-        self._set_metrics(name, {**_site_metrics(record, S, G, dw), **learned}, ok)
+        self._set_metrics(name, {**_site_metrics(record, S, G, dw), **metrics}, ok)
+
+    def _rule_dw(self, name: str, record: SiteRecord, G: Tensor, sigma: float | Tensor) -> Tensor:
+        """This rank's pre-clip ``dW`` of a site (``[C_out, C_in]``; with a learned sigma
+        ``[2, C_out, C_in]``: ``D`` and ``dD/dsigma``), the rule's or the control's."""
+        cfg, gen = self.config, self._generator
+        if cfg.control == "uniform_drift":
+            shape = self.recorder.layers[name].weight.shape[:2]
+            return controls.uniform_drift(shape, cfg.A_plus, G, DTYPES[cfg.dtype])
+        pre, post = record.pre, record.post
+        if cfg.control == "shuffled_latency":
+            pre, post = controls.shuffle(pre, gen), controls.shuffle(post, gen)
+        spec = self.sites[name]
+        # With fired="any" a unit is fired iff it has a latency < T, and silent units share
+        # one latency: T + 1 fixed states, no look at the data (module rule, "spiked").
+        # Shuffled latencies or fired="mean" break that pairing: then all states on CUDA,
+        # those that occur on the CPU (fewer FLOPs, one host read).
+        spiked = spec.fired == "any" and cfg.control != "shuffled_latency"
+        dw = self._window_mean_dw(
+            SiteRecord(pre, post, record.T, record.windows),
+            G,
+            post_states="spiked" if spiked else "auto",
+            silent_post=spec.silent_post,
+            sigma=sigma,
+            sigma_grad=self._learns_sigma,  # then [2, C_out, C_in]: D and dD/dsigma
+        )
+        return controls.randomise(dw, gen) if cfg.control == "random_update" else dw
 
     # ---------------------------------------------------------- learned sigma, a
     @property
     def _learns_sigma(self) -> bool:
         """sigma is learned and dW depends on it (not under the uniform-drift control)."""
-        return "sigma" in self.config.learn and self.config.control != "uniform_drift"
+        return self._learned is not None and self._learned.learns_sigma
 
-    def _init_learned(self) -> None:
-        """Every site's log sigma = log(config.sigma), log a = 0; no stored update."""
-        log_sigma = math.log(self.config.sigma)  # inf for sigma=inf (then not learned)
-        self._learned = {
-            name: {
-                "log_sigma": torch.full((), log_sigma, dtype=torch.float64),
-                "log_amplitude": torch.zeros((), dtype=torch.float64),
-            }
-            for name in self.sites
-        }
-        self._prev = {}
-
-    def _learn_step(self, name: str, layer: nn.Module, ok: Tensor) -> dict[str, Tensor]:
-        """One hypergradient step of the site's log sigma and log a (:meth:`_hypergradients`).
-
-        Returns:
-            The metrics ``sigma``, ``amplitude`` (after the step: the values this step's
-            update uses) and ``hypergrad_sigma`` / ``hypergrad_amplitude`` for what is learned.
-        """
-        cfg, weight, state = self.config, layer.weight, self._learned[name]
-        for key, value in state.items():
-            if value.device != weight.device:  # the first step (or after a checkpoint)
-                state[key] = to_device(value, weight.device)
-        log_s, log_a = state["log_sigma"], state["log_amplitude"]
-        h_sigma, h_amp = self._hypergradients(name, weight, torch.exp(log_a), ok)
-        out = {}
-        if "sigma" in cfg.learn:
-            log_s = state["log_sigma"] = _log_step(log_s, cfg.sigma_lr, h_sigma, cfg.sigma_range)
-            out["hypergrad_sigma"] = h_sigma
-        if "amplitude" in cfg.learn:
-            log_a = _log_step(log_a, cfg.amplitude_lr, h_amp, cfg.amplitude_range)
-            state["log_amplitude"] = log_a
-            out["hypergrad_amplitude"] = h_amp
-        return {"sigma": torch.exp(log_s), "amplitude": torch.exp(log_a), **out}
-
-    def _hypergradients(
-        self, name: str, weight: Tensor, a: Tensor, ok: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """``(h_sigma, h_a)``, 0-d float64 on the device: the previous step's ``D_t`` and
-        ``dD_t/dsigma`` against the gradient now in ``weight.grad`` (``[C_out, C_in, ...]``),
-        where ``|a D_t| < clip``.
-
-        0 when there is no previous update to learn from (the first step after warm-up, the
-        previous step was skipped or had no records), no ``.grad``, or this step is skipped
-        (``ok`` false: a ``where``, so a non-finite gradient cannot leak in).
-        """
-        zero = torch.zeros((), dtype=torch.float64, device=weight.device)
-        prev, grad = self._prev.get(name), weight.grad
-        if prev is None or prev[0] != self._step_index - 1 or grad is None:
-            return zero, zero
-        _, D_t, dD_t = prev
-        D_t = to_device(D_t, weight.device).double()
-        g = grad.detach().reshape(D_t.shape).double()
-        if self.config.clip is not None:  # d clip(x)/dx = 0 where the clip binds
-            g = g * ((a * D_t).abs() < self.config.clip)
-        h_amp = torch.where(ok, (g * D_t).sum(), zero)
-        if dD_t is None:  # sigma not learned, or dW does not depend on it
-            return zero, h_amp
-        dD_t = to_device(dD_t, weight.device).double()
-        return torch.where(ok, a * (g * dD_t).sum(), zero), h_amp
-
-    def _keep_update(self, name: str, dw: Tensor, ok: Tensor) -> Tensor:
-        """Store this step's all-reduced ``D_t`` (and ``dD_t/dsigma``) for the next step's
-        hypergradient (zero when the step is skipped: nothing was applied); return ``a D_t``."""
-        dD = None
-        if self._learns_sigma:
-            dw, dD = dw[0], dw[1]
-            dD = torch.where(ok, dD, 0.0)
-        kept = torch.where(ok, dw, 0.0)
-        self._prev[name] = (self._step_index, kept, dD)
-        if "amplitude" not in self.config.learn:
-            return dw
-        return dw * torch.exp(self._learned[name]["log_amplitude"]).to(dw.dtype)
+    @property
+    def _prev(self) -> dict[str, tuple[int, Tensor, Tensor | None, Tensor]]:
+        """Per site the last update the next step learns from (:attr:`LearnedRule.prev`)."""
+        return {} if self._learned is None else self._learned.prev
 
     @property
     def learned(self) -> dict[str, dict[str, float]]:
         """Per site, the current ``sigma`` and ``amplitude`` (learned ones move; the others
         show the config's sigma and 1). Empty without ``config.learn``. Two host reads a site."""
-        return {
-            name: {
-                "sigma": math.exp(float(state["log_sigma"])),
-                "amplitude": math.exp(float(state["log_amplitude"])),
-            }
-            for name, state in self._learned.items()
-        }
+        return {} if self._learned is None else self._learned.floats()
 
     def _set_metrics(self, name: str, metrics: dict[str, Tensor], ok: Tensor) -> None:
         """Keep a site's metrics of the last step that counted (chosen on the device)."""
@@ -680,10 +438,6 @@ class DASSDP:
             dws.append(dw)
             start += b
         return dws[0] if len(dws) == 1 else torch.stack(dws).mean(0)
-
-    def _shuffle(self, act: Activity) -> Activity:
-        perm = torch.randperm(act.latency.shape[1], generator=self._generator)
-        return Activity(act.fired, act.latency.index_select(1, to_device(perm, act.latency.device)))
 
     def _apply(self, layer: nn.Module, dw: Tensor) -> None:
         weight = layer.weight
@@ -732,11 +486,14 @@ class DASSDP:
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Epoch, gate sums, fitted gates, counters, generator, and with ``config.learn`` the
-        learned values (``learned``: per site ``log_sigma``, ``log_amplitude`` and the last
-        step's ``D``, ``dD_dsigma`` the next step learns from). Under DDP this is a collective
+        learned values (``learned``: per site ``log_sigma``, ``log_amplitude``, the last step's
+        ``D``, ``dD_dsigma`` the next step learns from, and with ``hyper_step="normalized"``
+        the running means ``h2_<x>``, counts ``steps_<x>`` and ``D_counted``: see
+        :meth:`LearnedRule.state_dict`). Under DDP this is a collective
         (call it on every rank): warm-up sums are gathered on rank 0, which holds the total."""
         totals = {name: self._gather_sums(stats) for name, stats in self.stats.items()}
-        extra = {"learned": self._learned_state()} if self.config.learn else {}
+        learned = self._learned
+        extra = {} if learned is None else {"learned": learned.state_dict(self._step_index)}
         return {
             "epoch": self.epoch,
             "sites": list(self.sites),
@@ -748,46 +505,18 @@ class DASSDP:
             **extra,
         }
 
-    def _learned_state(self) -> dict[str, dict[str, Any]]:
-        out = {}
-        for name, state in self._learned.items():
-            prev = self._prev.get(name)
-            if prev is None or prev[0] != self._step_index:  # stale: the next step ignores it
-                prev = (0, None, None)
-            D_t, dD = (None if t is None else t.detach().cpu().clone() for t in prev[1:])
-            out[name] = {
-                "log_sigma": float(state["log_sigma"]),  # float64: exact
-                "log_amplitude": float(state["log_amplitude"]),
-                "D": D_t,
-                "dD_dsigma": dD,
-            }
-        return out
-
     def _load_learned(self, learned: Mapping[str, Any] | None) -> None:
-        """Restore :meth:`_learned_state`; without it (an older checkpoint, or one written
-        without learning) the learned values start from the config."""
-        if not self.config.learn:
-            if learned:
-                warnings.warn(
-                    "the DA-SSDP checkpoint has learned sigma/amplitude values, but this "
-                    "learner's config.learn is empty: they are ignored",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            return
-        self._init_learned()
-        if learned is None:
-            return
-        missing = sorted(set(self.sites) - set(learned))
-        if missing:
-            raise ValueError(f"checkpoint DA-SSDP learned values lack the site(s) {missing}")
-        for name in self.sites:
-            item = learned[name]
-            for key in ("log_sigma", "log_amplitude"):
-                value = float(item[key])
-                self._learned[name][key] = torch.full((), value, dtype=torch.float64)
-            if item.get("D") is not None:
-                self._prev[name] = (self._step_index, item["D"], item.get("dD_dsigma"))
+        """Restore the learned values; without them (an older checkpoint, or one written
+        without learning) they start from the config."""
+        if self._learned is not None:
+            self._learned.load_state_dict(learned, self._step_index)
+        elif learned:
+            warnings.warn(
+                "the DA-SSDP checkpoint has learned sigma/amplitude values, but this "
+                "learner's config.learn is empty: they are ignored",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict`; the sites must match by name."""
@@ -838,29 +567,6 @@ def _stepped_flag(stepped: bool | Tensor, like: Tensor) -> Tensor:
     raise TypeError(
         f"optimizer_stepped must be a bool or a one-element tensor, got {type(stepped).__name__}"
     )
-
-
-def _log_step(
-    log_value: Tensor, lr: float, h: Tensor, bounds: tuple[float, float] | None
-) -> Tensor:
-    """``log v - lr * v * h`` (gradient descent on ``log v`` for ``dL/dv = h``), clamped to
-    ``log`` of ``bounds``."""
-    log_value = log_value - lr * torch.exp(log_value) * h
-    if bounds is None:
-        return log_value
-    return log_value.clamp(math.log(bounds[0]), math.log(bounds[1]))
-
-
-def _random_update(signs: Tensor, dw: Tensor) -> Tensor:
-    """The ``random_update`` control: ``signs`` times the RMS of ``dw``. With a stacked
-    ``[2, C_out, C_in]`` (``D``, ``dD/dsigma``) also the derivative of that RMS,
-    ``signs <D, dD> / (|D| sqrt(n))`` (0 where ``D = 0``)."""
-    if dw.dim() == 2:
-        return signs * (dw.norm() / math.sqrt(dw.numel()))
-    D_t, dD = dw[0], dw[1]
-    norm, root = D_t.norm(), math.sqrt(D_t.numel())
-    slope = torch.where(norm > 0, (D_t * dD).sum() / (norm * root), 0.0)
-    return torch.stack((signs * (norm / root), signs * slope))
 
 
 def _site_metrics(

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dassdp._recompute import is_recomputing
+from dassdp._util.recompute import is_recomputing
 from dassdp.plasticity.rule import LATENCY_MODES, Activity, finalize_latency, first_last_active
 from dassdp.plasticity.sites import DASSDPWarning, SiteSpec, Source
 

@@ -185,6 +185,21 @@ def kernel_table(
     return torch.stack((K, K * sq / sigma**3))
 
 
+def _check_delta_w_args(
+    pre: Activity, post: Activity, T: int, *, post_states: str, check: bool
+) -> None:
+    """:func:`delta_w`'s checks of its activities (batch, dtypes; with ``check`` the latency
+    range, read back to the host) and of ``post_states``."""
+    _check_batch(pre.fired, post.fired)
+    if post_states not in POST_STATES:
+        raise ValueError(f"post_states must be one of {POST_STATES}, got {post_states!r}")
+    _check_dtype(pre.latency, "pre")
+    _check_dtype(post.latency, "post")
+    if check:
+        _check_latency(pre.latency, T, "pre")
+        _check_latency(post.latency, T, "post")
+
+
 def delta_w(
     pre: Activity,
     post: Activity,
@@ -237,19 +252,14 @@ def delta_w(
         ``[C_out, C_in]`` weight change (unclipped when ``clip`` is None); with
         ``sigma_grad``, ``[2, C_out, C_in]``: the unclipped change and its ``d/dsigma``.
     """
-    _check_batch(pre.fired, post.fired)
-    if post_states not in POST_STATES:
-        raise ValueError(f"post_states must be one of {POST_STATES}, got {post_states!r}")
-    _check_dtype(pre.latency, "pre")
-    _check_dtype(post.latency, "post")
-    if check:
-        _check_latency(pre.latency, T, "pre")
-        _check_latency(post.latency, T, "post")
+    _check_delta_w_args(pre, post, T, post_states=post_states, check=check)
     B, C_out = post.fired.shape
     C_in = pre.fired.shape[1]
     device = post.fired.device
     if sigma_grad and clip is not None:
         raise ValueError(f"sigma_grad=True needs clip=None (dW is returned unclipped), got {clip}")
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
     F = state_table(T, sigma, A_plus, A_minus, dtype=dtype, device=device, sigma_grad=sigma_grad)
     k = 2 if sigma_grad else 1  # tables side by side: F[s, (k, s_pre)]
     if sigma_grad:
@@ -258,8 +268,6 @@ def delta_w(
     G = torch.ones(B, dtype=dtype, device=device) if gate is None else gate.to(dtype)
     if G.shape != (B,):
         raise ValueError(f"gate must have shape [B]=[{B}], got {tuple(G.shape)}")
-    if chunk is not None and chunk < 1:
-        raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
 
     def samples(states: int) -> int:  # per chunk: two factors and one row of long states
         per_sample = states * (width + C_out) * F.element_size() + 8 * max(width, C_out)

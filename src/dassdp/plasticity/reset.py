@@ -1,4 +1,5 @@
-"""``reset(model)``: clear every piece of per-sequence state a model holds.
+"""``reset(model)`` (public as ``dassdp.reset``): clear every piece of per-sequence state a
+model holds, and the DA-SSDP records of the forward that just ran.
 
 Our neurons keep their membrane inside one multi-step call, so they hold nothing. Neurons of
 third-party libraries are reset through those libraries' own API, when the library is
@@ -22,6 +23,10 @@ from collections.abc import Callable
 
 from torch import nn
 
+from dassdp.plasticity.recorder import clear_model_records
+
+__all__ = ["reset"]
+
 
 def _library_reset(module: nn.Module) -> Callable[[], object] | None:
     """The reset function of a snnTorch / SpikingJelly neuron, or None."""
@@ -41,8 +46,6 @@ def reset(model: nn.Module, *, records: bool = True) -> None:
 
     ``records=False`` keeps the recorders' buffers (gradient accumulation: the forwards of
     one optimizer step are each a window, all learned from at the next ``step()``)."""
-    from dassdp.plasticity.recorder import clear_model_records
-
     for module in model.modules():
         fn = _library_reset(module)
         if fn is None:

@@ -1,4 +1,10 @@
-"""The memory allocator of a training process on the CPU (chosen by the ``dassdp`` CLI).
+"""The memory allocator of a training process on the CPU: the choice, the libraries, the
+environment that starts a process with one, and what this process runs with.
+
+This module only reads: it changes nothing about the process. Choosing and installing the
+allocator (the ``mallopt`` calls, the re-execution with ``LD_PRELOAD``) is the ``dassdp``
+command's job, done once at its start by :mod:`dassdp.commands._launch`; a library user
+keeps the allocator their process started with.
 
 A training step allocates and frees activation tensors of tens to hundreds of MiB. glibc
 serves every block above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and
@@ -17,9 +23,9 @@ sections of ``docs/benchmarks.md``:
   heap fragmentation raises the peak RSS above glibc's defaults.
 
 A library has to be loaded before the process starts (``LD_PRELOAD``), so the ``dassdp``
-command (:func:`setup_allocator`, run by :func:`dassdp.cli.entry` before anything else)
-re-executes itself once with the library preloaded. Child processes (data-loader workers,
-DDP ranks, ``dassdp compare`` runs) inherit it.
+command re-executes itself once with the library preloaded (:func:`preload_env` is that
+environment). Child processes (data-loader workers, DDP ranks, ``dassdp compare`` runs)
+inherit the preload; the glibc settings hold in the process that made them (and its forks).
 
 ``DASSDP_ALLOCATOR`` chooses (the table is :data:`CHOICES`):
 
@@ -31,13 +37,13 @@ DDP ranks, ``dassdp compare`` runs) inherit it.
 
 On Debian / Ubuntu ``apt install libjemalloc2`` installs jemalloc (conda: ``jemalloc``). The
 older switch ``DASSDP_MALLOC_TUNE=0`` means ``system``. :func:`active_allocator` says what
-this process runs with; ``dassdp train`` records it in ``meta.json`` and the benchmarks next
-to their numbers.
+this process runs with (a preloaded library is seen in the process's memory map; the glibc
+settings by the record :data:`TUNED_ENV` the command leaves); ``dassdp train`` records it in
+``run.json`` and the benchmarks next to their numbers.
 """
 
 from __future__ import annotations
 
-import ctypes
 import ctypes.util
 import glob
 import os
@@ -49,13 +55,14 @@ __all__ = [
     "CHOICES",
     "ENV",
     "JEMALLOC_CONF",
+    "PRELOADED",
+    "REEXEC_ENV",
+    "TUNED_ENV",
     "active_allocator",
     "allocator_tuned",
     "find_library",
     "preload_env",
     "requested_allocator",
-    "setup_allocator",
-    "tune_allocator",
 ]
 
 ENV = "DASSDP_MALLOC_TUNE"  # "0": leave the allocator alone (same as DASSDP_ALLOCATOR=system)
@@ -64,7 +71,10 @@ CHOICES = ("auto", "jemalloc", "tcmalloc", "glibc", "system")
 PRELOADED = ("jemalloc", "tcmalloc")  # the choices that are a library to preload
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 # Set by the re-execution: the library it preloaded (so a failed preload does not loop).
-_REEXEC_ENV = "_DASSDP_PRELOADED"
+REEXEC_ENV = "_DASSDP_PRELOADED"
+# Set by the command after it applied the glibc settings: the pid of the process they hold
+# in (a process started from it inherits the variable, not the settings).
+TUNED_ENV = "_DASSDP_TUNED_PID"
 # Library file names, most specific first; searched in the dynamic linker's cache, then in
 # the interpreter's prefix (conda, a venv's base) and the usual system folders.
 _LIBRARIES = {
@@ -73,10 +83,6 @@ _LIBRARIES = {
 }
 _SEARCH_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
                 "/usr/lib", "/usr/local/lib")  # fmt: skip
-
-_M_TRIM_THRESHOLD = -1  # glibc malloc.h parameter numbers
-_M_MMAP_MAX = -4
-_TUNED: list[bool] = []  # set once tune_allocator applied the glibc settings in this process
 
 
 def _off(value: str | None) -> bool:
@@ -115,8 +121,9 @@ def find_library(name: str) -> str | None:
 
 
 def active_allocator() -> str:
-    """What this process allocates with: ``jemalloc``, ``tcmalloc``, ``glibc tuned`` (the
-    ``mallopt`` settings applied) or ``glibc``."""
+    """What this process allocates with: ``jemalloc``, ``tcmalloc`` (mapped into it),
+    ``glibc tuned`` (the ``dassdp`` command applied the ``mallopt`` settings in this very
+    process, :data:`TUNED_ENV`) or ``glibc``. It reads, never changes, the process."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
@@ -124,33 +131,12 @@ def active_allocator() -> str:
     for name, stems in _LIBRARIES.items():
         if any(f"/lib{stem}.so" in maps for stem in stems):
             return name
-    return "glibc tuned" if _TUNED else "glibc"
+    return "glibc tuned" if os.environ.get(TUNED_ENV) == str(os.getpid()) else "glibc"
 
 
 def allocator_tuned() -> bool:
     """Whether this process runs with a tuned allocator (preloaded or the glibc settings)."""
     return active_allocator() != "glibc"
-
-
-def tune_allocator() -> bool:
-    """Apply the glibc settings (module docstring) unless a preloaded allocator is active or
-    the choice is ``system``; True if this process runs with a tuned allocator afterwards."""
-    choice = requested_allocator()
-    if choice == "system":
-        return False
-    if active_allocator() in PRELOADED:
-        return True
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = mallopt(_M_MMAP_MAX, 0) == 1
-    ok = mallopt(_M_TRIM_THRESHOLD, -1) == 1 and ok
-    if ok and not _TUNED:
-        _TUNED.append(True)
-    return ok
 
 
 def preload_env(name: str, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -160,7 +146,8 @@ def preload_env(name: str, environ: dict[str, str] | None = None) -> dict[str, s
     preload and ``DASSDP_ALLOCATOR`` set for the others. A missing library is a
     ``ValueError`` saying how to install it."""
     env = dict(os.environ if environ is None else environ)
-    env.pop(_REEXEC_ENV, None)
+    env.pop(REEXEC_ENV, None)
+    env.pop(TUNED_ENV, None)
     ours = [f"lib{stem}.so" for stems in _LIBRARIES.values() for stem in stems]
     preload = [
         p
@@ -189,28 +176,3 @@ def preload_env(name: str, environ: dict[str, str] | None = None) -> dict[str, s
     env[ALLOCATOR_ENV] = name
     env.pop(ENV, None)
     return env
-
-
-def setup_allocator() -> None:
-    """Run at the start of the ``dassdp`` command: re-execute this process with the chosen
-    library preloaded when it is not loaded yet (at most once; a preload the dynamic linker
-    refused falls back to glibc tuned, with a note on stderr), then apply the glibc settings
-    where no library is loaded. A bad ``DASSDP_ALLOCATOR`` or a missing library that was
-    asked for by name is a ``ValueError``."""
-    choice = requested_allocator()
-    name = choice
-    if choice == "auto":
-        name = next((n for n in PRELOADED if find_library(n) is not None), "glibc")
-    if name in PRELOADED and active_allocator() != name:
-        env = preload_env(name)
-        lib = env["LD_PRELOAD"].split()[0]
-        if os.environ.get(_REEXEC_ENV) == lib:  # tried once already and it did not load
-            print(f"dassdp: could not preload {lib}; using glibc (tuned)", file=sys.stderr)
-        else:
-            if choice == "auto":
-                env[ALLOCATOR_ENV] = "auto"  # children choose the same way
-            env[_REEXEC_ENV] = lib
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-    tune_allocator()
