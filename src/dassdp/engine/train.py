@@ -321,7 +321,8 @@ class Trainer:
             self._save(is_best=is_best)
             if stop_after is not None and epoch + 1 >= stop_after:
                 break
-            if should_stop is not None and self._any_rank(should_stop()):
+            last = epoch + 1 >= cfg.epochs  # the same on every rank: the collective agrees
+            if should_stop is not None and not last and self._any_rank(should_stop()):
                 log.info("stopping on request after epoch %d (last.pt holds it)", epoch + 1)
                 break
         return row
