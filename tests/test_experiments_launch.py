@@ -458,6 +458,37 @@ def test_a_signal_mid_epoch_requeues_from_the_last_checkpoint_and_ends_exactly(
 
 
 @pytest.mark.slow
+def test_a_failing_run_is_reported_not_requeued_and_a_rerun_resubmits_only_it(
+    config_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cmp"
+    args = _compare(config_file, out, "--seeds", "0", "--variants", "baseline,lr=1e6")
+    args += ["--launcher", "local", "--poll-s", "0.2", "--no-report", "epochs=3"]
+    proc = _cli(*args)
+    stdout, stderr = proc.communicate(timeout=1800)
+    assert proc.returncode == 1, stdout + stderr
+    error = "TrainingDiverged: training diverged in epoch 2"  # mid-run: epoch 1 was fine
+    assert re.search(rf"lr=1e6 seed0: FAILED \(job \d+\): {error}", stderr)
+    assert "1 trained, 0 already done, 1 failed" in stdout
+    bad, good = out / "lr=1e6" / "seed0", out / "baseline" / "seed0"
+    failed = json.loads((bad / "failed.json").read_text())
+    assert failed["error"].startswith(error) and "Traceback" in failed["traceback"]
+    assert "resumes" not in json.loads((bad / "run.json").read_text())  # not requeued
+    first = json.loads((out / "compare.json").read_text())["invocations"][0]["jobs"]
+    assert _starts(out, first["lr=1e6 seed0"]) == 1
+    status = _cli(*args, "--status")
+    assert re.search(rf"lr=1e6 seed0 .* failed: {error}", status.communicate()[0])
+    before = _stamps(good)
+
+    proc = _cli(*args)  # the same command: only the failed run is submitted again
+    stdout, stderr = proc.communicate(timeout=1800)
+    assert proc.returncode == 1 and "1 already done, 1 failed" in stdout, stdout + stderr
+    second = json.loads((out / "compare.json").read_text())["invocations"][1]["jobs"]
+    assert list(second) == ["lr=1e6 seed0"] and second["lr=1e6 seed0"] != first["lr=1e6 seed0"]
+    assert _stamps(good) == before
+
+
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_rank_runs_of_the_local_and_slurm_launchers_equal_nproc_2(
     tmp_path: Path, fake_slurm: Path
