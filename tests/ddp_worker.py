@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -11,17 +12,22 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dassdp
 from dassdp import DASSDP, DASSDPConfig
+from dassdp.engine.distributed import cleanup_distributed, gloo_threads
 from snn_fixtures import TinySNN
 
 CFG = DASSDPConfig(warmup_epochs=1, A_plus=0.02, A_minus=0.004)
 STEPS = 4
 
 
-def _finish() -> None:
-    """Leave the process group together: a rank that tears gloo down while its peer is still
-    between collectives can abort the peer ("terminate called without an active exception")."""
-    dist.barrier()
-    dist.destroy_process_group()
+def _finish(out_dir: str, tag: str, rank: int) -> None:
+    """Leave the process group as the engine does, once the DDP model is out of scope (the
+    worker's training function has returned), then record this rank's gloo threads: the group
+    must be freed (its threads joined) here, not left to interpreter teardown, where a gloo
+    thread taking the GIL aborts the rank ("terminate called without an active exception";
+    see dassdp.engine.distributed)."""
+    cleanup_distributed()
+    with open(os.path.join(out_dir, f"{tag}-threads-rank{rank}.json"), "w") as f:
+        json.dump(gloo_threads(), f)
 
 
 def global_batch(epoch: int, i: int, size: int):
@@ -29,7 +35,7 @@ def global_batch(epoch: int, i: int, size: int):
     return torch.randn(size, 12, generator=gen), torch.randint(0, 4, (size,), generator=gen)
 
 
-def run(
+def _run(
     rank: int,
     world: int,
     init_file: str,
@@ -76,11 +82,9 @@ def run(
         {"model": model.state_dict(), "fits": plast.fits},
         os.path.join(out_dir, f"{tag}-rank{rank}.pt"),
     )
-    if world > 1:
-        _finish()
 
 
-def run_skips(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _run_skips(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """Skips decided on the device must hold on every rank: after a warm-up of 2 steps, four
     active steps where one rank has no records, a non-finite loss, a skipped optimizer (a
     device flag), then a normal step. No optimizer: only DA-SSDP changes the weights."""
@@ -110,10 +114,9 @@ def run_skips(rank: int, world: int, init_file: str, out_dir: str) -> None:
         {"snapshots": snapshots, "counters": plast.counters},
         os.path.join(out_dir, f"skips-rank{rank}.pt"),
     )
-    _finish()
 
 
-def run_learned(
+def _run_learned(
     rank: int, world: int, init_file: str, out_dir: str, hyper_step: str = "plain"
 ) -> None:
     """DDP with learned sigma and amplitude: a warm-up epoch, then two active epochs; at one
@@ -153,4 +156,31 @@ def run_learned(
         },
         os.path.join(out_dir, f"learned-rank{rank}.pt"),
     )
-    _finish()
+
+
+def run(
+    rank: int,
+    world: int,
+    init_file: str,
+    out_dir: str,
+    size: int,
+    epochs: range,
+    resume: str | None = None,
+    tag: str = "run",
+) -> None:
+    """:func:`_run`, then leave the group (with more than one rank)."""
+    _run(rank, world, init_file, out_dir, size, epochs, resume, tag)
+    if world > 1:
+        _finish(out_dir, tag, rank)
+
+
+def run_skips(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    _run_skips(rank, world, init_file, out_dir)
+    _finish(out_dir, "skips", rank)
+
+
+def run_learned(
+    rank: int, world: int, init_file: str, out_dir: str, hyper_step: str = "plain"
+) -> None:
+    _run_learned(rank, world, init_file, out_dir, hyper_step)
+    _finish(out_dir, "learned", rank)

@@ -1,4 +1,4 @@
-"""``dassdp bench epoch``: fresh ``dassdp train`` processes on a tiny synthetic config."""
+"""``benchmarks/epoch.py``: fresh ``dassdp train`` processes on a tiny synthetic config."""
 
 from __future__ import annotations
 
@@ -9,18 +9,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench_scripts import SRC, load
 from dassdp._util import allocator as _malloc
-from dassdp.bench import epoch
-from dassdp.commands import bench
 from engine_fixtures import tiny_dict
 
-SRC = str(Path(epoch.__file__).resolve().parents[2])
+epoch = load("epoch")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    return parser.parse_args(argv)
+    assert argv[0] == "epoch"  # the former `dassdp bench epoch`
+    return epoch.parser().parse_args(argv[1:])
 
 
 @pytest.fixture
@@ -37,7 +35,7 @@ def test_epoch_rows_ratios_and_section(tmp_path, config, capsys):
         ["epoch", "--config", config, "--amp", "fp32", "bf16",
          "--baseline-src", SRC, "--set", "subset=64", "--out", str(out), "--doc", str(doc)]
     )  # fmt: skip
-    assert bench.run(args) == 0
+    assert epoch.run(args) == 0
     rows = list(csv.DictReader(out.open()))
     # the baseline runs fp32 only (--baseline-amp), first: the reference of the ratios
     assert [(r["side"], r["amp"]) for r in rows] == [
@@ -95,7 +93,7 @@ def test_a_failing_run_is_an_error_naming_the_sources_and_the_cause(tmp_path, co
     args = _parse(["epoch", "--config", config, "--set", "optimizer=nope",
                    "--out", str(tmp_path / "x.csv"), "--doc", str(tmp_path / "b.md")])  # fmt: skip
     with pytest.raises(RuntimeError, match=r"dassdp train failed \(exit 2; sources .*optimizer"):
-        bench.run(args)
+        epoch.run(args)
     assert not (tmp_path / "x.csv").exists()
 
 
@@ -111,4 +109,4 @@ def test_epoch_argument_errors(argv, exc, match, tmp_path, config):
     argv = ["--config", config, *argv] if "--config" not in argv else argv
     args = _parse(["epoch", *argv, "--out", str(tmp_path / "x.csv"), "--doc", str(tmp_path)])
     with pytest.raises(exc, match=match):
-        bench.run(args)
+        epoch.run(args)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dassdp.bench import devstats, syncs
+from dassdp.bench import counters, harness, syncs
 from dassdp.commands import bench
 from dassdp.engine.precision import optimizer_stepped
 
@@ -24,23 +24,23 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# ------------------------------------------------------------------------- devstats
+# ----------------------------------------------------------- harness and counters
 def test_amp_helpers_and_bad_value():
-    assert devstats.grad_scaler("cpu", "none") is None
-    assert devstats.grad_scaler("cpu", "bf16") is None
-    assert isinstance(devstats.grad_scaler("cpu", "fp16"), torch.amp.GradScaler)
-    with devstats.autocast("cpu", "bf16"):
+    assert harness.grad_scaler("cpu", "none") is None
+    assert harness.grad_scaler("cpu", "bf16") is None
+    assert isinstance(harness.grad_scaler("cpu", "fp16"), torch.amp.GradScaler)
+    with harness.autocast("cpu", "bf16"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-    with devstats.autocast("cpu", "none"):
+    with harness.autocast("cpu", "none"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     with pytest.raises(ValueError, match=r"--amp must be one of .*'fp8'"):
-        devstats.autocast("cpu", "fp8")
+        harness.autocast("cpu", "fp8")
 
 
 def test_scaler_stepped_is_a_device_flag_false_exactly_on_a_skip():
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([w], lr=0.1)
-    scaler = devstats.grad_scaler("cpu", "fp16")
+    scaler = harness.grad_scaler("cpu", "fp16")
     flags = []
     for bad in (False, True):
         opt.zero_grad()
@@ -55,12 +55,12 @@ def test_scaler_stepped_is_a_device_flag_false_exactly_on_a_skip():
 
 def test_counts_and_peak_memory_on_the_cpu():
     x = torch.ones(4)
-    n, out = devstats.count_kernels(lambda: (x + 1) * 2, "cpu")
+    n, out = counters.count_kernels(lambda: (x + 1) * 2, "cpu")
     assert n == 2 and torch.equal(out, torch.full((4,), 4.0))
-    assert "aten ops" in devstats.kernel_unit("cpu")
-    assert devstats.memory_kind("cpu") == "process peak RSS"
-    devstats.reset_peak_memory("cpu")
-    assert devstats.peak_memory_mib("cpu") > 10  # torch alone is far above 10 MiB
+    assert "aten ops" in counters.kernel_unit("cpu")
+    assert harness.memory_kind("cpu") == "process peak RSS"
+    harness.reset_peak_memory("cpu")
+    assert harness.peak_memory_mib("cpu") > 10  # torch alone is far above 10 MiB
 
 
 def test_range_device_ms_sums_the_named_ranges():
@@ -72,7 +72,7 @@ def test_range_device_ms_sums_the_named_ranges():
         def events(self):
             return [Ev("a", 1000.0), Ev("b", 500.0), Ev("a", 250.0), Ev("c", 9.0)]
 
-    assert devstats.range_device_ms(Prof(), ("a", "b", "z")) == {"a": 1.25, "b": 0.5, "z": 0.0}
+    assert counters.range_device_ms(Prof(), ("a", "b", "z")) == {"a": 1.25, "b": 0.5, "z": 0.0}
 
 
 # --------------------------------------------------------------------------- syncs
@@ -85,10 +85,10 @@ def test_count_ops_sees_each_kind_of_host_sync():
         x.nonzero()
         x.masked_select(x > 0)
 
-    counts, _ = syncs.count_ops(work)
-    total, detail = syncs.syncs_of(counts)
+    counts, _ = counters.count_ops(work)
+    total, detail = counters.syncs_of(counts)
     assert total >= 4 and counts["ops"] > total
-    for op in syncs.SYNC_OPS:
+    for op in counters.SYNC_OPS:
         assert counts[op] >= 1, op
         assert op in detail
 
@@ -101,15 +101,15 @@ def test_lif_kernels_count_compute_ops_and_triton_launches(monkeypatch):
     per_backend = {}
     for backend in ("loop", "torch", "triton"):
         neuron = syncs.lif_factory(backend)()
-        with syncs.count_triton_launches() as launches:
-            counts, _ = syncs.count_ops(lambda n=neuron: n(x).sum().backward())
+        with counters.count_triton_launches() as launches:
+            counts, _ = counters.count_ops(lambda n=neuron: n(x).sum().backward())
         per_backend[backend] = (counts["kernels"], launches["launches"])
     assert per_backend["triton"][1] == 2  # one forward kernel, one backward kernel
     # outside the kernels: the loss's sum and its backward fill, and the grad accumulation
     assert per_backend["triton"][0] <= 4
     assert per_backend["torch"][1] == per_backend["loop"][1] == 0
     assert per_backend["loop"][0] > per_backend["torch"][0] > 10
-    counts, _ = syncs.count_ops(lambda: torch.empty(3).view(1, 3).t().detach())
+    counts, _ = counters.count_ops(lambda: torch.empty(3).view(1, 3).t().detach())
     assert counts["ops"] >= 3 and counts["kernels"] == 0
 
 
@@ -164,7 +164,7 @@ def test_bench_syncs_bad_arguments(tmp_path):
 def test_bench_models_amp_rows_with_optimizer_in_fresh_processes(tmp_path):
     doc, out = tmp_path / "b.md", tmp_path / "m.csv"
     argv = ["models", "--models", "spiking_cnn", "--batch", "2", "--T", "2", "--size", "16"]
-    argv += ["--iters", "1", "--warmup", "0", "--amp", "none", "bf16", "--optimizer"]
+    argv += ["--iters", "1", "--warmup", "0", "--amp", "none", "bf16"]
     argv += ["--fresh-process", "--out", str(out), "--doc", str(doc)]
     assert bench.run(_parse(argv)) == 0
     rows = list(csv.DictReader(out.open()))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dassdp.bench import models as bench_models
-from dassdp.bench.report import replace_section
+from dassdp.bench.harness import replace_section
 from dassdp.commands import bench
 
 torch.set_num_threads(1)

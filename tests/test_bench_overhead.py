@@ -67,7 +67,7 @@ def test_bench_overhead_bad_arguments(tmp_path):
 def test_cuda_runs_get_their_own_section_and_csv():
     from pathlib import Path
 
-    from dassdp.bench.timing import default_csv, section_name
+    from dassdp.bench.harness import default_csv, section_name
 
     assert section_name("overhead", "cpu") == "overhead"
     assert section_name("overhead", "cuda:0") == "overhead (cuda)"

@@ -1,20 +1,21 @@
-"""``dassdp bench train-step`` on a tiny run, its errors, and the CLI's allocator tuning."""
+"""``dassdp bench train-step`` and its before/after form ``benchmarks/train_step.py`` on tiny
+runs, their errors, and the allocators of the fresh processes."""
 
 from __future__ import annotations
 
 import argparse
 import csv
-from pathlib import Path
 
 import pytest
 import torch
 
+from bench_scripts import SRC, load
 from dassdp._util import allocator as _malloc
 from dassdp.bench import train_step
 from dassdp.commands import bench
 
 torch.set_num_threads(1)
-SRC = str(Path(train_step.__file__).resolve().parents[2])
+before_after = load("train_step")  # benchmarks/train_step.py
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -23,16 +24,44 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _parse_before_after(argv: list[str]) -> argparse.Namespace:
+    assert argv[0] == "train-step"  # the former `dassdp bench train-step --baseline-src ...`
+    return before_after.parser().parse_args(argv[1:])
+
+
+def test_bench_train_step_times_this_checkout_and_its_memory(tmp_path, capsys):
+    doc, out = tmp_path / "benchmarks.md", tmp_path / "train-step.csv"
+    args = _parse(
+        ["train-step", "--model", "spiking_cnn", "--batch", "2", "--size", "16", "--T", "2",
+         "--steps", "1", "--variants", "no-spike-saving", "spike-saving", "--amp", "fp32",
+         "bf16", "--out", str(out), "--doc", str(doc)]
+    )  # fmt: skip
+    assert bench.run(args) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["variant"], r["amp"]) for r in rows] == [
+        ("no-spike-saving", "fp32"), ("spike-saving", "fp32"),
+        ("no-spike-saving", "bf16"), ("spike-saving", "bf16"),
+    ]  # fmt: skip
+    here = train_step.bench_allocator(_malloc.active_allocator())
+    for r in rows:  # every row timed here and in its fresh process, with this allocator
+        assert r["allocator"] == here and r["source"] == "this checkout"
+        assert float(r["images_per_s"]) > 0 and float(r["peak_rss_mib"]) > 0
+    assert [float(rows[i]["ratio"]) for i in (0, 2)] == [1.0, 1.0]  # per amp: the first
+    text = doc.read_text()
+    assert "| spiking_cnn | spike-saving | bf16 |" in text and "command: `dassdp" in text
+    assert "bf16" in capsys.readouterr().out
+
+
 def test_train_step_tiny_run_writes_csv_and_section(tmp_path, capsys):
     doc, out = tmp_path / "benchmarks.md", tmp_path / "train-step.csv"
     doc.write_text("# Benchmarks\n\n## train-step\n\nstale\n\n## other\n\nkept\n")
-    args = _parse(
+    args = _parse_before_after(
         ["train-step", "--model", "spiking_cnn", "--batch", "2", "--size", "16", "--T", "2",
          "--steps", "1", "--rss-steps", "1", "--variants", "spike-saving",
          "--allocator", "tuned", "default",
          "--baseline-src", SRC, "--profile", "--out", str(out), "--doc", str(doc)]
     )  # fmt: skip
-    assert bench.run(args) == 0
+    assert before_after.run(args) == 0
     rows = list(csv.DictReader(out.open()))
     got = [(r["variant"], r["allocator"]) for r in rows]
     assert got == [(v, a) for v in ("baseline", "spike-saving") for a in ("tuned", "default")]
@@ -59,19 +88,20 @@ def test_repeats_run_the_fresh_processes_interleaved_and_report_medians(monkeypa
     calls = []
     secs = iter([4.0, 1.0, 2.0, 2.0, 3.0, 1.5])  # baseline, spike-saving, baseline, ...
 
-    def fake(cfg, src=None):
-        calls.append("baseline" if src else "this")
+    def fake(args, batch, entry):
+        calls.append("baseline" if entry["source"] else "this")
         sec = next(secs)
         steps = [{"sec": sec, "minflt": 10, "sys_share": 0.1}]
-        return {"steps": steps, "peak_rss_mib": 100 * sec, "built_rss_mib": 50}
+        return {"steps": steps, "peak_rss_mib": 100 * sec, "built_rss_mib": 50,
+                "allocator": entry["allocator"]}  # fmt: skip
 
-    monkeypatch.setattr(train_step, "fresh_process", fake)
-    args = _parse(
+    monkeypatch.setattr(before_after, "fresh", fake)
+    args = _parse_before_after(
         ["train-step", "--model", "spiking_cnn", "--batch", "2", "--no-time", "--repeats", "3",
          "--variants", "spike-saving", "--baseline-src", SRC,
          "--out", str(tmp_path / "x.csv"), "--doc", str(tmp_path / "b.md")]
     )  # fmt: skip
-    assert bench.run(args) == 0
+    assert before_after.run(args) == 0
     assert calls == ["baseline", "this"] * 3
     base, this = list(csv.DictReader((tmp_path / "x.csv").open()))
     assert (
@@ -108,9 +138,11 @@ def test_profile_step_reports_ops_and_saved_spikes_kept_as_bool():
     ],
 )
 def test_train_step_errors(argv, match, tmp_path):
-    args = _parse(["train-step", *argv, "--out", str(tmp_path / "x.csv"), "--doc", str(tmp_path)])
+    args = _parse_before_after(
+        ["train-step", *argv, "--out", str(tmp_path / "x.csv"), "--doc", str(tmp_path)]
+    )
     with pytest.raises(ValueError, match=match):
-        bench.run(args)
+        before_after.run(args)
 
 
 def test_model_args_of_variants():

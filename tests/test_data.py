@@ -379,6 +379,97 @@ def test_labels_out_of_range_are_a_clear_error_before_any_run_folder(tmp_path, m
     assert not run.exists()
 
 
+@pytest.mark.parametrize("listed", ["all but the train images", "none"])
+def test_a_manifest_must_cover_every_file_the_reader_opens(tmp_path, monkeypatch, capsys, listed):
+    """Regression: a manifest listing fewer files than the reader opens (or none) let a
+    corrupted unlisted file through, and `data list` said "ready"."""
+    from dassdp.cli import main
+
+    root, _ = _prepared_fashion(tmp_path, monkeypatch)
+    out = root / "FashionMNIST" / "raw"
+    meta = json.loads((out / "dassdp.json").read_text())
+    files = meta["files"]
+    meta["files"] = (
+        {} if listed == "none" else {f: h for f, h in files.items() if "train-im" not in f}
+    )
+    (out / "dassdp.json").write_text(json.dumps(meta))
+    images = out / "train-images-idx3-ubyte"
+    raw = bytearray(images.read_bytes())
+    raw[-1] ^= 0xFF  # same size, one pixel changed: only a hash can tell
+    images.write_bytes(bytes(raw))
+
+    reason = check_prepared("fashion-mnist", root)
+    assert reason is not None and f"{images} is not covered by {out / 'dassdp.json'}" in reason
+    assert {e.name: e.status for e in list_prepared(root)}["fashion-mnist"] == "incomplete"
+    with pytest.raises(DataFormatError, match="train-images-idx3-ubyte is not covered"):
+        build_dataset("fashion-mnist", root, train=True)
+    assert main(["data", "list", "--root", str(root)]) == 0
+    listing = capsys.readouterr().out
+    assert "fashion-mnist  incomplete" in listing and "is not covered by" in listing
+    code, run = _train_on(root, tmp_path)
+    err = capsys.readouterr().err
+    assert code == 2 and "is not covered by" in err and not run.exists()
+
+
+def test_torchvision_processed_files_are_not_read_instead_of_the_verified_ones(
+    tmp_path, monkeypatch
+):
+    """Regression: torchvision's MNIST readers load ``processed/{training,test}.pt`` when both
+    exist, in place of the raw IDX files the manifest verifies."""
+    root, arrays = _prepared_fashion(tmp_path, monkeypatch)
+    processed = root / "FashionMNIST" / "processed"
+    processed.mkdir()
+    for name, n in (("training.pt", 12), ("test.pt", 4)):
+        fake = torch.zeros(n, 28, 28, dtype=torch.uint8), torch.full((n,), 7, dtype=torch.int64)
+        torch.save(fake, processed / name)
+    for train, split in ((True, "train"), (False, "t10k")):
+        ds = build_dataset("fashion-mnist", root, train=train)
+        np.testing.assert_array_equal(ds.targets.numpy(), arrays[f"{split}-labels-idx1-ubyte"])
+        np.testing.assert_array_equal(ds.data.numpy(), arrays[f"{split}-images-idx3-ubyte"])
+
+
+@pytest.mark.parametrize(("n_images", "n_labels"), [(12, 14), (14, 12)])
+def test_images_and_labels_of_different_counts_fail_before_any_run_folder(
+    tmp_path, monkeypatch, capsys, n_images, n_labels
+):
+    """Regression: user IDX files (no manifest) with more images than labels raised an
+    IndexError mid-epoch after the run folder existed; more labels trained on silently."""
+    raw = tmp_path / "cache" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    arrays = fashion_arrays()
+    arrays["train-images-idx3-ubyte"] = RNG.integers(0, 256, (n_images, 28, 28), dtype=np.uint8)
+    arrays["train-labels-idx1-ubyte"] = RNG.integers(0, 10, n_labels).astype(np.uint8)
+    for fname, arr in arrays.items():
+        (raw / fname).write_bytes(_idx(arr))
+    root = tmp_path / "cache"
+    message = f"train-images-idx3-ubyte holds {n_images} images but {raw}/train-labels"
+    with pytest.raises(DataFormatError, match=message):
+        build_dataset("fashion-mnist", root, train=True)
+    code, run = _train_on(root, tmp_path)
+    err = capsys.readouterr().err
+    assert code == 2 and f"holds {n_labels} labels" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not run.exists()
+
+
+@pytest.mark.parametrize("action", ["prepare", "list"])
+def test_a_data_root_that_is_a_file_is_one_clear_line(tmp_path, capsys, action):
+    from dassdp.cli import main
+
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    for root in (file, file / "sub"):
+        argv = ["data", action, *(["mnist"] if action == "prepare" else []), "--root", str(root)]
+        assert main(argv) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        lines = captured.err.strip().splitlines()
+        assert lines == [
+            f"dassdp data {action}: error: data root {root} is not a folder"
+            + ("; give a folder" if root == file else f" ({file} is a file); give a folder")
+        ]
+    assert file.read_text() == "mine"
+
+
 def test_foreign_files_are_not_overwritten(tmp_path, monkeypatch):
     raw = tmp_path / "cache" / "MNIST" / "raw"
     raw.mkdir(parents=True)

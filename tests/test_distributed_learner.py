@@ -2,6 +2,7 @@
 and resume on 2 or 1 ranks continues the same gate."""
 
 import functools
+import json
 
 import pytest
 import torch
@@ -40,6 +41,18 @@ def runs(tmp_path_factory):
     spawn(2, tmp, "res2", size=16, epochs=range(1, 3), resume=ckpt, tag="res2")
     spawn(1, tmp, "res1", size=16, epochs=range(1, 3), resume=ckpt, tag="res1")
     return tmp
+
+
+def gloo_threads_left(tmp_path, tag):
+    return {r: json.loads((tmp_path / f"{tag}-threads-rank{r}.json").read_text()) for r in (0, 1)}
+
+
+def test_the_process_group_is_freed_at_cleanup_not_at_interpreter_exit(runs):
+    # DDP imports torch.distributed.nn.functional after the group exists, which binds it as a
+    # default argument; unless cleanup_distributed drops that, gloo's threads outlive
+    # destroy_process_group and a rank can abort in interpreter teardown (SIGABRT)
+    for tag in ("two", "first", "res2"):
+        assert gloo_threads_left(runs, tag) == {0: [], 1: []}, tag
 
 
 def test_ranks_stay_bit_identical_and_fit_the_same_gate(runs):
@@ -87,6 +100,7 @@ def test_device_side_skips_hold_on_every_rank(tmp_path):
         join=True,
     )
     r0, r1 = load(tmp_path, "skips-rank0"), load(tmp_path, "skips-rank1")
+    assert gloo_threads_left(tmp_path, "skips") == {0: [], 1: []}
     assert (
         r0["counters"]
         == r1["counters"]
@@ -119,6 +133,7 @@ def test_learned_sigma_and_amplitude_agree_on_every_rank(tmp_path, hyper_step):
     )  # fmt: skip
     mp.spawn(entry, nprocs=2, join=True)
     r0, r1 = load(tmp_path, "learned-rank0"), load(tmp_path, "learned-rank1")
+    assert gloo_threads_left(tmp_path, "learned") == {0: [], 1: []}
     for key in r0["model"]:
         assert torch.equal(r0["model"][key], r1["model"][key]), key
     assert r0["history"] == r1["history"]  # bit-identical learned values at every step

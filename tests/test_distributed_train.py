@@ -48,13 +48,33 @@ def ckpt(run: Path) -> dict:
     return torch.load(run / "last.pt", map_location="cpu", weights_only=False)
 
 
+def record_gloo_threads(tmp: Path) -> dict:
+    """An environment whose ranks write, at exit (atexit: after the engine's cleanup, before
+    interpreter teardown), the gloo threads still alive to ``tmp/threads/rank<R>.json``."""
+    inject, out = tmp / "inject-threads", tmp / "threads"
+    inject.mkdir()
+    out.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import atexit, json, os\n"
+        "if 'LOCAL_RANK' in os.environ:\n"
+        "    def _record():\n"
+        "        from dassdp.engine.distributed import gloo_threads\n"
+        f"        path = os.path.join({str(out)!r}, 'rank' + os.environ['RANK'] + '.json')\n"
+        "        with open(path, 'w') as f:\n"
+        "            json.dump(gloo_threads(), f)\n"
+        "    atexit.register(_record)\n"
+    )
+    return {"PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp-train")
     cfg = tmp / "ddp.yaml"
     cfg.write_text(yaml.safe_dump(CONFIG))
     c = str(cfg)
-    ok(train("--config", c, "--out", str(tmp / "two"), "--nproc", "2"))
+    threads_env = record_gloo_threads(tmp)
+    ok(train("--config", c, "--out", str(tmp / "two"), "--nproc", "2", env=threads_env))
     # with BatchNorm: its running statistics must be in sync too (broadcast after each epoch)
     ok(
         train(
@@ -75,6 +95,13 @@ def runs(tmp_path_factory):
     ok(train("--out", str(tmp / "res2"), "--nproc", "2", "--resume"))
     ok(train("--out", str(tmp / "res1"), "--resume"))  # the 2-rank checkpoint on 1 rank
     return tmp
+
+
+def test_ranks_free_the_process_group_before_interpreter_teardown(runs):
+    # gloo threads still alive at exit are torn down with the interpreter, where one that
+    # takes the GIL aborts its rank ("terminate called without an active exception")
+    left = {p.name: json.loads(p.read_text()) for p in (runs / "threads").glob("rank*.json")}
+    assert left == {"rank0.json": [], "rank1.json": []}
 
 
 def test_replicas_are_bit_identical_every_epoch(runs):

@@ -233,3 +233,128 @@ def test_gap_of_a_damaged_best_row_is_unknown_and_mixup_is_flagged(tmp_path: Pat
     assert float(base0["gap_final"]) == 19.0  # the final row is intact
     text = (out / "report.md").read_text()
     assert "**Mixup/CutMix** was on in `baseline`" in text
+
+
+@pytest.mark.parametrize("plan", ["compare.json", "folder layout"])
+def test_planned_runs_missing_or_without_an_epoch_are_listed(
+    tmp_path: Path, capsys: pytest.CaptureFixture, plan: str
+) -> None:
+    """Regression: a planned run whose folder holds only config.yaml (killed before its first
+    epoch) counted for nothing, with no warning: its variant showed n = 1 fewer and the
+    report looked complete. The golden plan is 3 variants x seeds 0-3."""
+    out = tmp_path / "compare"
+    shutil.copytree(GOLDEN, out)
+    (out / "dassdp" / "seed3").mkdir()
+    shutil.copy(out / "dassdp" / "seed0" / "config.yaml", out / "dassdp" / "seed3")
+    if plan == "folder layout":
+        (out / "compare.json").unlink()  # then the folders tell: every variant x every seed
+    assert main(["report", str(out)]) == 0
+    err = capsys.readouterr().err
+    expected = [
+        "dassdp seed3: incomplete, no epoch recorded (the folder holds only config.yaml)",
+        "shuffled-latency seed3: missing (no run folder)",
+    ]
+    for line in expected:
+        assert f"[report] warning: {line}\n" in err
+    assert "[report] warning: baseline seed3: unfinished (1 epochs), left out" in err
+    text = (out / "report.md").read_text()
+    assert (
+        "- planned but missing or without a recorded epoch, not in the statistics: "
+        + " | ".join(expected)
+        in text
+    )
+    assert "| dassdp | 3 | 81.50 ± 0.92 | +0.50 |" in text  # the statistics are unchanged
+
+
+def test_a_complete_plan_lists_nothing_missing(tmp_path: Path, capsys: pytest.CaptureFixture):
+    out = tmp_path / "compare"
+    shutil.copytree(GOLDEN, out)
+    manifest = json.loads((out / "compare.json").read_text())
+    (out / "compare.json").write_text(json.dumps({**manifest, "seeds": [0, 1, 2]}))
+    shutil.rmtree(out / "baseline" / "seed3")
+    assert main(["report", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert "planned but missing" not in (out / "report.md").read_text()
+
+
+def test_bytes_that_are_not_utf8_damage_their_line_or_file_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Regression: one non-UTF-8 byte in a metrics.jsonl stopped the report with "'utf-8'
+    codec can't decode byte ..." and no file name."""
+    out = tmp_path / "compare"
+    shutil.copytree(GOLDEN, out)
+    with open(out / "dassdp" / "seed0" / "metrics.jsonl", "ab") as f:
+        f.write(b'{"epoch": 9, "te\xff\xfest": {}}\n')
+    (out / "dassdp" / "seed1" / "metrics.jsonl").write_bytes(b"\x00\xff\x01\n\xfe\xfd\n\x80\n")
+    (out / "dassdp" / "seed2" / "config.yaml").write_bytes(b"model: caf\xe9\n")
+    (out / "shuffled-latency" / "seed2" / "done.json").write_bytes(b'{"epochs": 3\xff}')
+    assert main(["report", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "codec" not in err and "Traceback" not in err
+    text = (out / "report.md").read_text()
+    for line in (
+        "dassdp seed0: metrics.jsonl line(s) 4 damaged (skipped)",
+        "dassdp seed1: metrics.jsonl line(s) 1-3 damaged (skipped)",
+        "dassdp seed2: config.yaml unreadable (",
+        "shuffled-latency seed2: done.json is damaged: treated as unfinished",
+    ):
+        assert line in text and f"[report] warning: {line}" in err
+    assert "line(s) 1-3 damaged (skipped); metrics.jsonl holds 0 of 3 epochs" in text
+    assert "not UTF-8 text (byte 0xe9 on line 1)" in text
+    assert "| dassdp | 3 | 81.50 ± 0.92 | +0.50 |" in text  # finals come from done.json
+
+
+def _refuse_writes_in(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``folder`` read-only. chmod does not bind root (as in many containers), so there
+    creating or opening a file for writing in it fails as the kernel would fail it for
+    another user: PermissionError (EACCES) naming the path."""
+    import builtins
+    import errno
+    import os
+
+    folder.chmod(0o555)
+    if os.geteuid() != 0:
+        return
+
+    def refused(path: object) -> bool:
+        return Path(os.fsdecode(path)).absolute().parent == folder.absolute()
+
+    def deny(path: object) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+
+    real_os_open, real_open = os.open, builtins.open
+
+    def os_open(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and refused(path):
+            deny(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def open_(file, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        path_like = isinstance(file, str | bytes | os.PathLike)
+        if path_like and set(mode) & set("wax+") and refused(file):
+            deny(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", open_)
+
+
+def test_a_read_only_folder_is_one_line_and_nothing_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: `report` on a read-only folder printed a PermissionError traceback."""
+    out = tmp_path / "compare"
+    shutil.copytree(GOLDEN, out)
+    before = sorted(p.name for p in out.iterdir())
+    _refuse_writes_in(out, monkeypatch)
+    try:
+        code = main(["report", str(out)])
+    finally:
+        out.chmod(0o755)
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "warning" not in line]
+    assert code == 1 and errors == [
+        f"dassdp report: error: cannot write the report into {out}: Permission denied"
+    ]
+    assert sorted(p.name for p in out.iterdir()) == before  # no file, whole or half

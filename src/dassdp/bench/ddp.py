@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dassdp.bench.report import add_output_arguments
+from dassdp.bench import harness as H
 
 HELP = "training images/s with 1 vs N DDP ranks (torchrun; gloo on CPU, NCCL on CUDA)"
 
@@ -83,7 +83,7 @@ def run_setting(
     }
 
 
-def markdown(rows: list[dict[str, Any]], env: dict[str, Any], csv_path: Path) -> str:
+def markdown(rows: list[dict[str, Any]], facts: list[str]) -> str:
     base = rows[0]["images_per_s"]
     lines = [
         "Real `dassdp train` runs of one job (synthetic 16x16 images, `spiking_cnn` 16-32-128,",
@@ -92,9 +92,7 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], csv_path: Path) ->
         "pass included). 1 torch thread per rank; gloo on CPU; on CUDA every run (one rank",
         "too) goes through torchrun with NCCL, one GPU per rank.",
         "",
-        f"- command: `{env['command']}`",
-        f"- torch {env['torch']}, CPU: {env['cpu']} ({env['cores']} cores), "
-        f"Python {env['python']}; date: {env['date']}; CSV: `{csv_path}`",
+        *facts,
         "",
         "| ranks | device | backend | per-rank batch | epoch s | images / s | speed-up "
         "| replicas identical |",
@@ -110,30 +108,21 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], csv_path: Path) ->
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--nproc", type=int, nargs="+", default=[1, 2], help="rank counts to compare (default: 1 2)"
+    H.add_options(
+        parser,
+        nproc=([1, 2], "rank counts to compare"),
+        batch=(64, "global batch"),
+        epochs=(2, "epochs per run"),
+        subset=(512, "training images per epoch (512: all synthetic ones)"),
+        device=("cpu", "cpu, or cuda (one GPU per rank, NCCL)"),
     )
-    parser.add_argument("--batch", type=int, default=64, help="global batch (default 64)")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per run (default 2)")
-    parser.add_argument(
-        "--subset",
-        type=int,
-        default=512,
-        help="training images per epoch (default 512: all synthetic ones)",
-    )
-    parser.add_argument(
-        "--device", default="cpu", help="cpu, or cuda (one GPU per rank, NCCL; default cpu)"
-    )
-    add_output_arguments(parser, "ddp", per_device=True)
+    H.add_output_arguments(parser, "ddp")
 
 
 def run(args: argparse.Namespace) -> int:
-    from dassdp.bench.report import environment, write_csv, write_section
-    from dassdp.bench.timing import default_csv, device_of, section_name
-
     if min(args.nproc) < 1 or args.epochs < 2:
         raise ValueError("--nproc values must be >= 1 and --epochs >= 2 (warm-up + one)")
-    device = device_of(args.device).type  # ranks pick cuda:LOCAL_RANK themselves
+    device = H.device_of(args.device).type  # ranks pick cuda:LOCAL_RANK themselves
     if device == "cuda":
         import torch
 
@@ -141,12 +130,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--nproc {max(args.nproc)}: only {torch.cuda.device_count()} GPU(s) here"
             )
-    out = args.out if args.out is not None else default_csv("ddp", device)
     with tempfile.TemporaryDirectory(prefix="dassdp-bench-ddp-") as tmp:
         rows = []
         for n in args.nproc:
             rows.append(run_setting(n, args.batch, args.epochs, args.subset, Path(tmp), device))
             print(f"{n} rank(s): {rows[-1]['images_per_s']:.1f} images/s", flush=True)
-    write_csv(out, rows)
-    write_section(args, section_name("ddp", device), markdown(rows, environment(), out), out)
-    return 0
+    return H.save(args, "ddp", rows, lambda facts: markdown(rows, facts), device=device)

@@ -1,31 +1,26 @@
-"""``dassdp bench models``: forward+backward throughput (images/s) of every registered model.
+"""``dassdp bench models``: training throughput (images/s) of every registered model.
 
-One timed iteration = forward on a random batch at ``T`` steps, cross-entropy loss,
-backward, ``zero_grad`` (with ``--optimizer``: and an AdamW step): the cost of a training
-step. Models are measured in train mode (batch-norm batch statistics, DSSA firing-rate
-updates) on ``--device`` (the CPU with a fixed thread count, or CUDA), in float32 or under
-autocast (``--amp fp16`` with a grad scaler, ``--amp bf16``; several values: one row each).
-Inputs are modest by default so the whole run takes minutes: CIFAR-size models at 32x32,
-ImageNet-stem variants at 64x64 (``--imagenet-size``). Peak memory per row:
-``max_memory_allocated`` on CUDA, the peak RSS on the CPU (with ``--fresh-process`` each
-row runs in its own Python process, so the peak RSS is that configuration's alone).
+One iteration = one step of the engine (:func:`dassdp.engine.step.train_step`: forward,
+cross-entropy, backward, AdamW step, ``dassdp.reset``) in train mode (batch-norm batch
+statistics, DSSA firing-rate updates) on random inputs at ``T`` steps, models built with 10
+classes (*params*); images/s = batch / median seconds over the timed iterations. Event-frame
+models get ``[B, T, C, H, W]`` frames. Inputs are modest by default so the whole run takes
+minutes: CIFAR-size models at 32x32, ImageNet-stem variants at 64x64 (``--imagenet-size``).
+*amp*: ``none`` = float32; ``bf16`` / ``fp16`` = forward and loss under autocast (fp16 with a
+grad scaler); several values: one row each. *peak MiB*: ``max_memory_allocated`` on CUDA; on
+the CPU the process's peak resident set (``VmHWM``: torch, Python and the model included;
+with ``--fresh-process`` each row runs in its own Python process, so it is that row's alone).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from dassdp.bench.devstats import AMP_CHOICES
-from dassdp.bench.report import add_output_arguments, provenance
+from dassdp.bench import harness as H
 
-HELP = "forward+backward images/s per model at T=4 (CPU or CUDA, fp32 / fp16 / bf16)"
+HELP = "training-step images/s per model at T=4 (CPU or CUDA, fp32 / fp16 / bf16)"
 
 _IMAGENET_STEM = (
     "spikingresformer_ti",
@@ -55,50 +50,22 @@ def bench_model(
     seed: int = 0,
     device: str = "cpu",
     amp: str = "none",
-    optimizer: bool = False,
 ) -> dict[str, Any]:
-    """Time ``iters`` training iterations of model ``name``; returns one result row."""
+    """Time ``iters`` training steps of model ``name``; returns one result row."""
     import torch
-    import torch.nn.functional as F
 
-    from dassdp.bench.devstats import (
-        autocast,
-        grad_scaler,
-        memory_kind,
-        peak_memory_mib,
-        reset_peak_memory,
-    )
-    from dassdp.bench.timing import sync
     from dassdp.models import create_model
 
     dev = torch.device(device)
     torch.manual_seed(seed)
-    kwargs: dict[str, Any] = {"T": T, "in_channels": shape[0]}
-    model = create_model(name, num_classes=10, **kwargs).to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4) if optimizer else None
-    scaler = grad_scaler(dev, amp)
+    model = create_model(name, num_classes=10, T=T, in_channels=shape[0]).to(dev).train()
+    step = H.engine_step(model, H.adamw(model), device=dev, amp=amp)
     # Event-frame models take [B, T, C, H, W]; the others static images [B, C, H, W].
     x_shape = (batch, T, *shape) if name == "spikingresformer_dvsg" else (batch, *shape)
-    x, y = torch.rand(x_shape).to(dev), torch.randint(0, 10, (batch,)).to(dev)
-    reset_peak_memory(dev)
-    times = []
-    for i in range(warmup + iters):
-        sync(dev)
-        start = time.perf_counter()
-        with autocast(dev, amp):
-            loss = F.cross_entropy(model(x), y)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if opt is not None:
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-        model.zero_grad(set_to_none=True)
-        sync(dev)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    sec = statistics.median(times)
+    x, y = H.random_batch(x_shape, seed=seed, device=dev)
+    H.reset_peak_memory(dev)
+    times = [H.timed(lambda: step(x, y), dev)[0] for _ in range(warmup + iters)][warmup:]
+    sec = H.median(times)
     return {
         "model": name,
         "params": sum(p.numel() for p in model.parameters()),
@@ -107,60 +74,21 @@ def bench_model(
         "T": T,
         "device": str(dev),
         "amp": amp,
-        "step": "fwd+bwd+adamw" if optimizer else "fwd+bwd",
+        "step": "fwd+bwd+adamw",
         "iters": iters,
         "sec_per_iter": round(sec, 4),
         "images_per_s": round(batch / sec, 2),
-        "peak_mem_mib": round(peak_memory_mib(dev), 1),
-        "mem_kind": memory_kind(dev),
+        "peak_mem_mib": round(H.peak_memory_mib(dev), 1),
+        "mem_kind": H.memory_kind(dev),
     }
 
 
-def bench_model_subprocess(name: str, **kwargs: Any) -> dict[str, Any]:
-    """:func:`bench_model` in a fresh Python process (its own peak RSS); same row."""
-    import torch
-
-    spec = {"name": name, "threads": torch.get_num_threads(), **kwargs}
-    code = "from dassdp.bench.models import _child_main; _child_main()"
-    proc = subprocess.run(
-        [sys.executable, "-c", code], input=json.dumps(spec), capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench models: the process for {name} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
-def _child_main() -> None:
-    """Entry of :func:`bench_model_subprocess`: a JSON spec on stdin, the row on stdout."""
-    import torch
-
-    spec = json.loads(sys.stdin.read())
-    torch.set_num_threads(spec.pop("threads"))
-    spec["shape"] = tuple(spec["shape"])
-    print(json.dumps(bench_model(spec.pop("name"), **spec)))
-
-
-def markdown(
-    rows: list[dict[str, Any]],
-    env: dict[str, Any],
-    csv_path: Path,
-    load: tuple[str, str] | None = None,
-) -> str:
-    """The ``## models`` section body: how it was measured, then one table row per model."""
-    steps = sorted({r["step"] for r in rows})
-    what = "forward + backward (cross-entropy" + (
-        ", AdamW step" if "fwd+bwd+adamw" in steps else ", no optimizer step"
-    )
+def markdown(rows: list[dict[str, Any]], facts: list[str]) -> str:
+    """The ``## models`` section body: the module docstring, the facts, one row per model."""
     lines = [
-        f"One iteration = {what}) in train mode on random inputs,",
-        "models built with 10 classes (params column); median over the timed iterations;",
-        "images/s = batch / median seconds. Event-frame models get [B, T, C, H, W] frames.",
-        "*amp*: `none` = float32; `bf16` / `fp16` = forward and loss under `torch.autocast`",
-        "(fp16 with a grad scaler). *peak MiB*: `torch.cuda.max_memory_allocated` on CUDA;",
-        "on the CPU the process's peak resident set (`VmHWM`: torch, Python and the model",
-        "included; a fresh process per row with `--fresh-process`).",
+        *H.describe(__doc__),
         "",
-        *provenance(env, csv_path, load),
+        *facts,
         *([f"- CPU bfloat16 support: {cpu_bf16_support()}"] if _cpu_bf16_rows(rows) else []),
         "",
         "| model | params | input (C x H x W) | batch | T | device | amp | step | s / iter "
@@ -194,57 +122,23 @@ def _cpu_bf16_rows(rows: list[dict[str, Any]]) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--models",
-        nargs="+",
-        default=["*"],
-        metavar="PATTERN",
-        help="fnmatch patterns of models to measure (default: all)",
-    )
-    parser.add_argument("--batch", type=int, default=4, help="images per iteration (default 4)")
-    parser.add_argument("--T", type=int, default=4, help="time steps (default 4)")
-    parser.add_argument(
-        "--size",
-        type=int,
-        default=None,
-        help="input height = width for every model (default: per model)",
-    )
-    parser.add_argument(
-        "--imagenet-size",
-        type=int,
-        default=64,
-        help="input size of the ImageNet-stem variants (default 64)",
-    )
-    parser.add_argument("--iters", type=int, default=3, help="timed iterations (default 3)")
-    parser.add_argument(
-        "--warmup", type=int, default=1, help="untimed iterations first (default 1)"
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    parser.add_argument(
-        "--amp",
-        nargs="+",
-        choices=AMP_CHOICES,
-        default=["none"],
-        help="precision(s): none (float32), fp16 (autocast + grad scaler), bf16 (autocast); "
-        "one row per model and value (default none)",
-    )
-    parser.add_argument(
-        "--optimizer",
-        action="store_true",
-        help="include an AdamW step in each iteration (a whole training step)",
-    )
-    parser.add_argument(
-        "--fresh-process",
-        action="store_true",
-        help="run each model and precision in its own Python process (its own peak RSS)",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke-size run: batch 2, 1 timed iteration, ImageNet variants at 32x32",
-    )
-    add_output_arguments(parser, "models", per_device=True)
+    H.add_options(
+        parser,
+        models=(["*"], "fnmatch patterns of models to measure", {"metavar": "PATTERN"}),
+        batch=(4, "images per iteration"),
+        T=(4, "time steps"),
+        size=(None, "input height = width for every model (default: per model)", {"type": int}),
+        imagenet_size=(64, "input size of the ImageNet-stem variants"),
+        iters=(3, "timed iterations"),
+        warmup=(1, "untimed iterations first"),
+        amp=(["none"], "precisions: none (float32), fp16 (autocast + grad scaler), bf16 "
+             "(autocast); one row per model and value", {"choices": H.AMP_CHOICES}),
+        fresh_process=(False, "run each model and precision in its own Python process (its "
+                       "own peak RSS)"),
+        quick=(False, "smoke-size run: batch 2, 1 timed iteration, ImageNet variants at 32x32"),
+    )  # fmt: skip
+    H.add_run_arguments(parser)
+    H.add_output_arguments(parser, "models")
 
 
 def _selected(patterns: list[str]) -> list[str]:
@@ -259,36 +153,31 @@ def _selected(patterns: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dassdp.bench.report import environment, write_csv, write_section
-    from dassdp.bench.timing import default_csv, device_of, load_average, section_name
-
     if args.quick:
         args.batch, args.iters, args.imagenet_size = 2, 1, 32
-    if min(args.batch, args.T, args.iters, args.threads) < 1 or args.warmup < 0:
-        raise ValueError("--batch, --T, --iters and --threads must be >= 1, --warmup >= 0")
-    device = str(device_of(args.device))
-    out = args.out if args.out is not None else default_csv("models", device)
+    H.check_positive(args, "batch", "T", "iters", "threads")
+    H.check_positive(args, "warmup", least=0)
+    device = str(H.device_of(args.device))
     torch.set_num_threads(args.threads)
-    load_before = load_average()
+    load_before = H.load_average()
     rows = []
     for name in _selected(args.models):
         shape = input_shape(name, args.size, args.imagenet_size)
         for amp in args.amp:
-            kwargs = dict(
-                batch=args.batch, T=args.T, shape=shape, iters=args.iters, warmup=args.warmup,
-                device=device, amp=amp, optimizer=args.optimizer,
-            )  # fmt: skip
-            if args.fresh_process:
-                row = bench_model_subprocess(name, **kwargs)
+            spec = dict(name=name, batch=args.batch, T=args.T, shape=shape, iters=args.iters,
+                        warmup=args.warmup, device=device, amp=amp, seed=args.seed)  # fmt: skip
+            if args.fresh_process:  # its own peak RSS
+                spec["shape"] = list(shape)
+                row = H.in_fresh_process(H.function("dassdp.bench.models:bench_model"), spec)
             else:
-                row = bench_model(name, **kwargs)  # type: ignore[arg-type]
+                row = bench_model(**spec)  # type: ignore[arg-type]
             print(
                 f"{name:<24} {row['input']:>9} {amp:>4}  {row['sec_per_iter']:8.3f} s/iter  "
                 f"{row['images_per_s']:8.2f} images/s  peak {row['peak_mem_mib']:.0f} MiB",
                 flush=True,
             )
             rows.append(row)
-    write_csv(out, rows)
-    section = markdown(rows, environment(), out, (load_before, load_average()))
-    write_section(args, section_name("models", device), section, out)
-    return 0
+    return H.save(
+        args, "models", rows, lambda facts: markdown(rows, facts), device=device,
+        load_before=load_before,
+    )  # fmt: skip

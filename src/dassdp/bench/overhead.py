@@ -1,8 +1,9 @@
 """``dassdp bench overhead``: what DA-SSDP adds to one training step of a model.
 
-One training step = forward on a random batch ``[B, C, H, W]`` (repeated over ``T``),
-cross-entropy, ``zero_grad``, backward, AdamW step, [``plast.step(loss)``], ``dassdp.reset``.
-Three conditions, each on its own copy of the same initial model:
+One training step = the engine's (:func:`dassdp.engine.step.train_step`: forward on a random
+batch ``[B, C, H, W]`` repeated over ``T``, cross-entropy, backward, AdamW step,
+``DASSDP.step``, ``dassdp.reset``, meters). Three conditions, each on its own copy of the same
+initial model:
 
 * ``off``: no learner attached (the baseline);
 * ``warmup``: a learner in its warm-up epoch (recorder hooks + gate statistics);
@@ -11,24 +12,20 @@ Three conditions, each on its own copy of the same initial model:
 The conditions run interleaved (one step of each per round, rotating the order) so that a
 change in the machine's load hits all three alike. Reported per condition: the median step
 time over the timed rounds (after ``--warmup`` untimed rounds), the overhead
-``(median - median_off) / median_off``, and DA-SSDP's own time: ``plast.step`` and the
-recorder's forward hooks (timed by wrapping the recorder's hook class for the run), as a
-share of the ``off`` step. On a busy CPU the step times are seconds with noise of several
-percent, so the difference of two medians cannot resolve a fraction of a percent; the own
-time is the precise measure and both are reported.
+``(median - median_off) / median_off``, and DA-SSDP's own time: ``DASSDP.step`` and the
+recorder's forward hooks (timed by wrapping them for the step), as a share of the ``off``
+step. On a busy CPU the step times are seconds with noise of several percent, so the
+difference of two medians cannot resolve a fraction of a percent; the own time is the
+precise measure and both are reported.
 
 On CUDA nothing inside a step synchronises: each step is timed with CUDA events (one
-synchronisation per round, after the three steps), DA-SSDP's own time is the device time of
-the kernels launched inside ``plast.step`` and the recorder's hooks (``record_function``
-ranges read by ``torch.profiler`` in ``--profile-steps`` extra steps per condition), and the
-peak memory of one more step per condition is ``torch.cuda.max_memory_allocated`` (on the
-CPU: the process's peak RSS, all three models resident). ``--amp fp16|bf16`` runs forward
-and loss under autocast (fp16 with a grad scaler whose skip reaches ``plast.step`` as
-``optimizer_stepped``, a device tensor).
-
-The ``active`` learner records during the warm-up rounds (epoch 0), then moves to epoch 1 and
-fits its gate from them (one round: every record has the same loss, so the fit falls back to
-``G = 1`` with a warning; the cost of computing and applying the update is the same).
+synchronisation per round), DA-SSDP's own time is the device time of the kernels launched
+inside ``DASSDP.step`` and the hooks (``record_function`` ranges read by ``torch.profiler``
+in ``--profile-steps`` extra steps per condition), and the peak memory of one more step per
+condition is ``torch.cuda.max_memory_allocated`` (on the CPU: the process's peak RSS, all
+three models resident). The ``active`` learner records during the warm-up rounds, then
+leaves warm-up and fits its gate from them (a degenerate fit, ``G = 1``; the cost of
+computing and applying the update is the same).
 """
 
 from __future__ import annotations
@@ -36,128 +33,81 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import time
-import warnings
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-from dassdp.bench.devstats import AMP_CHOICES
-from dassdp.bench.report import add_output_arguments, add_run_arguments, provenance
+from dassdp.bench import harness as H
 
 HELP = "training-step overhead of DA-SSDP (warm-up and active) on spikingresformer_cifar"
 
 CONDITIONS = ("off", "warmup", "active")
 TARGETS = {"warmup": 0.5, "active": 2.0}  # maximum overhead, percent of the plain step
-
-
 PLAST_RANGE, HOOK_RANGE = "dassdp::plast.step", "dassdp::recorder_hook"
 
 
-@contextlib.contextmanager
-def _timed_recorder_hooks(acc: dict[int, float], device: Any) -> Iterator[bool]:
-    """Time every call of the DA-SSDP recorder's forward hooks, summed per recorder in ``acc``
-    (keyed by ``id(recorder)``). Wraps the recorder's hook class for the duration only; yields
-    False (and times nothing) if that class is not found. On CUDA nothing is synchronised:
-    each call runs inside a ``record_function`` range (:data:`HOOK_RANGE`) whose kernels'
-    device time a profiled step reads (``acc`` stays untouched)."""
-    import torch
+class _Condition:
+    """One condition: its model copy, learner and engine step, and the times measured."""
 
-    from dassdp.bench.timing import sync
-    from dassdp.plasticity import recorder as rec
+    def __init__(self, name: str, base: Any, device: Any, amp: str) -> None:
+        from dassdp import DASSDP, DASSDPConfig
 
-    cls = getattr(rec, "_SourceHook", None)
-    if cls is None or "__call__" not in vars(cls):
-        yield False
-        return
-    original = cls.__call__
-    cuda = torch.device(device).type == "cuda"
+        self.name, self.device = name, device
+        self.cuda = device.type == "cuda"
+        self.model = copy.deepcopy(base)
+        self.plast = None
+        if name != "off":
+            self.plast = DASSDP(self.model, DASSDPConfig(warmup_epochs=1))
+            self.plast.set_epoch(0)
+        opt = H.adamw(self.model)
+        self.step = H.engine_step(self.model, opt, device=device, amp=amp, learner=self.plast)
+        self.times: dict[str, list[float]] = {"step": [], "plast": [], "hooks": []}
+        self.applied = 0  # DA-SSDP updates applied by the end of the timed rounds
 
-    def timed_call(self: Any, x: object) -> None:
-        if cuda:
-            with torch.profiler.record_function(HOOK_RANGE):
-                original(self, x)
-            return
-        sync(device)
-        start = time.perf_counter()
-        original(self, x)
-        sync(device)
-        key = id(self.recorder)
-        acc[key] = acc.get(key, 0.0) + time.perf_counter() - start
+    def own_time(self, plast_s: list[float], hooks_s: list[float]) -> contextlib.ExitStack:
+        """Time ``DASSDP.step`` and the recorder's hooks into the lists (CUDA: ranges)."""
+        from dassdp.plasticity.recorder import _SourceHook
 
-    cls.__call__ = timed_call
-    try:
-        yield True
-    finally:
-        cls.__call__ = original
+        stack = contextlib.ExitStack()
+        if self.plast is not None:
+            timed = H.timed_calls
+            stack.enter_context(timed(self.plast, "step", plast_s, self.device, PLAST_RANGE))
+            stack.enter_context(timed(_SourceHook, "__call__", hooks_s, self.device, HOOK_RANGE))
+        return stack
 
+    def run(self, x: Any, y: Any) -> tuple[Any, float, float]:
+        """One step. CPU: ``(step s, DASSDP.step s, hooks s)``; CUDA: ``((start, end) CUDA
+        events, 0, 0)`` with nothing synchronised."""
+        import torch
 
-def _train_step(run: dict[str, Any], x: Any, y: Any, device: Any, amp: str = "none") -> Any:
-    """One training step of ``run`` (model, opt, plast, scaler). On the CPU returns ``(step
-    seconds, plast.step seconds)``; on CUDA a pair of recorded CUDA events around the step
-    (nothing synchronised; ``plast.step`` runs in a :data:`PLAST_RANGE` range)."""
-    import torch
-    import torch.nn.functional as F
+        plast_s: list[float] = []
+        hooks_s: list[float] = []
+        with self.own_time(plast_s, hooks_s):
+            if self.cuda:
+                events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                events[0].record()
+                self.step(x, y)
+                events[1].record()
+                return events, 0.0, 0.0
+            sec, _ = H.timed(lambda: self.step(x, y), self.device)
+        return sec, sum(plast_s), sum(hooks_s)
 
-    import dassdp
-    from dassdp.bench.devstats import autocast
-    from dassdp.bench.timing import sync
-    from dassdp.engine.precision import optimizer_stepped
+    def profiled_own_s(self, x: Any, y: Any, steps: int) -> None:
+        """CUDA: DASSDP.step's and the hooks' device seconds per step from ``steps`` profiled
+        steps (the timed steps stay unprofiled)."""
+        import torch
+        from torch.profiler import ProfilerActivity, profile
 
-    model, opt, plast, scaler = run["model"], run["opt"], run["plast"], run["scaler"]
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        start_ev = torch.cuda.Event(enable_timing=True)
-        end_ev = torch.cuda.Event(enable_timing=True)
-        start_ev.record()
-    else:
-        sync(device)
-        start = time.perf_counter()
-    with autocast(device, amp):
-        loss = F.cross_entropy(model(x), y)
-    opt.zero_grad(set_to_none=True)
-    stepped: Any = True
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        stepped = optimizer_stepped(scaler, opt)  # a device tensor: no host read
-        scaler.update()
-    else:
-        loss.backward()
-        opt.step()
-    plast_s = 0.0
-    if plast is not None:
-        if cuda:
-            with torch.profiler.record_function(PLAST_RANGE):
-                plast.step(loss.detach(), optimizer_stepped=stepped)
-        else:
-            t0 = time.perf_counter()
-            plast.step(loss.detach(), optimizer_stepped=stepped)
-            plast_s = time.perf_counter() - t0
-    dassdp.reset(model)
-    if cuda:
-        end_ev.record()
-        return start_ev, end_ev
-    return time.perf_counter() - start, plast_s
+        from dassdp.bench.counters import range_device_ms
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                self.run(x, y)
+            torch.cuda.synchronize(self.device)
+        ms = range_device_ms(prof, (PLAST_RANGE, HOOK_RANGE))
+        self.times["plast"] = [ms[PLAST_RANGE] / steps / 1e3]
+        self.times["hooks"] = [ms[HOOK_RANGE] / steps / 1e3]
 
 
-def _profiled_own_ms(run: dict[str, Any], x: Any, y: Any, device: Any, amp: str, steps: int):  # type: ignore[no-untyped-def]
-    """CUDA: device milliseconds per step of the kernels launched inside ``plast.step`` and
-    the recorder's hooks, from ``steps`` profiled steps; returns ``(plast_ms, hooks_ms)``."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from dassdp.bench.devstats import range_device_ms
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            _train_step(run, x, y, device, amp)
-        torch.cuda.synchronize(device)
-    ms = range_device_ms(prof, (PLAST_RANGE, HOOK_RANGE))
-    return ms[PLAST_RANGE] / steps, ms[HOOK_RANGE] / steps
-
-
-def bench_batch(  # noqa: C901
+def bench_batch(
     model_name: str = "spikingresformer_cifar",
     *,
     batch: int = 8,
@@ -174,138 +124,82 @@ def bench_batch(  # noqa: C901
     """Measure the three conditions at one batch size; returns one row per condition."""
     import torch
 
-    from dassdp import DASSDP, DASSDPConfig, create_model
-    from dassdp.bench.devstats import grad_scaler, memory_kind, peak_memory_mib, reset_peak_memory
-    from dassdp.bench.timing import median
+    from dassdp import create_model
 
     if warmup < 1 or reps < 1:
         raise ValueError("overhead needs >= 1 warm-up round (the active learner records in it)")
     dev = torch.device(device)
-    cuda = dev.type == "cuda"
     torch.manual_seed(seed)
     base = create_model(model_name, num_classes=10, T=T).to(dev).train()
-    in_ch = _in_channels(base)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, in_ch, size, size, generator=gen).to(dev)
-    y = torch.randint(0, 10, (batch,), generator=gen).to(dev)
-
-    runs: dict[str, dict[str, Any]] = {}
-    for cond in CONDITIONS:
-        model = copy.deepcopy(base)
-        opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
-        plast = None
-        if cond != "off":
-            plast = DASSDP(model, DASSDPConfig(warmup_epochs=1))
-            plast.set_epoch(0)
-        runs[cond] = {
-            "model": model, "opt": opt, "plast": plast, "scaler": grad_scaler(dev, amp),
-            "step": [], "plast_s": [], "hooks_s": [],
-        }  # fmt: skip
+    in_ch = H.in_channels(base)
+    x, y = H.random_batch((batch, in_ch, size, size), seed=seed, device=dev)
+    runs = {c: _Condition(c, base, dev, amp) for c in CONDITIONS}
     del base
-
-    hook_s: dict[int, float] = {}
     for r in range(warmup + reps):
         order = CONDITIONS[r % 3 :] + CONDITIONS[: r % 3]  # rotate who goes first
-        events = {}
-        for cond in order:
-            run = runs[cond]
-            key = id(run["plast"].recorder) if run["plast"] is not None else 0
-            hook_s[key] = 0.0
-            with _timed_recorder_hooks(hook_s, dev) as hooks_timed:
-                got = _train_step(run, x, y, dev, amp)
-            if cuda:
-                events[cond] = got
-                continue
-            step_s, plast_s = got
-            if r >= warmup:
-                run["step"].append(step_s)
-                run["plast_s"].append(plast_s)
-                run["hooks_s"].append(hook_s[key] if hooks_timed else float("nan"))
-            if log:
-                tag = "warm-up" if r < warmup else f"round {r - warmup + 1}/{reps}"
-                log(
-                    f"  batch {batch} {tag:<11} {cond:<7} step {step_s:8.3f} s  plast.step "
-                    f"{plast_s * 1e3:8.2f} ms  hooks {hook_s[key] * 1e3:7.2f} ms"
-                )
-        if cuda:  # one synchronisation per round, after all three steps
+        got = {c: runs[c].run(x, y) for c in order}
+        if dev.type == "cuda":  # one synchronisation per round, after all three steps
             torch.cuda.synchronize(dev)
-            for cond in order:
-                step_s = events[cond][0].elapsed_time(events[cond][1]) / 1e3
-                if r >= warmup:
-                    runs[cond]["step"].append(step_s)
-                if log:
-                    tag = "warm-up" if r < warmup else f"round {r - warmup + 1}/{reps}"
-                    log(f"  batch {batch} {tag:<11} {cond:<7} step {step_s:8.4f} s (CUDA events)")
-        if r == warmup - 1:  # the active learner has recorded: leave warm-up, fit the gate
-            _leave_warmup(runs["active"]["plast"])
-
-    applied = {c: r["plast"].counters["applied"] if r["plast"] else 0 for c, r in runs.items()}
-    if cuda:  # DA-SSDP's own kernel time from profiled steps (not the timed ones)
-        for cond in CONDITIONS:
-            run = runs[cond]
-            if run["plast"] is None:
-                run["plast_s"], run["hooks_s"] = [0.0], [0.0]
-                continue
-            with _timed_recorder_hooks(hook_s, dev):
-                plast_ms, hooks_ms = _profiled_own_ms(run, x, y, dev, amp, profile_steps)
-            run["plast_s"], run["hooks_s"] = [plast_ms / 1e3], [hooks_ms / 1e3]
+        tag = "warm-up" if r < warmup else f"round {r - warmup + 1}/{reps}"
+        for c in order:
+            step_s, plast_s, hooks_s = got[c]
+            if dev.type == "cuda":
+                step_s = step_s[0].elapsed_time(step_s[1]) / 1e3
+            if r >= warmup:
+                for key, value in zip(("step", "plast", "hooks"), (step_s, plast_s, hooks_s)):
+                    runs[c].times[key].append(value)
             if log:
-                log(f"  batch {batch} profiled {cond:<7} plast.step {plast_ms:.3f} ms "
-                    f"hooks {hooks_ms:.3f} ms (device time)")  # fmt: skip
+                log(f"  batch {batch} {tag:<11} {c:<7} step {step_s:8.4f} s  plast.step "
+                    f"{plast_s * 1e3:8.2f} ms  hooks {hooks_s * 1e3:7.2f} ms")  # fmt: skip
+        if r == warmup - 1:  # the active learner has recorded: leave warm-up, fit the gate
+            H.leave_warmup(runs["active"].plast)
+    for run in runs.values():  # the updates applied in the timed rounds
+        run.applied = run.plast.counters["applied"] if run.plast is not None else 0
+    if dev.type == "cuda":  # DA-SSDP's own kernel time from profiled steps
+        for c in CONDITIONS[1:]:
+            runs[c].profiled_own_s(x, y, profile_steps)
     peaks = {}
-    for cond in CONDITIONS:  # peak memory of one more step per condition
-        reset_peak_memory(dev)
-        _train_step(runs[cond], x, y, dev, amp)
-        peaks[cond] = peak_memory_mib(dev)
-
-    off = median(runs["off"]["step"])
-    rows = []
-    for cond in CONDITIONS:
-        run = runs[cond]
-        step = median(run["step"])
-        plast_ms = median(run["plast_s"]) * 1e3
-        hooks_ms = median(run["hooks_s"]) * 1e3
-        own_ms = median([a + b for a, b in zip(run["plast_s"], run["hooks_s"])]) * 1e3
-        overhead = 100.0 * (step - off) / off
-        direct = 100.0 * (plast_ms / 1e3) / off
-        own = 100.0 * (own_ms / 1e3) / off
-        row = {
-            "model": model_name,
-            "batch": batch,
-            "input": f"{in_ch}x{size}x{size}",
-            "T": T,
-            "device": device,
-            "amp": amp,
-            "condition": cond,
-            "reps": reps,
-            "step_s": round(step, 5 if cuda else 4),
-            "step_s_min": round(min(run["step"]), 5 if cuda else 4),
-            "step_s_max": round(max(run["step"]), 5 if cuda else 4),
-            "overhead_pct": round(overhead, 2),
-            "plast_step_ms": round(plast_ms, 3),
-            "plast_step_pct": round(direct, 4),
-            "hooks_ms": round(hooks_ms, 3),
-            "own_ms": round(own_ms, 3),
-            "own_pct": round(own, 4),
-            "own_time": "profiler device time" if cuda else "host wall time",
-            "applied": applied[cond],
-            "peak_mem_mib": round(peaks[cond], 1),
-            "mem_kind": memory_kind(dev),
-            "target_pct": TARGETS.get(cond, ""),
-            "met_by_step_diff": _met(cond, overhead),
-            "met_by_plast_step": _met(cond, direct),
-            "met_by_own_time": _met(cond, own),
-        }
-        rows.append(row)
-    return rows
+    for c in CONDITIONS:  # peak memory of one more step per condition
+        H.reset_peak_memory(dev)
+        runs[c].run(x, y)
+        peaks[c] = H.peak_memory_mib(dev)
+    setup = {"model": model_name, "batch": batch, "input": f"{in_ch}x{size}x{size}", "T": T,
+             "device": device, "amp": amp}  # fmt: skip
+    off = H.median(runs["off"].times["step"])
+    return [_row(setup, runs[c], off, peaks[c], reps) for c in CONDITIONS]
 
 
-def _leave_warmup(plast: Any) -> None:
-    """Move the ``active`` learner past warm-up and fit its gate now (not inside a timed step)."""
-    plast.set_epoch(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # one round of records: degenerate fit, G = 1
-        plast.fit()
+def _row(setup: dict[str, Any], run: _Condition, off: float, peak: float, reps: int) -> dict:
+    """The CSV row of one condition (times in the units of the column names)."""
+    t = run.times
+    step = H.median(t["step"])
+    plast_ms, hooks_ms = H.median(t["plast"]) * 1e3, H.median(t["hooks"]) * 1e3
+    own_ms = H.median([a + b for a, b in zip(t["plast"], t["hooks"])]) * 1e3
+    overhead = 100.0 * (step - off) / off
+    direct, own = 100.0 * plast_ms / 1e3 / off, 100.0 * own_ms / 1e3 / off
+    digits = 5 if run.cuda else 4
+    return {
+        **setup,
+        "condition": run.name,
+        "reps": reps,
+        "step_s": round(step, digits),
+        "step_s_min": round(min(t["step"]), digits),
+        "step_s_max": round(max(t["step"]), digits),
+        "overhead_pct": round(overhead, 2),
+        "plast_step_ms": round(plast_ms, 3),
+        "plast_step_pct": round(direct, 4),
+        "hooks_ms": round(hooks_ms, 3),
+        "own_ms": round(own_ms, 3),
+        "own_pct": round(own, 4),
+        "own_time": "profiler device time" if run.cuda else "host wall time",
+        "applied": run.applied,
+        "peak_mem_mib": round(peak, 1),
+        "mem_kind": H.memory_kind(run.device),
+        "target_pct": TARGETS.get(run.name, ""),
+        "met_by_step_diff": _met(run.name, overhead),
+        "met_by_plast_step": _met(run.name, direct),
+        "met_by_own_time": _met(run.name, own),
+    }
 
 
 def _met(cond: str, pct: float) -> str:
@@ -314,39 +208,17 @@ def _met(cond: str, pct: float) -> str:
     return "yes" if pct <= TARGETS[cond] else "no"
 
 
-def _in_channels(model: Any) -> int:
-    """Input channels of the model's first conv (3 for the CIFAR models)."""
-    from torch import nn
-
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return int(m.in_channels)
-    return 3
-
-
-def markdown(
-    rows: list[dict[str, Any]], env: dict[str, Any], csv_path: Path, load: tuple[str, str]
-) -> str:
-    """The ``## overhead`` section body."""
+def markdown(rows: list[dict[str, Any]], facts: list[str]) -> str:
+    """The ``## overhead`` section body: the module docstring, the facts, the table."""
     lines = [
-        "One training step of the model (forward, cross-entropy, backward, AdamW step,",
-        "`plast.step(loss)`, `dassdp.reset`) on a random batch, without a learner (`off`), with",
-        "DA-SSDP in warm-up (`warmup`: hooks + gate statistics) and after warm-up (`active`:",
-        "hooks + dW at the classifier and W_proj sites, applied). The three run interleaved on",
-        "copies of one initial model; times are medians of the timed rounds after the warm-up",
-        "round. *overhead* = (median step - median `off` step) / median `off` step: on a",
-        "shared CPU with steps of seconds its noise (see min-max) is far above the targets.",
-        "*own share* = DA-SSDP's own time (`plast.step` + the recorder's forward hooks, each",
-        "timed directly) / median `off` step: the precise measure. On CUDA the step is timed",
-        "with CUDA events and the own time is the device time of the kernels launched in",
-        "`plast.step` and the hooks (profiler, `record_function` ranges; no sync added).",
-        "*peak MiB*: `max_memory_allocated` of one step on CUDA; process peak RSS on the CPU.",
+        *H.describe(__doc__),
         "",
-        "- targets: <= 0.5 % in warm-up, <= 2 % after warm-up",
-        *provenance(env, csv_path, load),
+        "- targets: <= 0.5 % in warm-up, <= 2 % after warm-up; *met*: by the overhead / by "
+        "the own share",
+        *facts,
         "",
         "| model | batch | input | T | amp | condition | step s (median) | min-max s | overhead "
-        "| plast.step ms | hooks ms | own share | peak MiB | target | met (overhead / own share) |",
+        "| plast.step ms | hooks ms | own share | peak MiB | target | met |",
         "|---|---:|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
@@ -362,50 +234,29 @@ def markdown(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default="spikingresformer_cifar",
-        help="registered model with DA-SSDP sites (default spikingresformer_cifar)",
+    H.add_options(
+        parser,
+        model=("spikingresformer_cifar", "registered model with DA-SSDP sites"),
+        batch=([32, 128], "batch sizes (on a small CPU e.g. 8 16)"),
+        size=(32, "input height = width"),
+        T=(4, "time steps"),
+        reps=(3, "timed rounds"),
+        warmup=(1, "untimed rounds first"),
+        amp=("none", "precision", {"choices": H.AMP_CHOICES}),
+        profile_steps=(2, "CUDA: profiled steps per condition for DA-SSDP's own device time"),
     )
-    parser.add_argument(
-        "--batch",
-        type=int,
-        nargs="+",
-        default=[32, 128],
-        help="batch sizes (default 32 128; on a small CPU use e.g. 8 16)",
-    )
-    parser.add_argument("--size", type=int, default=32, help="input height = width (default 32)")
-    parser.add_argument("--T", type=int, default=4, help="time steps (default 4)")
-    parser.add_argument("--reps", type=int, default=3, help="timed rounds (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-    parser.add_argument(
-        "--amp", choices=AMP_CHOICES, default="none", help="precision: none, fp16 or bf16"
-    )
-    parser.add_argument(
-        "--profile-steps",
-        type=int,
-        default=2,
-        help="CUDA: profiled steps per condition for DA-SSDP's own device time (default 2)",
-    )
-    add_run_arguments(parser, "seed of weights and inputs")
-    add_output_arguments(parser, "overhead", per_device=True)
+    H.add_run_arguments(parser)
+    H.add_output_arguments(parser, "overhead")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dassdp.bench.report import environment, write_csv, write_section
-    from dassdp.bench.timing import default_csv, device_of, load_average, section_name
-
-    sizes = [*args.batch, args.size, args.T, args.reps, args.threads, args.warmup]
-    if min([*sizes, args.profile_steps]) < 1:
-        raise ValueError(
-            "--batch, --size, --T, --reps, --warmup, --threads and --profile-steps must be >= 1"
-        )
-    device = str(device_of(args.device))
-    out = args.out if args.out is not None else default_csv("overhead", device)
+    names = ("batch", "size", "T", "reps", "warmup", "threads", "profile_steps")
+    H.check_positive(args, *names)
+    device = str(H.device_of(args.device))
     torch.set_num_threads(args.threads)
-    load_before = load_average()
+    load_before = H.load_average()
     rows: list[dict[str, Any]] = []
     for batch in args.batch:
         print(f"{args.model}: batch {batch}, {args.size}x{args.size}, T={args.T}", flush=True)
@@ -422,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
                 flush=True,
             )
         rows += got
-    write_csv(out, rows)
-    section = markdown(rows, environment(), out, (load_before, load_average()))
-    write_section(args, section_name("overhead", device), section, out)
-    return 0
+    return H.save(
+        args, "overhead", rows, lambda facts: markdown(rows, facts), device=device,
+        load_before=load_before,
+    )  # fmt: skip

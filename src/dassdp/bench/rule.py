@@ -5,44 +5,39 @@ Both sides start from the same time-major activity ``pre [T, B, C_in]``, ``post 
 
 * **library**: :func:`dassdp.plasticity.rule.fired_latency` then
   :func:`dassdp.plasticity.rule.delta_w` (one GEMM over unit states, inner size ``B (T+1)``).
-* **pairwise**: :func:`pairwise_delta_w` below, the released code's operations as
-  ``/work/shared/REFERENCE.md`` describes them: latency as the argmax of the cumulative spike
-  count, fired as ``mean_t > 0``, then the co-firing matrix ``lam`` and the Gaussian kernel
-  built as full ``[B, C_out, C_in]`` tensors every step, combined elementwise and averaged over
-  the batch. It lives here, outside the library's runtime path, as the published baseline.
+* **pairwise**: :func:`pairwise_delta_w` below, the released code's operations: latency as
+  the argmax of the cumulative spike count, fired as ``mean_t > 0``, then the co-firing
+  matrix ``lam`` and the Gaussian kernel built as full ``[B, C_out, C_in]`` tensors every
+  step, combined elementwise and averaged over the batch. It lives here, outside the
+  library's runtime path, as the published baseline.
 
 Per size: median seconds per dW, peak memory and max |difference| (float32 at the size; a
 float64 agreement check runs at small sizes). Each side is timed in a fresh subprocess. On the
 CPU its peak memory comes from another fresh subprocess that imports torch, builds the inputs,
 runs both sides once at a tiny size (lazy initialisation, code pages), resets its peak RSS to
 the current RSS, makes one full-size call and reads the peak again: the peak memory is the
-growth (:func:`peak_rss_kb`: the process's own max RSS, ``VmHWM``; ``ru_maxrss`` would carry
-the spawning process's peak over ``exec``). glibc's mmap threshold is fixed there so that RSS
-follows the live tensors (see :func:`run_side_subprocess`). The growth over the peak RSS of a
-separate idle subprocess (same steps without the full-size call) is reported as well; it
-carries the noise of the file-backed pages (shared libraries) that two processes map
-differently. On CUDA the peak is ``torch.cuda.max_memory_allocated`` above what was allocated
-before the first full-size call. When ``B C_out C_in`` exceeds
-``--pairwise-limit`` elements (the stress size by default) the pairwise side runs over the
-whole batch in chunks, and the report says so: its peak is then the chunked peak and its time
-the whole batch's.
+growth (:func:`dassdp.bench.harness.peak_rss_kb`: the process's own max RSS, ``VmHWM``).
+glibc's mmap threshold is fixed there so that RSS follows the live tensors (see
+:func:`run_side_subprocess`). The growth over the peak RSS of a separate idle subprocess
+(same steps without the full-size call) is reported as well; it carries the noise of the
+file-backed pages (shared libraries) that two processes map differently. On CUDA the peak is
+``torch.cuda.max_memory_allocated`` above what was allocated before the first full-size
+call. When ``B C_out C_in`` exceeds ``--pairwise-limit`` elements (the stress size by
+default) the pairwise side runs over the whole batch in chunks, and the report says so: its
+peak is then the chunked peak and its time the whole batch's.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
 import os
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dassdp.bench.report import add_output_arguments, add_run_arguments, provenance
+from dassdp.bench import harness as H
 
 HELP = "dW cost: the library's one-GEMM rule vs the published pairwise [B, Cout, Cin] form"
 
@@ -99,15 +94,9 @@ def parse_size(spec: str) -> RuleSize:
 
 # ----------------------------------------------------------------------------- the two sides
 def make_inputs(
-    B: int,
-    C_out: int,
-    C_in: int,
-    *,
-    T: int = 4,
-    rate: float = 0.2,
-    seed: int = 0,
+    B: int, C_out: int, C_in: int, *, T: int = 4, rate: float = 0.2, seed: int = 0,
     device: Any = "cpu",
-) -> tuple[Any, Any, Any]:
+) -> tuple[Any, Any, Any]:  # fmt: skip
     """Random activity and gate: ``pre [T, B, C_in]``, ``post [T, B, C_out]`` (bool, each step
     active with probability ``rate``) and ``G [B]`` uniform in ``[0, 2]`` (float32)."""
     import torch
@@ -120,18 +109,10 @@ def make_inputs(
 
 
 def library_delta_w(
-    pre: Any,
-    post: Any,
-    gate: Any,
-    *,
-    latency: str = "first",
-    silent: int | None = None,
-    A_plus: float = A_PLUS,
-    A_minus: float = A_MINUS,
-    sigma: float = SIGMA,
-    clip: float | None = CLIP,
-    dtype: Any = None,
-) -> Any:
+    pre: Any, post: Any, gate: Any, *, latency: str = "first", silent: int | None = None,
+    A_plus: float = A_PLUS, A_minus: float = A_MINUS, sigma: float = SIGMA,
+    clip: float | None = CLIP, dtype: Any = None,
+) -> Any:  # fmt: skip
     """The library's dW from activity: ``pre [T, B, C_in]``, ``post [T, B, C_out]`` (bool),
     ``gate [B]`` or ``None`` -> ``[C_out, C_in]``."""
     import torch
@@ -141,16 +122,9 @@ def library_delta_w(
     a_pre = fired_latency(pre, latency, silent)
     a_post = fired_latency(post, latency, silent)
     return delta_w(
-        a_pre,
-        a_post,
-        gate,
-        T=pre.shape[0],
-        A_plus=A_plus,
-        A_minus=A_minus,
-        sigma=sigma,
-        clip=clip,
-        dtype=dtype or torch.float32,
-    )
+        a_pre, a_post, gate, T=pre.shape[0], A_plus=A_plus, A_minus=A_minus, sigma=sigma,
+        clip=clip, dtype=dtype or torch.float32,
+    )  # fmt: skip
 
 
 def pairwise_latency(x: Any, latency: str = "first", silent: int | None = None) -> Any:
@@ -176,19 +150,10 @@ def pairwise_latency(x: Any, latency: str = "first", silent: int | None = None) 
 
 
 def pairwise_delta_w(
-    pre: Any,
-    post: Any,
-    gate: Any,
-    *,
-    latency: str = "first",
-    silent: int | None = None,
-    A_plus: float = A_PLUS,
-    A_minus: float = A_MINUS,
-    sigma: float = SIGMA,
-    clip: float | None = CLIP,
-    dtype: Any = None,
-    chunk: int | None = None,
-) -> Any:
+    pre: Any, post: Any, gate: Any, *, latency: str = "first", silent: int | None = None,
+    A_plus: float = A_PLUS, A_minus: float = A_MINUS, sigma: float = SIGMA,
+    clip: float | None = CLIP, dtype: Any = None, chunk: int | None = None,
+) -> Any:  # fmt: skip
     """The published pairwise dW: ``pre [T, B, C_in]``, ``post [T, B, C_out]`` (bool),
     ``gate [B]`` or ``None`` -> ``[C_out, C_in]``.
 
@@ -262,8 +227,6 @@ def run_side(spec: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    from dassdp.bench.timing import timed
-
     torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec["device"])
     pre, post, gate = make_inputs(
@@ -275,7 +238,7 @@ def run_side(spec: dict[str, Any]) -> dict[str, Any]:
     library_delta_w(*tiny, latency=spec["latency"])
     pairwise_delta_w(*tiny, latency=spec["latency"])
     out: dict[str, Any] = {"times": [], "maxrss_kb": 0, "cuda_peak_bytes": None}
-    out["maxrss_before_kb"] = peak_rss_kb(reset=True)
+    out["maxrss_before_kb"] = H.peak_rss_kb(reset=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -292,38 +255,15 @@ def run_side(spec: dict[str, Any]) -> dict[str, Any]:
         dw = None
         for i in range(spec["warmup"] + spec["reps"]):
             del dw  # free the previous result before the next call, as a training loop does
-            sec, dw = timed(fn, device)
+            sec, dw = H.timed(fn, device)
             if i >= spec["warmup"]:
                 out["times"].append(sec)
         if spec.get("save"):
             torch.save(dw.float().cpu(), spec["save"])
     if device.type == "cuda":
         out["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device) - base)
-    out["maxrss_kb"] = peak_rss_kb()
+    out["maxrss_kb"] = H.peak_rss_kb()
     return out
-
-
-def peak_rss_kb(reset: bool = False) -> int:
-    """This process's own peak resident set size in KiB.
-
-    On Linux this is ``VmHWM`` of ``/proc/self/status``: the high-water mark of this
-    process's memory map only. ``getrusage(RUSAGE_SELF).ru_maxrss`` also keeps the peak of
-    the process that spawned it (the kernel carries it over ``exec``), so a worker started by
-    a large parent would report the parent's peak; elsewhere it is the fallback.
-    ``reset=True`` first sets the high-water mark to the current RSS (``clear_refs`` 5), so
-    the growth over a call is measured from what is resident now.
-    """
-    import resource
-
-    status = Path("/proc/self/status")
-    if status.exists():
-        if reset:
-            with contextlib.suppress(OSError):
-                Path("/proc/self/clear_refs").write_text("5")
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def run_side_subprocess(spec: dict[str, Any], *, memory: bool = False) -> dict[str, Any]:
@@ -335,42 +275,19 @@ def run_side_subprocess(spec: dict[str, Any], *, memory: bool = False) -> dict[s
     leftovers made repeated measurements of the same call differ by ~10 MB). The timing
     workers run with the default allocator.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    env = dict(os.environ)
     if memory:
         env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
-    src = str(Path(__file__).resolve().parents[2])  # the dir holding the dassdp package
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(
-        [sys.executable, "-m", "dassdp.bench.rule", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"rule benchmark worker ({spec['side']}, B={spec['B']}, "
-            f"{spec['C_out']}x{spec['C_in']}) failed with exit code {proc.returncode}:\n"
-            f"{proc.stderr[-2000:]}"
-        )
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return H.in_fresh_process(H.function("dassdp.bench.rule:run_side"), {"spec": spec}, env=env)
 
 
 # ------------------------------------------------------------------------------ the benchmark
 def bench_size(
-    size: RuleSize,
-    *,
-    T: int = 4,
-    rate: float = 0.2,
-    reps: int = 5,
-    warmup: int = 1,
-    latency: str = "first",
-    device: str = "cpu",
-    threads: int = 1,
-    pairwise_limit: int = DEFAULT_PAIRWISE_LIMIT,
-    pairwise_reps: int | None = None,
+    size: RuleSize, *, T: int = 4, rate: float = 0.2, reps: int = 5, warmup: int = 1,
+    latency: str = "first", device: str = "cpu", threads: int = 1,
+    pairwise_limit: int = DEFAULT_PAIRWISE_LIMIT, pairwise_reps: int | None = None,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> dict[str, Any]:  # fmt: skip
     """Measure both sides at ``size``; returns one result row (see :func:`markdown`).
 
     CPU peak memory: growth of the peak RSS over one full-size call in a fresh memory worker
@@ -389,21 +306,14 @@ def bench_size(
     timing: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="dassdp-bench-rule-") as tmp:
         for side in ("library", "pairwise"):
+            pw = side == "pairwise"
             timing[side] = run_side_subprocess(
-                {
-                    **base,
-                    "side": side,
-                    "chunk": chunk if side == "pairwise" else None,
-                    "reps": pw_reps if side == "pairwise" else reps,
-                    "warmup": pw_warmup if side == "pairwise" else warmup,
-                    "save": str(Path(tmp) / f"{side}.pt"),
-                }
-            )
-        diff = float(
-            (torch.load(Path(tmp) / "library.pt") - torch.load(Path(tmp) / "pairwise.pt"))
-            .abs()
-            .max()
-        )
+                {**base, "side": side, "chunk": chunk if pw else None,
+                 "reps": pw_reps if pw else reps, "warmup": pw_warmup if pw else warmup,
+                 "save": str(Path(tmp) / f"{side}.pt")}
+            )  # fmt: skip
+        dws = [torch.load(Path(tmp) / f"{side}.pt") for side in ("library", "pairwise")]
+        diff = float((dws[0] - dws[1]).abs().max())
     peak: dict[str, float] = {}
     idle_peak: dict[str, float] = {"library": math.nan, "pairwise": math.nan}
     if device.startswith("cuda"):
@@ -422,8 +332,8 @@ def bench_size(
             peak[side] = max(0, r["maxrss_kb"] - r["maxrss_before_kb"]) / 1024
             idle_peak[side] = max(0, r["maxrss_kb"] - kb["idle"]["maxrss_kb"]) / 1024
 
-    lib_s = _median(timing["library"]["times"])
-    pw_s = _median(timing["pairwise"]["times"])
+    lib_s = H.median(timing["library"]["times"])
+    pw_s = H.median(timing["pairwise"]["times"])
     lib_mb, pw_mb = peak["library"], peak["pairwise"]
     speedup = pw_s / lib_s if lib_s > 0 else math.inf
     mem_ratio = pw_mb / lib_mb if lib_mb > 0 else math.inf
@@ -431,74 +341,33 @@ def bench_size(
     if size.target:
         met = "yes" if speedup >= TARGET_SPEEDUP and mem_ratio >= TARGET_MEMORY else "no"
     return {
-        "size": size.name,
-        "B": size.B,
-        "C_out": size.C_out,
-        "C_in": size.C_in,
-        "T": T,
-        "device": device,
-        "library_ms": round(lib_s * 1e3, 4),
-        "pairwise_ms": round(pw_s * 1e3, 2),
-        "speedup": round(speedup, 1),
-        "library_peak_mb": round(lib_mb, 2),
-        "pairwise_peak_mb": round(pw_mb, 1),
-        "memory_ratio": round(mem_ratio, 1),
+        "size": size.name, "B": size.B, "C_out": size.C_out, "C_in": size.C_in, "T": T,
+        "device": device, "library_ms": round(lib_s * 1e3, 4), "pairwise_ms": round(pw_s * 1e3, 2),
+        "speedup": round(speedup, 1), "library_peak_mb": round(lib_mb, 2),
+        "pairwise_peak_mb": round(pw_mb, 1), "memory_ratio": round(mem_ratio, 1),
         "max_abs_diff_fp32": f"{diff:.3g}",
         "library_peak_mb_vs_idle": round(idle_peak["library"], 2),
         "pairwise_peak_mb_vs_idle": round(idle_peak["pairwise"], 1),
         "pairwise_mode": "whole batch" if chunk is None else f"batch chunks of {chunk}",
-        "library_reps": reps,
-        "pairwise_reps": pw_reps,
-        "target": "yes" if size.target else "no",
-        "target_met": met,
-    }
-
-
-def _median(values: list[float]) -> float:
-    from dassdp.bench.timing import median
-
-    return median(values)
+        "library_reps": reps, "pairwise_reps": pw_reps,
+        "target": "yes" if size.target else "no", "target_met": met,
+    }  # fmt: skip
 
 
 def markdown(
-    rows: list[dict[str, Any]],
-    env: dict[str, Any],
-    csv_path: Path,
-    *,
-    check64: float,
-    load: tuple[str, str],
-    latency: str,
-    rate: float,
+    rows: list[dict[str, Any]], facts: list[str], *, check64: float, latency: str, rate: float
 ) -> str:
-    """The ``## rule`` section body."""
-    device = rows[0]["device"] if rows else "cpu"
-    memory = (
-        "`torch.cuda.max_memory_allocated` above the inputs"
-        if device.startswith("cuda")
-        else "growth of the peak RSS over one full-size call in a fresh subprocess per side "
-        "(torch imported, inputs built, both sides run once at a tiny size, peak RSS reset to "
-        "the current RSS, then the call); peak RSS = the process's own `VmHWM` (Linux's "
-        "`ru_maxrss` also holds the spawning process's peak across `exec`, which masked the "
-        "small side); glibc's mmap threshold is fixed at 128 KiB (`MALLOC_MMAP_THRESHOLD_`) so "
-        "that RSS follows the live tensors; the timing runs use the default allocator. The CSV "
-        "also has the growth over a separate idle subprocess's peak (`*_vs_idle`)"
-    )
+    """The ``## rule`` section body: the module docstring, the facts, the table, notes."""
     lines = [
-        "dW of one site from time-major activity `[T, B, C]` (random spikes, each step active",
-        f"with probability {rate}; per-sample gate in [0, 2]; latency `{latency}`; "
-        "`A+ 1.5e-3, A- 1e-4, sigma 1, clip 1`).",
-        "**library**: `fired_latency` + `delta_w` (one GEMM over unit states, inner size "
-        "`B (T+1)`, in batch chunks whose factors take about 256 KiB). ",
-        "**pairwise**: the released code's operations (cumsum-argmax latency, `lam` and the "
-        "Gaussian kernel as full `[B, C_out, C_in]` tensors every step), "
-        "`dassdp.bench.rule.pairwise_delta_w`.",
+        *H.describe(__doc__),
         "",
-        f"- time: median of the timed calls after a warm-up call; device `{device}`",
-        f"- peak memory: {memory}",
+        f"- activity: random spikes, each step active with probability {rate}; per-sample gate "
+        f"in [0, 2]; latency `{latency}`; `A+ 1.5e-3, A- 1e-4, sigma 1, clip 1`; time: median "
+        "of the timed calls after a warm-up call",
         "- targets (rows marked *target*): >= 100x faster and >= 100x less peak memory",
         f"- float64 agreement (library vs pairwise, shapes {list(CHECK_SHAPES)}, latency first "
         f"and last, silent T and 0, gate and none): max |diff| = {check64:.3g}",
-        *provenance(env, csv_path, load),
+        *facts,
         "",
         "| size | B | C_out x C_in | library ms | pairwise ms | speed-up | library peak MB "
         "| pairwise peak MB | memory ratio | max abs diff (fp32) | pairwise ran as | target met |",
@@ -518,23 +387,18 @@ def markdown(
         if r["target_met"]
     ]
     if floors:
-        lines.append("")
-        lines.append(
-            "The library's peak includes the float32 `dW` it returns (`C_out C_in` x 4 bytes, "
-            "which the pairwise side also returns), so no implementation can beat the pairwise "
-            f"peak / output size: {', '.join(floors)}."
-        )
-    chunked = [r for r in rows if r["pairwise_mode"] != "whole batch"]
-    for r in chunked:
-        n = -(-r["B"] // int(r["pairwise_mode"].rsplit(" ", 1)[1]))
-        lines.append("")
-        lines.append(
-            f"{r['size']}: the pairwise side ran over the whole batch in {n} chunks "
-            f"({r['pairwise_mode']}; {r['pairwise_reps']} timed call): its time is the whole "
-            f"batch's, measured; its peak is the chunked peak, measured. The unchunked released "
-            f"form would need about {n}x that peak (~{r['pairwise_peak_mb'] * n / 1024:.1f} GiB, "
-            "extrapolated, not run)."
-        )
+        lines += ["", "The library's peak includes the float32 `dW` it returns (`C_out C_in` x 4 "
+                  "bytes, which the pairwise side also returns), so no implementation can beat "
+                  f"the pairwise peak / output size: {', '.join(floors)}."]  # fmt: skip
+    for r in rows:
+        if r["pairwise_mode"] != "whole batch":
+            n = -(-r["B"] // int(r["pairwise_mode"].rsplit(" ", 1)[1]))
+            gib = r["pairwise_peak_mb"] * n / 1024
+            lines += ["", f"{r['size']}: the pairwise side ran over the whole batch in {n} "
+                      f"chunks ({r['pairwise_mode']}; {r['pairwise_reps']} timed call): its time "
+                      "is the whole batch's, measured; its peak is the chunked peak, measured. "
+                      f"The unchunked released form would need about {n}x that peak "
+                      f"(~{gib:.1f} GiB, extrapolated, not run)."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -544,63 +408,41 @@ def _ratio(x: float) -> str:
 
 # ------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--sizes",
-        nargs="+",
-        default=list(SIZES),
-        metavar="SIZE",
-        help=f"preset sizes ({', '.join(SIZES)}) or custom B:C_OUTxC_IN (default: all presets)",
-    )
-    parser.add_argument("--T", type=int, default=4, help="time steps (default 4)")
-    parser.add_argument(
-        "--rate", type=float, default=0.2, help="per-step spike probability (default 0.2)"
-    )
-    parser.add_argument(
-        "--latency", choices=("first", "last"), default="first", help="latency (default first)"
-    )
-    parser.add_argument("--reps", type=int, default=5, help="timed calls per side (default 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
-    parser.add_argument(
-        "--pairwise-limit",
-        type=int,
-        default=DEFAULT_PAIRWISE_LIMIT,
-        help="max B*C_out*C_in elements of one pairwise pass before the batch is chunked "
-        f"(default {DEFAULT_PAIRWISE_LIMIT}: only the stress size is chunked)",
-    )
-    parser.add_argument(
-        "--pairwise-reps",
-        type=int,
-        default=1,
-        help="timed calls of a chunked pairwise side (default 1)",
-    )
-    add_run_arguments(parser, "input seed")
-    add_output_arguments(parser, "rule", per_device=True)
+    H.add_options(
+        parser,
+        sizes=(list(SIZES), f"preset sizes ({', '.join(SIZES)}) or custom B:C_OUTxC_IN",
+               {"metavar": "SIZE"}),
+        T=(4, "time steps"),
+        rate=(0.2, "per-step spike probability"),
+        latency=("first", "latency", {"choices": ("first", "last")}),
+        reps=(5, "timed calls per side"),
+        warmup=(1, "untimed calls first"),
+        pairwise_limit=(DEFAULT_PAIRWISE_LIMIT, "max B*C_out*C_in elements of one pairwise "
+                        "pass before the batch is chunked (the default chunks the stress size)"),
+        pairwise_reps=(1, "timed calls of a chunked pairwise side"),
+    )  # fmt: skip
+    H.add_run_arguments(parser, "input seed")
+    H.add_output_arguments(parser, "rule")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dassdp.bench.report import environment, write_csv, write_section
-    from dassdp.bench.timing import default_csv, device_of, load_average, section_name
-
-    if min(args.T, args.reps, args.threads, args.pairwise_limit, args.pairwise_reps) < 1:
-        raise ValueError("--T, --reps, --threads, --pairwise-limit, --pairwise-reps must be >= 1")
+    H.check_positive(args, "T", "reps", "threads", "pairwise_limit", "pairwise_reps")
     if args.warmup < 0 or not 0 < args.rate < 1:
         raise ValueError("--warmup must be >= 0 and --rate in (0, 1)")
     sizes = [parse_size(s) for s in args.sizes]
-    device = str(device_of(args.device))
-    out = args.out if args.out is not None else default_csv("rule", device)
+    device = str(H.device_of(args.device))
     torch.set_num_threads(args.threads)
-    load_before = load_average()
+    load_before = H.load_average()
     check64 = float64_check(args.T)
     print(f"float64 agreement, library vs pairwise: max |diff| = {check64:.3g}", flush=True)
-    common = dict(T=args.T, rate=args.rate, latency=args.latency, device=device)
     rows = []
     for size in sizes:
         row = bench_size(
-            size, **common, reps=args.reps, warmup=args.warmup, threads=args.threads,
-            pairwise_limit=args.pairwise_limit, pairwise_reps=args.pairwise_reps,
-            seed=args.seed,
+            size, T=args.T, rate=args.rate, latency=args.latency, device=device, reps=args.reps,
+            warmup=args.warmup, threads=args.threads, pairwise_limit=args.pairwise_limit,
+            pairwise_reps=args.pairwise_reps, seed=args.seed,
         )  # fmt: skip
         print(
             f"{size.name:<22} library {row['library_ms']:9.3f} ms {row['library_peak_mb']:8.2f} MB"
@@ -610,15 +452,8 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         rows.append(row)
-    write_csv(out, rows)
-    env = environment()
-    section = markdown(
-        rows, env, out, check64=check64, load=(load_before, load_average()),
-        latency=args.latency, rate=args.rate,
-    )  # fmt: skip
-    write_section(args, section_name("rule", device), section, out)
-    return 0
 
+    def body(facts: list[str]) -> str:
+        return markdown(rows, facts, check64=check64, latency=args.latency, rate=args.rate)
 
-if __name__ == "__main__":  # the per-side worker: python -m dassdp.bench.rule '<json spec>'
-    print(json.dumps(run_side(json.loads(sys.argv[1]))))
+    return H.save(args, "rule", rows, body, device=device, load_before=load_before)

@@ -1,40 +1,42 @@
 """``dassdp bench throughput``: training images/s of our model against SpikingJelly neurons.
 
-The same architecture is built twice through the model's injectable ``neuron_layer``:
+The same architecture is built with our multi-step LIF (:class:`dassdp.neurons.LIF`, the
+fused multi-step kernel) and with SpikingJelly 2.0's ``LIFNode(tau=2., v_threshold=1.,
+v_reset=0., detach_reset=True, step_mode='m', surrogate_function=surrogate.ATan())`` (the
+same neuron: tau 2, threshold 1, hard reset to 0, ATan surrogate with alpha 2, detached
+reset, decayed input), injected through the model's ``neuron_layer``. Both start from the
+same weights and see the same random batch. One step = the engine's
+(:func:`dassdp.engine.step.train_step`: forward, cross-entropy, backward, AdamW step,
+``dassdp.reset``, which resets SpikingJelly's neurons too). The backends run interleaved
+(alternating who goes first) after untimed warm-up steps; images/s = batch / median step
+time. *ratio* = ours / SpikingJelly's (target >= 1.0); *ratio by min step*: the same from
+the fastest step of each (less sensitive to other jobs' load); *logit diff*: max |difference|
+of the first-step logits (the same network: 0 up to float rounding). *LIF op*: the neuron
+alone, forward + backward on ``[T, B, C, H, W]`` (``--neuron-channels`` C; shape in the
+CSV), median of interleaved calls; *LIF op ratio* = SpikingJelly ms / ours (> 1: ours
+faster). *kernels / step*: CUDA kernels (profiler) on a GPU, aten ops dispatched on the CPU;
+*peak MiB*: ``max_memory_allocated`` on CUDA, the process's peak RSS on the CPU, of one step.
 
-* ``dassdp``: our multi-step :class:`dassdp.neurons.LIF` (the default);
-* ``spikingjelly``: ``spikingjelly.activation_based.neuron.LIFNode(tau=2., v_threshold=1.,
-  v_reset=0., detach_reset=True, step_mode='m', surrogate_function=surrogate.ATan())``, the
-  same neuron (tau 2, threshold 1, hard reset to 0, ATan surrogate with alpha 2, detached
-  reset, decayed input) from SpikingJelly 2.0.
-
-Both copies start from the same weights (the neurons have no parameters) and see the same
-random batch. One training step = forward, cross-entropy, ``zero_grad``, backward, AdamW
-step, ``dassdp.reset`` (which calls SpikingJelly's ``reset()`` on its stateful neurons). The
-two run interleaved (alternating who goes first) after untimed warm-up steps; images/s =
-batch / median step time, and the ratio is ours / SpikingJelly's (target >= 1.0). As a check
-that the two are the same network, the logits of the first (untimed) forward are compared.
-
-With ``--loop-baseline`` a third copy, ``dassdp-loop``, runs our LIF with the fused kernel
-off (``LIF(fused=False)``: the autograd loop over time steps, the LIF before the fused
-kernel), interleaved with the other two, so the before/after ratio comes from one run.
-
-SpikingJelly is not a dependency of dassdp. Install it for this benchmark only::
+``dassdp-loop`` rows (``--loop-baseline``): the same model with ``LIF(fused=False)``, the
+autograd loop over time steps that was our LIF before the fused kernel, in the same
+interleaved run (*ratio* columns stay fused / SJ); ``dassdp-torch``: our LIF on its torch
+path. SpikingJelly is not a dependency of dassdp; install it for this benchmark only::
 
     pip install --no-deps spikingjelly==2.0.0 'loguru>=0.7,<1'
+
+(without it: ``--neurons dassdp dassdp-loop``, no ratio columns).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import time
+import functools
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from dassdp.bench.devstats import AMP_CHOICES
-from dassdp.bench.report import add_output_arguments, add_run_arguments, provenance
+from dassdp.bench import harness as H
+from dassdp.bench.counters import count_kernels, kernel_unit
 from dassdp.bench.syncs import lif_factory
 
 HELP = "training images/s of spikingresformer_cifar: our LIF vs SpikingJelly 2.0's LIFNode"
@@ -64,17 +66,10 @@ def spikingjelly_lif() -> Callable[[], Any]:
             f"Install it for the benchmark only: {INSTALL_HINT}"
         ) from err
 
-    def make() -> Any:
-        return neuron.LIFNode(
-            tau=2.0,
-            v_threshold=1.0,
-            v_reset=0.0,
-            detach_reset=True,
-            step_mode="m",
-            surrogate_function=surrogate.ATan(),
-        )
-
-    return make
+    return functools.partial(
+        neuron.LIFNode, tau=2.0, v_threshold=1.0, v_reset=0.0, detach_reset=True,
+        step_mode="m", surrogate_function=surrogate.ATan(),
+    )  # fmt: skip
 
 
 def spikingjelly_version() -> str:
@@ -87,23 +82,28 @@ def spikingjelly_version() -> str:
         return "absent"
 
 
+def neuron_layer(backend: str) -> Callable[[], Any]:
+    """The neuron factory of ``backend`` (one of :data:`ALL_BACKENDS`)."""
+    from dassdp.neurons import LIF
+
+    if backend == "spikingjelly":
+        return spikingjelly_lif()
+    if backend in (LOOP_BACKEND, TORCH_BACKEND):
+        return lif_factory(backend.removeprefix("dassdp-"))
+    if backend == "dassdp":
+        return LIF
+    raise ValueError(f"backend must be one of {ALL_BACKENDS}, got {backend!r}")
+
+
 def build(model_name: str, backend: str, *, T: int, seed: int, device: Any) -> Any:
-    """Model ``model_name`` with our neurons or SpikingJelly's, weights seeded by ``seed``."""
+    """Model ``model_name`` with ``backend``'s neurons, weights seeded by ``seed``."""
     import torch
 
     from dassdp import create_model
 
-    kwargs: dict[str, Any] = {"num_classes": 10, "T": T}
-    if backend == "spikingjelly":
-        kwargs["neuron_layer"] = spikingjelly_lif()
-    elif backend == LOOP_BACKEND:
-        kwargs["neuron_layer"] = lif_factory("loop")
-    elif backend == TORCH_BACKEND:
-        kwargs["neuron_layer"] = lif_factory("torch")
-    elif backend != "dassdp":
-        raise ValueError(f"backend must be one of {ALL_BACKENDS}, got {backend!r}")
+    layer = neuron_layer(backend)
     torch.manual_seed(seed)
-    return create_model(model_name, **kwargs).to(device).train()
+    return create_model(model_name, num_classes=10, T=T, neuron_layer=layer).to(device).train()
 
 
 def _backends(neurons: tuple[str, ...], loop_baseline: bool) -> tuple[str, ...]:
@@ -136,19 +136,6 @@ def bench_throughput(
     batch size; returns one row per backend. Ratios to SpikingJelly need both ``dassdp`` and
     ``spikingjelly`` (else empty)."""
     import torch
-    import torch.nn.functional as F
-
-    import dassdp
-    from dassdp.bench.devstats import (
-        autocast,
-        count_kernels,
-        grad_scaler,
-        kernel_unit,
-        memory_kind,
-        peak_memory_mib,
-        reset_peak_memory,
-    )
-    from dassdp.bench.timing import median, sync
 
     if warmup < 1 or reps < 1:
         raise ValueError("throughput needs >= 1 warm-up step and >= 1 timed step")
@@ -159,56 +146,35 @@ def bench_throughput(
     ref = backends[0]
     for b in backends[1:]:
         models[b].load_state_dict(copy.deepcopy(models[ref].state_dict()))
-    in_ch = next(m for m in models[ref].modules() if isinstance(m, torch.nn.Conv2d))
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, in_ch.in_channels, size, size, generator=gen).to(dev)
-    y = torch.randint(0, 10, (batch,), generator=gen).to(dev)
-    opts = {
-        b: torch.optim.AdamW(m.parameters(), lr=5e-4, weight_decay=0.01) for b, m in models.items()
-    }
-    scalers = {b: grad_scaler(dev, amp) for b in backends}
-    times: dict[str, list[float]] = {b: [] for b in backends}
-    logits: dict[str, Any] = {}
-
-    def train_step(b: str) -> Any:
-        model, opt, scaler = models[b], opts[b], scalers[b]
-        with autocast(dev, amp):
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-        dassdp.reset(model)
-        return out
-
-    for r in range(warmup + reps):
-        order = backends if r % 2 == 0 else backends[::-1]
-        for b in order:
-            sync(dev)
-            start = time.perf_counter()
-            out = train_step(b)
-            sync(dev)
-            sec = time.perf_counter() - start
-            if r == 0:
-                logits[b] = out.detach().float().cpu()
-            if r >= warmup:
-                times[b].append(sec)
-            if log:
-                tag = "warm-up" if r < warmup else f"step {r - warmup + 1}/{reps}"
-                log(f"  batch {batch} {tag:<9} {b:<12} {sec:8.3f} s")
+    in_ch = H.in_channels(models[ref])
+    x, y = H.random_batch((batch, in_ch, size, size), seed=seed, device=dev)
+    steps = {b: H.engine_step(m, H.adamw(m), device=dev, amp=amp) for b, m in models.items()}
+    calls = {b: lambda b=b: steps[b](x, y) for b in backends}
+    say = None if log is None else (lambda line: log(f"  batch {batch}{line}"))
+    times, first = H.interleaved(calls, warmup=warmup, reps=reps, device=dev, log=say)
+    logits = {b: out.logits.float().cpu() for b, out in first.items()}
     kernels, peaks = {}, {}
     for b in backends:  # one more step each: kernels launched, peak memory
-        kernels[b] = count_kernels(lambda b=b: train_step(b), dev)[0]
-        reset_peak_memory(dev)
-        train_step(b)
-        peaks[b] = peak_memory_mib(dev)
+        kernels[b] = count_kernels(lambda b=b: steps[b](x, y), dev)[0]
+        H.reset_peak_memory(dev)
+        steps[b](x, y)
+        peaks[b] = H.peak_memory_mib(dev)
     diff = max([float((logits[b] - logits[ref]).abs().max()) for b in backends[1:]], default=0.0)
-    ips = {b: batch / median(times[b]) for b in backends}
+    setup = {"model": model_name, "batch": batch, "input": f"{in_ch}x{size}x{size}", "T": T,
+             "device": device, "amp": amp, "reps": reps}  # fmt: skip
+    return _rows(setup, times, kernels, peaks, diff, loop_baseline)
+
+
+def _rows(
+    setup: dict[str, Any],
+    times: dict[str, list[float]],
+    kernels: dict[str, int],
+    peaks: dict[str, float],
+    diff: float,
+    loop_baseline: bool,
+) -> list[dict[str, Any]]:
+    """One CSV row per backend, with the ratios to SpikingJelly where it ran."""
+    ips = {b: setup["batch"] / H.median(t) for b, t in times.items()}
     with_sj = "dassdp" in ips and "spikingjelly" in ips
     ratio: Any = round(ips["dassdp"] / ips["spikingjelly"], 3) if with_sj else ""
     by_min: Any = round(min(times["spikingjelly"]) / min(times["dassdp"]), 3) if with_sj else ""
@@ -218,30 +184,25 @@ def bench_throughput(
     if loop_baseline and "dassdp" in ips:
         before["speedup_fused_over_loop"] = round(ips["dassdp"] / ips[LOOP_BACKEND], 3)
     rows = []
-    for b in backends:
+    for b, t in times.items():
         rows.append(
             {
-                "model": model_name,
+                "model": setup["model"],
                 "backend": b,
                 "neuron": NEURON_NAMES[b],
-                "batch": batch,
-                "input": f"{in_ch.in_channels}x{size}x{size}",
-                "T": T,
-                "device": device,
-                "amp": amp,
-                "reps": reps,
-                "step_s": round(median(times[b]), 4),
-                "step_s_min": round(min(times[b]), 4),
-                "step_s_max": round(max(times[b]), 4),
+                **{k: setup[k] for k in ("batch", "input", "T", "device", "amp", "reps")},
+                "step_s": round(H.median(t), 4),
+                "step_s_min": round(min(t), 4),
+                "step_s_max": round(max(t), 4),
                 "images_per_s": round(ips[b], 3),
                 "ratio_ours_over_sj": ratio,
                 "ratio_by_min_step": by_min,
                 "first_logits_max_abs_diff": f"{diff:.3g}",
                 "target_met": ("yes" if ratio >= TARGET_RATIO else "no") if with_sj else "",
                 "kernels_per_step": kernels[b],
-                "kernel_unit": kernel_unit(dev),
+                "kernel_unit": kernel_unit(setup["device"]),
                 "peak_mem_mib": round(peaks[b], 1),
-                "mem_kind": memory_kind(dev),
+                "mem_kind": H.memory_kind(setup["device"]),
                 **before,
             }
         )
@@ -267,72 +228,31 @@ def bench_neuron(
     """
     import torch
 
-    from dassdp.bench.timing import median, timed
-    from dassdp.neurons import LIF
-
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     x = (1.5 * torch.randn(shape, generator=gen)).to(dev).requires_grad_(True)
     grad = torch.randn(shape, generator=gen).to(dev)
     backends = _backends(tuple(neurons), loop_baseline)
-    makers: dict[str, Callable[[], Any]] = {
-        "dassdp": LIF,
-        "spikingjelly": lambda: spikingjelly_lif()(),
-        LOOP_BACKEND: lif_factory("loop"),
-        TORCH_BACKEND: lif_factory("torch"),
-    }
-    layers = {b: makers[b]() for b in backends}
-    times: dict[str, list[float]] = {b: [] for b in backends}
+    layers = {b: neuron_layer(b)() for b in backends}
 
     def call(neuron: Any) -> None:
-        out = neuron(x)
-        out.backward(grad)
+        neuron(x).backward(grad)
         x.grad = None
         if hasattr(neuron, "reset"):
             neuron.reset()
 
-    for r in range(warmup + reps):
-        for b in backends if r % 2 == 0 else backends[::-1]:
-            sec, _ = timed(lambda b=b: call(layers[b]), dev)
-            if r >= warmup:
-                times[b].append(sec)
-    return {b: median(times[b]) * 1e3 for b in backends}
+    calls = {b: lambda b=b: call(layers[b]) for b in backends}
+    times, _ = H.interleaved(calls, warmup=warmup, reps=reps, device=dev)
+    return {b: H.median(times[b]) * 1e3 for b in backends}
 
 
-def markdown(
-    rows: list[dict[str, Any]],
-    env: dict[str, Any],
-    csv_path: Path,
-    load: tuple[str, str],
-    sj_version: str,
-) -> str:
-    """The ``## throughput`` section body."""
-    kernel_note = rows[0]["kernel_unit"] if rows else ""
-    mem_note = rows[0]["mem_kind"] if rows else ""
+def markdown(rows: list[dict[str, Any]], facts: list[str], sj_version: str) -> str:
+    """The ``## throughput`` section body: the module docstring, the facts, the table."""
     lines = [
-        "Training images/s of the same architecture with our multi-step LIF and with",
-        f"SpikingJelly {sj_version}'s `LIFNode(tau=2., v_threshold=1., v_reset=0., "
-        "detach_reset=True, step_mode='m', surrogate_function=surrogate.ATan())`, injected",
-        "through the model's `neuron_layer`. One step = forward, cross-entropy, backward, AdamW",
-        "step, `dassdp.reset`; same weights and batch; the two interleaved; images/s = batch /",
-        "median step time over the timed steps after the warm-up step(s). *ratio* = ours /",
-        "SpikingJelly's (target >= 1.0). *logit diff*: max |difference| of the two models'",
-        "first-step logits (same network: 0 up to float rounding). *ratio by min step*: the",
-        "same ratio from the fastest step of each (less sensitive to other jobs' load).",
-        "*LIF op*: the neuron alone, forward + backward on `[T, B, C, H, W]` (shape in the CSV;",
-        "C = 256, the widest neuron input of the first stage), median of 20 interleaved calls;",
-        "*LIF op ratio* = SpikingJelly ms / ours (> 1: ours faster). Our LIF runs the fused",
-        "multi-step kernel (`lif_multistep_fused`); `dassdp-loop` rows (`--loop-baseline`) are",
-        "the same model with `LIF(fused=False)`, the autograd loop over time steps that was our",
-        "LIF before it, timed in the same interleaved run (*ratio* columns stay fused / SJ).",
-        "SpikingJelly is installed for this benchmark only (`pip install --no-deps",
-        "spikingjelly==2.0.0 'loguru>=0.7,<1'`); it is not a dependency of dassdp; without it",
-        "run `--neurons dassdp dassdp-loop` (no ratio columns). *amp*: `none` = float32,",
-        "`bf16`/`fp16` = forward and loss under autocast (fp16 with a grad scaler).",
-        f"*kernels / step*: {kernel_note} in one training step. *peak MiB*:",
-        f"{mem_note} of one training step.",
+        *H.describe(__doc__),
         "",
-        *provenance(env, csv_path, load),
+        f"- SpikingJelly: {sj_version}",
+        *facts,
         "",
         "| model | neurons | batch | input | T | amp | step s (median) | min-max s | images / s "
         "| ratio ours / SJ | ratio by min step | LIF op ms | LIF op ratio | logit diff "
@@ -370,45 +290,25 @@ def _f3(value: Any) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default="spikingresformer_cifar",
-        help="registered model taking neuron_layer= (default spikingresformer_cifar)",
-    )
-    parser.add_argument("--batch", type=int, nargs="+", default=[8], help="batch sizes (default 8)")
-    parser.add_argument("--size", type=int, default=32, help="input height = width (default 32)")
-    parser.add_argument("--T", type=int, default=4, help="time steps (default 4)")
-    parser.add_argument("--reps", type=int, default=3, help="timed steps per backend (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    parser.add_argument(
-        "--neuron-channels",
-        type=int,
-        default=256,
-        help="channels C of the neuron-alone timing on [T, B, C, size, size] (default 256, "
-        "the widest neuron input of spikingresformer_cifar's first stage)",
-    )
-    parser.add_argument(
-        "--neuron-reps", type=int, default=20, help="timed neuron-alone calls (default 20)"
-    )
-    parser.add_argument(
-        "--loop-baseline",
-        action="store_true",
-        help="also time our model with the fused LIF off (LIF(fused=False), the autograd loop) "
-        "in the same interleaved run, and report the before/after ratio",
-    )
-    parser.add_argument(
-        "--neurons",
-        nargs="+",
-        choices=ALL_BACKENDS,
-        default=list(BACKENDS),
-        help="neuron backends to time (default dassdp spikingjelly; without SpikingJelly "
-        "installed e.g. dassdp dassdp-loop)",
-    )
-    parser.add_argument(
-        "--amp", choices=AMP_CHOICES, default="none", help="precision: none, fp16 or bf16"
-    )
-    add_run_arguments(parser, "seed of weights and inputs")
-    add_output_arguments(parser, "throughput", per_device=True)
+    H.add_options(
+        parser,
+        model=("spikingresformer_cifar", "registered model taking neuron_layer="),
+        batch=([8], "batch sizes"),
+        size=(32, "input height = width"),
+        T=(4, "time steps"),
+        reps=(3, "timed steps per backend"),
+        warmup=(1, "untimed steps first"),
+        neuron_channels=(256, "channels C of the neuron-alone timing on [T, B, C, size, size] "
+                         "(256: the widest neuron input of spikingresformer_cifar's first stage)"),
+        neuron_reps=(20, "timed neuron-alone calls"),
+        loop_baseline=(False, "also time our model with the fused LIF off (LIF(fused=False), "
+                       "the autograd loop) in the same run, and report the before/after ratio"),
+        neurons=(list(BACKENDS), "neuron backends to time (without SpikingJelly installed e.g. "
+                 "dassdp dassdp-loop)", {"choices": ALL_BACKENDS}),
+        amp=("none", "precision", {"choices": H.AMP_CHOICES}),
+    )  # fmt: skip
+    H.add_run_arguments(parser)
+    H.add_output_arguments(parser, "throughput")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -416,15 +316,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from dassdp.bench.report import environment, write_csv, write_section
-    from dassdp.bench.timing import default_csv, device_of, load_average, section_name
-
-    sizes = [*args.batch, args.size, args.T, args.reps, args.threads, args.warmup]
-    if min([*sizes, args.neuron_channels, args.neuron_reps]) < 1:
-        raise ValueError(
-            "--batch, --size, --T, --reps, --warmup, --threads, --neuron-channels and "
-            "--neuron-reps must be >= 1"
-        )
+    names = ("batch", "size", "T", "reps", "warmup", "threads", "neuron_channels", "neuron_reps")
+    H.check_positive(args, *names)
     neurons = _backends(tuple(args.neurons), args.loop_baseline)
     if "spikingjelly" in neurons:
         try:
@@ -432,52 +325,48 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as err:
             print(f"dassdp bench throughput: {err}", file=sys.stderr)
             return 3
-    device = str(device_of(args.device))
-    out = args.out if args.out is not None else default_csv("throughput", device)
+    device = str(H.device_of(args.device))
     torch.set_num_threads(args.threads)
-    load_before = load_average()
-    rows: list[dict[str, Any]] = []
-    for batch in args.batch:
-        print(f"{args.model}: batch {batch}, {args.size}x{args.size}, T={args.T}", flush=True)
-        got = bench_throughput(
-            args.model, batch=batch, size=args.size, T=args.T, reps=args.reps,
-            warmup=args.warmup, device=device, seed=args.seed,
-            log=lambda s: print(s, flush=True), loop_baseline=args.loop_baseline,
-            neurons=tuple(args.neurons), amp=args.amp,
-        )  # fmt: skip
-        shape = (args.T, batch, args.neuron_channels, args.size, args.size)
-        lif = bench_neuron(
-            shape, reps=args.neuron_reps, device=device, seed=args.seed,
-            loop_baseline=args.loop_baseline, neurons=tuple(args.neurons),
-        )  # fmt: skip
-        for r in got:
-            r["lif_op_shape"] = "x".join(str(d) for d in shape)
-            r["lif_op_ms"] = round(lif[r["backend"]], 3)
-            r["lif_op_ratio"] = (
-                round(lif["spikingjelly"] / lif["dassdp"], 3)
-                if "spikingjelly" in lif and "dassdp" in lif
-                else ""
-            )
-        for r in got:
-            print(
-                f"batch {batch:<4} {r['backend']:<12} LIF op {r['lif_op_ms']:8.2f} ms  "
-                f"{r['images_per_s']:8.2f} images/s  "
-                f"ratio ours/SJ {_f3(r['ratio_ours_over_sj'])}  "
-                f"{r['kernels_per_step']} kernels/step  peak {r['peak_mem_mib']:.0f} MiB  "
-                f"logit diff {r['first_logits_max_abs_diff']}",
-                flush=True,
-            )
-        if args.loop_baseline and got[0]["loop_ratio_over_sj"] != "":
-            print(
-                f"batch {batch:<4} before/after: ours/SJ {got[0]['loop_ratio_over_sj']:.3f} "
-                f"(loop) -> {got[0]['ratio_ours_over_sj']:.3f} (fused), fused/loop "
-                f"{got[0]['speedup_fused_over_loop']:.3f}x",
-                flush=True,
-            )
-        rows += got
-    write_csv(out, rows)
-    section = markdown(
-        rows, environment(), out, (load_before, load_average()), spikingjelly_version()
-    )
-    write_section(args, section_name("throughput", device), section, out)
-    return 0
+    load_before = H.load_average()
+    rows = [r for batch in args.batch for r in _batch_rows(args, batch, device)]
+    version = spikingjelly_version()
+    return H.save(
+        args, "throughput", rows, lambda facts: markdown(rows, facts, version), device=device,
+        load_before=load_before,
+    )  # fmt: skip
+
+
+def _batch_rows(args: argparse.Namespace, batch: int, device: str) -> list[dict[str, Any]]:
+    """The rows of one batch size: whole steps, then the neuron alone (printed as they come)."""
+    print(f"{args.model}: batch {batch}, {args.size}x{args.size}, T={args.T}", flush=True)
+    got = bench_throughput(
+        args.model, batch=batch, size=args.size, T=args.T, reps=args.reps,
+        warmup=args.warmup, device=device, seed=args.seed,
+        log=lambda s: print(s, flush=True), loop_baseline=args.loop_baseline,
+        neurons=tuple(args.neurons), amp=args.amp,
+    )  # fmt: skip
+    shape = (args.T, batch, args.neuron_channels, args.size, args.size)
+    lif = bench_neuron(
+        shape, reps=args.neuron_reps, device=device, seed=args.seed,
+        loop_baseline=args.loop_baseline, neurons=tuple(args.neurons),
+    )  # fmt: skip
+    both = "spikingjelly" in lif and "dassdp" in lif
+    for r in got:
+        r["lif_op_shape"] = "x".join(str(d) for d in shape)
+        r["lif_op_ms"] = round(lif[r["backend"]], 3)
+        r["lif_op_ratio"] = round(lif["spikingjelly"] / lif["dassdp"], 3) if both else ""
+        print(
+            f"batch {batch:<4} {r['backend']:<12} LIF op {r['lif_op_ms']:8.2f} ms  "
+            f"{r['images_per_s']:8.2f} images/s  ratio ours/SJ {_f3(r['ratio_ours_over_sj'])}  "
+            f"{r['kernels_per_step']} kernels/step  peak {r['peak_mem_mib']:.0f} MiB  "
+            f"logit diff {r['first_logits_max_abs_diff']}",
+            flush=True,
+        )
+    if args.loop_baseline and got[0]["loop_ratio_over_sj"] != "":
+        print(
+            f"batch {batch:<4} before/after: ours/SJ {got[0]['loop_ratio_over_sj']:.3f} "
+            f"(loop) -> {got[0]['ratio_ours_over_sj']:.3f} (fused), fused/loop "
+            f"{got[0]['speedup_fused_over_loop']:.3f}x",
+            flush=True,
+        )
+    return got

@@ -1,41 +1,42 @@
-"""``dassdp bench train-step``: images/s and peak memory of one training step, per variant.
+"""``dassdp bench train-step``: images/s and peak memory of the engine's training step, per
+memory option.
 
-One step = forward, cross-entropy, ``zero_grad``, backward, AdamW step, ``dassdp.reset``
-(forward and loss under ``torch.autocast(..., bfloat16)`` for ``--amp bf16``), on a fixed
-random batch. Each *variant* is the same model with other memory options
-(:data:`VARIANTS`: spike-aware saved tensors on / off, every stage checkpointed).
+One step = :func:`dassdp.engine.step.train_step` (forward, cross-entropy, backward, AdamW
+step, ``dassdp.reset``; ``bf16``: forward and loss under bfloat16 autocast) on a fixed random
+batch. Variants (:data:`VARIANTS`): ``spike-saving`` (default: autograd keeps spikes as bool,
+``dassdp.neurons.spike_saving``), ``no-spike-saving`` (``model_args.spike_saving: false``),
+``checkpoint-all`` (every stage checkpointed, ``model_args.checkpoint_stages``).
 
-* **images/s**: all variants (x amp modes) are built in one process from the same weights
-  and timed interleaved (the order alternates every round) after untimed warm-up steps;
-  images/s = batch / median step time, and *ratio* = a variant's images/s over the first
-  variant's, so the load of other processes hits both sides of a ratio alike.
-* **peak RSS**: one fresh subprocess per variant and amp mode builds the model, runs
-  ``--rss-steps`` steps and reports its own peak resident set (``VmHWM``), its resident set
-  after building (before the first step), and per step the minor page faults and the share
-  of CPU time spent in the kernel (``getrusage``: page faults on freshly mapped tensors).
-* ``--baseline-src DIR`` adds a ``baseline`` row: the same fresh-process measurement with
-  the ``dassdp`` sources of another checkout (e.g. ``/work/main/src``, the code before a
-  change) and its default model, for a before / after table (memory is load-independent;
-  its images/s come from the fresh process, not the interleaved run).
-* ``--profile`` prints ``torch.profiler``'s top operators (self CPU time) of one step of the
-  first variant and what autograd saves per module type (bytes saved / kept), and puts
-  both tables in the section.
+* *images/s*: all variants (x amp modes) built in one process from the same weights, timed
+  interleaved (the order alternates every round) after warm-up; batch / median step time;
+  *ratio* = over the first variant's of the same batch and amp (same run, same load). They
+  sit in the rows of the benchmark process's own allocator.
+* *peak RSS*: a fresh process per row (:func:`rss_worker`: ``VmHWM`` after the steps;
+  *built* = RSS after building the model); *RSS ratio* and *fresh ratio* over the first row
+  of the same amp; *fresh images/s*, *faults/step* and *sys %* (kernel share of CPU time,
+  ``getrusage``) over its steps after ``--rss-warmup`` steps (medians over repeated fresh
+  processes where there are several).
+* *allocator*: ``jemalloc`` / ``tcmalloc`` = that library preloaded (``LD_PRELOAD``),
+  ``tuned`` = glibc with ``M_MMAP_MAX=0``, ``M_TRIM_THRESHOLD=-1``, ``default`` = glibc's
+  defaults (``dassdp._util.allocator``); each fresh process starts as the ``dassdp`` program
+  (``python -m dassdp``), which installs the allocator its environment names.
+* ``--profile``: ``torch.profiler``'s top operators (self CPU time) of one step of the first
+  variant and what autograd saves per module type (bytes saved / kept).
+
+``baseline`` rows come from the before/after form, ``benchmarks/train_step.py
+--baseline-src``: another checkout's sources and default model, stepped by this checkout's
+engine step in fresh processes (not interleaved); with several allocators and repeats.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from dassdp.bench.report import add_output_arguments, add_run_arguments, provenance
+from dassdp.bench import harness as H
 
 HELP = "training-step images/s and peak RSS per memory option (spike saving, checkpointing)"
 
@@ -45,62 +46,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "spike-saving": {"spike_saving": True},
     "checkpoint-all": {"spike_saving": True, "checkpoint_stages": "all"},
 }
-AMP_MODES = ("fp32", "bf16")
-# --allocator name -> dassdp._util.allocator choice (DASSDP_ALLOCATOR)
+AMP_MODES = {"fp32": "none", "bf16": "bf16"}  # this bench's name -> the harness's --amp
+# allocator name in the rows -> dassdp._util.allocator choice (DASSDP_ALLOCATOR)
 BENCH_ALLOCATORS = {"jemalloc": "jemalloc", "tcmalloc": "tcmalloc", "tuned": "glibc",
                     "default": "system"}  # fmt: skip
+# a fresh process of a row: the dassdp program (its allocator installed), this bench's worker
+WORKER = ("-m", "dassdp", "bench", "train-step", "--rss-worker")
 
 
 def bench_allocator(active: str) -> str:
-    """The ``--allocator`` name of :func:`dassdp._util.allocator.active_allocator`'s answer."""
+    """The row name (:data:`BENCH_ALLOCATORS`) of
+    :func:`dassdp._util.allocator.active_allocator`'s answer."""
     return {"glibc tuned": "tuned", "glibc": "default"}.get(active, active)
-
-
-# Run in a fresh interpreter (``python -c``) with only ``dassdp.create_model`` from the
-# sources on its path, so that it also measures another checkout (``--baseline-src``).
-_WORKER = r"""
-import json, resource, sys, time
-cfg = json.loads(sys.argv[1])
-import torch
-import torch.nn.functional as F
-import dassdp
-from dassdp import create_model
-
-def rss_mib(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-if cfg["allocator"] == "tuned":  # as the dassdp command does (commands/_launch.py)
-    import ctypes, ctypes.util
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    libc.mallopt(-4, 0)  # M_MMAP_MAX
-    libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD
-torch.set_num_threads(cfg["threads"])
-torch.manual_seed(cfg["seed"])
-model = create_model(cfg["model"], num_classes=10, T=cfg["T"], **cfg["model_args"]).train()
-gen = torch.Generator().manual_seed(cfg["seed"])
-x = torch.rand(cfg["batch"], cfg["in_channels"], cfg["size"], cfg["size"], generator=gen)
-y = torch.randint(0, 10, (cfg["batch"],), generator=gen)
-opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
-built = rss_mib("VmRSS")
-steps = []
-for _ in range(cfg["warmup"] + cfg["steps"]):
-    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["amp"] == "bf16"):
-        loss = F.cross_entropy(model(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    dassdp.reset(model)
-    sec, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    steps.append({"sec": sec, "minflt": r1.ru_minflt - r0.ru_minflt,
-                  "sys_share": (r1.ru_stime - r0.ru_stime) / cpu if cpu > 0 else 0.0})
-print(json.dumps({"peak_rss_mib": rss_mib("VmHWM"), "built_rss_mib": built,
-                  "steps": steps[cfg["warmup"]:], "torch": torch.__version__}))
-"""
 
 
 def model_args(variant: str, num_stages: int) -> dict[str, Any]:
@@ -118,62 +75,50 @@ def model_args(variant: str, num_stages: int) -> dict[str, Any]:
 def _num_stages(model_name: str) -> int:
     from dassdp import create_model
 
-    model = create_model(model_name, num_classes=10)
-    return len(getattr(model, "stages", ()))
+    return len(getattr(create_model(model_name, num_classes=10), "stages", ()))
 
 
-def source_dir(src: str | None) -> str:
-    """The directory holding the ``dassdp`` package: ``src`` (checked: an error naming it
-    when it has none) or, for ``None``, this checkout's."""
-    if src is None:
-        return str(Path(__file__).resolve().parents[2])
-    if not (Path(src) / "dassdp" / "__init__.py").is_file():
-        raise ValueError(f"--baseline-src {src}: no dassdp package in that directory")
-    return str(Path(src).resolve())
-
-
-def fresh_process(cfg: dict[str, Any], src: str | None = None) -> dict[str, Any]:
-    """Run the worker in a fresh interpreter with ``cfg`` (its ``allocator``: a
-    :data:`BENCH_ALLOCATORS` name); ``src`` (a directory holding the ``dassdp`` package)
-    replaces this checkout's sources on its path."""
-    from dassdp._util.allocator import preload_env
-
-    env = preload_env(BENCH_ALLOCATORS[cfg["allocator"]])
-    if src is not None:
-        env["PYTHONPATH"] = source_dir(src)
-    else:
-        here = source_dir(None)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-    env["OMP_NUM_THREADS"] = str(cfg["threads"])
-    done = subprocess.run(
-        [sys.executable, "-c", _WORKER, json.dumps(cfg)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"train-step worker failed ({cfg}): {done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
-def _step(model: Any, opt: Any, x: Any, y: Any, amp: str) -> None:
+def _built(model_name: str, kwargs: dict[str, Any], T: int, batch: int, size: int, seed: int):  # type: ignore[no-untyped-def]
+    """``(model, x, y)``: the model seeded by ``seed`` in train mode and a seeded batch."""
     import torch
-    import torch.nn.functional as F
 
-    import dassdp
+    from dassdp import create_model
 
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
-        loss = F.cross_entropy(model(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    dassdp.reset(model)
+    torch.manual_seed(seed)
+    model = create_model(model_name, num_classes=10, T=T, **kwargs).train()
+    x, y = H.random_batch((batch, H.in_channels(model), size, size), seed=seed)
+    return model, x, y
+
+
+def rss_worker(
+    *, model: str, model_args: dict[str, Any], batch: int, size: int, T: int, amp: str,
+    steps: int, warmup: int, seed: int,
+) -> dict[str, Any]:  # fmt: skip
+    """One fresh process's row (``dassdp bench train-step --rss-worker SPEC``, see
+    :func:`fresh_row`): build the model, run ``warmup + steps`` engine steps; returns the peak
+    RSS (MiB), the RSS after building, per timed step its seconds, minor faults and kernel
+    share of CPU time, and the allocator the process runs with."""
+    import resource
+
+    from dassdp._util.allocator import active_allocator
+
+    net, x, y = _built(model, model_args, T, batch, size, seed)
+    step = H.engine_step(net, H.adamw(net), device="cpu", amp=AMP_MODES[amp])
+    built, out = (H.status_kb("VmRSS") or 0) / 1024, []
+    for _ in range(warmup + steps):
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        step(x, y)
+        sec, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+        sys_share = (r1.ru_stime - r0.ru_stime) / cpu if cpu > 0 else 0.0
+        out.append({"sec": sec, "minflt": r1.ru_minflt - r0.ru_minflt, "sys_share": sys_share})
+    return {"peak_rss_mib": H.peak_rss_kb() / 1024, "built_rss_mib": built, "steps": out[warmup:],
+            "allocator": bench_allocator(active_allocator())}  # fmt: skip
 
 
 def interleaved(
     model_name: str,
-    configs: list[tuple[str, str]],
+    configs: Sequence[tuple[str, str]],
     *,
     batch: int,
     size: int,
@@ -184,76 +129,50 @@ def interleaved(
     log: Callable[[str], None] | None = None,
 ) -> dict[tuple[str, str], list[float]]:
     """Step times of every ``(variant, amp)`` in ``configs``, interleaved in this process."""
-    import copy
-
-    import torch
-
-    from dassdp import create_model
-
     stages = _num_stages(model_name)
-    models, opts = {}, {}
+    run: dict[tuple[str, str], Callable[[], Any]] = {}
     first = None
     for cfg in configs:
-        torch.manual_seed(seed)
-        model = create_model(model_name, num_classes=10, T=T, **model_args(cfg[0], stages))
+        model, x, y = _built(model_name, model_args(cfg[0], stages), T, batch, size, seed)
         if first is None:
             first = model
-        else:
-            model.load_state_dict(copy.deepcopy(first.state_dict()))
-        models[cfg] = model.train()
-        opts[cfg] = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
-    in_ch = next(m for m in first.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, in_ch, size, size, generator=gen)
-    y = torch.randint(0, 10, (batch,), generator=gen)
-    times: dict[tuple[str, str], list[float]] = {c: [] for c in configs}
-    for r in range(warmup + steps):
-        for cfg in configs if r % 2 == 0 else configs[::-1]:
-            start = time.perf_counter()
-            _step(models[cfg], opts[cfg], x, y, cfg[1])
-            sec = time.perf_counter() - start
-            if r >= warmup:
-                times[cfg].append(sec)
-            if log:
-                tag = "warm-up" if r < warmup else f"step {r - warmup + 1}/{steps}"
-                log(f"  batch {batch} {tag:<9} {cfg[0]:<16} {cfg[1]:<5} {sec:8.3f} s")
-    return times
+        model.load_state_dict(first.state_dict())  # the same weights, whatever the variant
+        step = H.engine_step(model, H.adamw(model), device="cpu", amp=AMP_MODES[cfg[1]])
+        run[cfg] = lambda step=step, x=x, y=y: step(x, y)
+    say = None if log is None else (lambda line: log(f"  batch {batch}{line}"))
+    return H.interleaved(run, warmup=warmup, reps=steps, device="cpu", log=say)[0]
 
 
 def profile_step(
     model_name: str, variant: str, amp: str, *, batch: int, size: int, T: int, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """One profiled step (after a warm-up step): the top operators by self CPU time, and the
-    bytes autograd saves (and keeps) per module type in the forward."""
-    import torch
+    """One profiled engine step (after a warm-up step): the top operators by self CPU time,
+    and the bytes autograd saves (and keeps) per module type in the forward."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dassdp import create_model
-    from dassdp.neurons import observe_saved
-
-    torch.manual_seed(seed)
     kwargs = model_args(variant, _num_stages(model_name))
-    model = create_model(model_name, num_classes=10, T=T, **kwargs).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
-    in_ch = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, in_ch, size, size, generator=gen)
-    y = torch.randint(0, 10, (batch,), generator=gen)
-    _step(model, opt, x, y, amp)
+    model, x, y = _built(model_name, kwargs, T, batch, size, seed)
+    step = H.engine_step(model, H.adamw(model), device="cpu", amp=AMP_MODES[amp])
+    step(x, y)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        _step(model, opt, x, y, amp)
+        step(x, y)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     ops = [
-        {
-            "op": e.key,
-            "calls": e.count,
-            "self_ms": round(e.self_cpu_time_total / 1e3, 1),
-            "share": round(e.self_cpu_time_total / total, 4),
-        }
+        {"op": e.key, "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 1),
+         "share": round(e.self_cpu_time_total / total, 4)}
         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
-    ]
-    # Saved bytes per module type: the innermost module running when a tensor is saved.
+    ]  # fmt: skip
+    return ops, saved_by_module(model, x, amp)
+
+
+def saved_by_module(model: Any, x: Any, amp: str) -> list[dict[str, Any]]:
+    """What autograd saves in one forward of ``model`` on ``x``, per (innermost module type,
+    kind): bytes saved and kept (``kind``: ``weight`` or the activation dtype)."""
+    import torch
+
+    from dassdp.neurons import observe_saved
+
     stack: list[str] = ["(model)"]
     handles = []
     for m in model.modules():
@@ -267,191 +186,128 @@ def profile_step(
         row = acc[(stack[-1], kind)]
         row[0], row[1], row[2] = row[0] + nbytes, row[1] + kept, row[2] + 1
 
-    with observe_saved(count), torch.autocast("cpu", torch.bfloat16, enabled=amp == "bf16"):
+    with observe_saved(count), H.autocast("cpu", AMP_MODES[amp]):
         model(x)
     for h in handles:
         h.remove()
-    saved = [
+    return [
         {"module": k[0], "kind": k[1], "tensors": v[2], "saved_mib": v[0] / 2**20,
          "kept_mib": v[1] / 2**20}
         for k, v in sorted(acc.items(), key=lambda kv: -kv[1][1])
     ]  # fmt: skip
-    return ops, saved
 
 
 def markdown(
     rows: list[dict[str, Any]],
-    env: dict[str, Any],
-    csv_path: Path,
-    load: tuple[str, str],
+    facts: list[str],
     ops: list[dict[str, Any]] | None,
     saved: list[dict[str, Any]] | None,
     profiled: str,
 ) -> str:
-    """The ``## train-step`` section body."""
+    """The ``## train-step`` section body: the module docstring, the facts, the tables."""
     lines = [
-        "One training step (forward, cross-entropy, backward, AdamW step, `dassdp.reset`;",
-        "bf16: forward and loss under `torch.autocast('cpu', bfloat16)`) on a fixed random",
-        "batch. Variants: `spike-saving` (default: autograd keeps spikes as bool,",
-        "`dassdp.neurons.spike_saving`), `no-spike-saving` (`model_args.spike_saving: false`),",
-        "`checkpoint-all` (every stage checkpointed, `model_args.checkpoint_stages`).",
-        "*images/s*: all variants built in one process from the same weights, timed",
-        "interleaved after warm-up; batch / median step; *ratio* = images/s over the first",
-        "variant's of the same batch and amp (same run, same load). *peak RSS*: a fresh",
-        "process per row (`VmHWM` after the steps; *built* = RSS after building the model);",
-        "*RSS ratio* and *fresh ratio* over the first row of the same amp (the baseline when",
-        "there is one);",
-        "*fresh images/s*, *faults/step* and *sys %* (kernel share of CPU time, `getrusage`)",
-        "there, over its steps after `--rss-warmup` steps (with `--repeats R`: R fresh",
-        "processes per row, run interleaved, every row once per round; medians).",
-        "*allocator*: `jemalloc` / `tcmalloc` = that library preloaded (`LD_PRELOAD`; jemalloc",
-        "with `MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`), `tuned` = glibc with",
-        "`M_MMAP_MAX=0`, `M_TRIM_THRESHOLD=-1`, `default` = glibc's defaults (`_util.allocator`;",
-        "the `dassdp` CLI runs with jemalloc where it is installed, else tcmalloc, else glibc",
-        "tuned; `DASSDP_ALLOCATOR` chooses); the interleaved timing runs in the `dassdp`",
-        "process itself: its images/s sit in the rows of its own allocator.",
-        "`baseline` rows: the same fresh-process measurement with another checkout's",
-        "sources (`--baseline-src`), its default model; their images/s are that process's",
-        "(not interleaved).",
+        *H.describe(__doc__),
         "",
-        *provenance(env, csv_path, load),
+        *facts,
         "",
-        "| model | variant | amp | allocator | batch | images / s | ratio | fresh images / s "
-        "| fresh ratio | peak RSS MiB | RSS ratio | built MiB | faults / step | sys % |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        ips = "" if r["images_per_s"] == "" else f"{r['images_per_s']:.2f}"
-        ratio = "" if r["ratio"] == "" else f"{r['ratio']:.3f}"
-        lines.append(
-            f"| {r['model']} | {r['variant']} | {r['amp']} | {r['allocator']} | {r['batch']} | "
-            f"{ips} | {ratio} | "
-            f"{r['fresh_images_per_s']:.2f} | {r['fresh_ratio']:.3f} | {r['peak_rss_mib']:.0f} | "
-            f"{r['rss_ratio']:.3f} | {r['built_rss_mib']:.0f} | {r['minflt_per_step']:.0f} | "
-            f"{100 * r['sys_share']:.1f} |"
-        )
+        *H.table(rows, [
+            ("model", "---", "{model}"), ("variant", "---", "{variant}"), ("amp", "---", "{amp}"),
+            ("allocator", "---", "{allocator}"), ("batch", "--:", "{batch}"),
+            ("images / s", "--:", "{ips}"), ("ratio", "--:", "{ratio_s}"),
+            ("fresh images / s", "--:", "{fresh_images_per_s:.2f}"),
+            ("fresh ratio", "--:", "{fresh_ratio:.3f}"),
+            ("peak RSS MiB", "--:", "{peak_rss_mib:.0f}"), ("RSS ratio", "--:", "{rss_ratio:.3f}"),
+            ("built MiB", "--:", "{built_rss_mib:.0f}"),
+            ("faults / step", "--:", "{minflt_per_step:.0f}"), ("sys %", "--:", "{sys_pct:.1f}"),
+        ]),
+    ]  # fmt: skip
     if ops:
-        lines += [
-            "",
-            f"Top operators of one profiled step ({profiled}; `torch.profiler`, self CPU):",
-            "",
-            "| operator | calls | self ms | share |",
-            "|---|---:|---:|---:|",
-        ]
-        lines += [
-            f"| `{o['op']}` | {o['calls']} | {o['self_ms']:.1f} | {100 * o['share']:.1f} % |"
-            for o in ops
-        ]
+        lines += ["", f"Top operators of one profiled step ({profiled}; `torch.profiler`, "
+                  "self CPU):", ""]  # fmt: skip
+        lines += H.table([{**o, "pct": 100 * o["share"]} for o in ops], [
+            ("operator", "---", "`{op}`"), ("calls", "--:", "{calls}"),
+            ("self ms", "--:", "{self_ms:.1f}"), ("share", "--:", "{pct:.1f} %"),
+        ])  # fmt: skip
     if saved:
-        tot_s = sum(s["saved_mib"] for s in saved)
-        tot_k = sum(s["kept_mib"] for s in saved)
+        total = {"module": "total", "kind": "", "tensors": "",
+                 "saved_mib": sum(s["saved_mib"] for s in saved),
+                 "kept_mib": sum(s["kept_mib"] for s in saved)}  # fmt: skip
         lines += [
-            "",
-            f"What autograd saves in the forward ({profiled}), per module type and kind "
+            "", f"What autograd saves in the forward ({profiled}), per module type and kind "
             "(`weight`: parameters, kept anyway; others: activations by dtype); *kept* is",
-            "what stays in memory (spikes packed as bool):",
-            "",
-            "| module | kind | tensors | saved MiB | kept MiB |",
-            "|---|---|---:|---:|---:|",
-        ]
-        lines += [
-            f"| {s['module']} | {s['kind']} | {s['tensors']} | {s['saved_mib']:.1f} | "
-            f"{s['kept_mib']:.1f} |"
-            for s in saved
-        ]
-        lines.append(f"| total | | | {tot_s:.1f} | {tot_k:.1f} |")
+            "what stays in memory (spikes packed as bool):", "",
+        ]  # fmt: skip
+        lines += H.table([*saved, total], [
+            ("module", "---", "{module}"), ("kind", "---", "{kind}"),
+            ("tensors", "--:", "{tensors}"), ("saved MiB", "--:", "{saved_mib:.1f}"),
+            ("kept MiB", "--:", "{kept_mib:.1f}"),
+        ])  # fmt: skip
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", default="spikingresformer_cifar", help="model (default spikingresformer_cifar)"
-    )
-    parser.add_argument("--batch", type=int, nargs="+", default=[16], help="batch sizes (16)")
-    parser.add_argument("--size", type=int, default=32, help="input height = width (32)")
-    parser.add_argument("--T", type=int, default=4, help="time steps (default 4)")
-    parser.add_argument(
-        "--variants",
-        nargs="+",
-        default=["no-spike-saving", "spike-saving"],
-        choices=list(VARIANTS),
-        help="variants to compare, first = reference of the ratios "
-        "(default no-spike-saving spike-saving)",
-    )
-    parser.add_argument(
-        "--amp", nargs="+", default=["fp32"], choices=AMP_MODES, help="precisions (fp32)"
-    )
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per row (default 2)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    parser.add_argument(
-        "--rss-steps", type=int, default=1, help="steps of each fresh RSS process (default 1)"
-    )
-    parser.add_argument(
-        "--rss-warmup",
-        type=int,
-        default=0,
-        help="steps of each fresh process before the ones its times and faults come from "
-        "(default 0; its peak RSS covers all)",
-    )
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=1,
-        help="fresh processes per row, run interleaved (all rows once, then again, ...); "
-        "the table holds medians (default 1)",
-    )
-    parser.add_argument(
-        "--allocator",
-        nargs="+",
-        default=None,
-        choices=list(BENCH_ALLOCATORS),
-        help="allocators of the fresh processes: 'jemalloc' / 'tcmalloc' (preloaded), "
-        "'tuned' (glibc with the dassdp settings), 'default' (glibc's defaults); default: "
-        "the one the dassdp CLI runs with here (dassdp._util.allocator)",
-    )
-    parser.add_argument(
-        "--no-time", action="store_true", help="skip the interleaved timing (memory only)"
-    )
-    parser.add_argument(
-        "--baseline-src",
-        default=None,
-        metavar="DIR",
-        help="also measure (fresh process) the default model of the dassdp sources in DIR",
-    )
-    parser.add_argument(
-        "--profile",
-        action="store_true",
-        help="print and record the top operators and the saved bytes per module type",
-    )
-    add_run_arguments(parser, "seed of weights and inputs")
-    add_output_arguments(parser, "train-step", per_device=False)
+    H.add_options(
+        parser,
+        model=("spikingresformer_cifar", "model"),
+        batch=([16], "batch sizes"),
+        size=(32, "input height = width"),
+        T=(4, "time steps"),
+        variants=(["no-spike-saving", "spike-saving"], "variants to compare, the first is the "
+                  "reference of the ratios", {"choices": list(VARIANTS)}),
+        amp=(["fp32"], "precisions", {"choices": list(AMP_MODES)}),
+        steps=(2, "timed steps per row"),
+        warmup=(1, "untimed steps first"),
+        rss_steps=(1, "steps of each fresh RSS process"),
+        rss_warmup=(0, "steps of each fresh process before the ones its times and faults come "
+                    "from (its peak RSS covers all)"),
+        no_time=(False, "skip the interleaved timing (memory only)"),
+        profile=(False, "print and record the top operators and the saved bytes per module type"),
+        rss_worker=(None, argparse.SUPPRESS, {"type": str}),  # fresh_row's processes
+    )  # fmt: skip
+    H.add_run_arguments(parser)
+    H.add_output_arguments(parser, "train-step", per_device=False)
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from dassdp._util.allocator import active_allocator
-    from dassdp.bench.report import environment, write_csv, write_section
-    from dassdp.bench.timing import load_average, median
-
-    allocators = args.allocator or [bench_allocator(active_allocator())]
-
+def check(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Validate the arguments; returns the ``(variant, amp)`` pairs of this checkout."""
     if args.device != "cpu":
         raise ValueError(f"--device {args.device}: bench train-step measures the CPU only")
-    if min([*args.batch, args.size, args.T, args.steps, args.rss_steps, args.threads,
-            args.repeats]) < 1:  # fmt: skip
-        raise ValueError(
-            "--batch, --size, --T, --steps, --rss-steps, --threads, --repeats must be >= 1"
-        )
-    if min(args.warmup, args.rss_warmup) < 0:
-        raise ValueError("--warmup and --rss-warmup must be >= 0")
-    torch.set_num_threads(args.threads)
+    H.check_positive(args, "batch", "size", "T", "steps", "rss_steps", "threads")
+    H.check_positive(args, "warmup", "rss_warmup", least=0)
     stages = _num_stages(args.model)
     configs = [(v, a) for a in args.amp for v in args.variants]
     for v, _ in configs:
         model_args(v, stages)  # validates the variant for this model early
-    in_ch = 2 if args.model == "spikingresformer_dvsg" else 1 if args.model == "spiking_cnn" else 3
-    load_before = load_average()
+    return configs
+
+
+def fresh_row(args: argparse.Namespace, batch: int, entry: dict[str, Any]) -> dict[str, Any]:
+    """:func:`rss_worker` for one row of this checkout (``entry``: variant, amp, allocator) in
+    a fresh ``dassdp`` program, started with that allocator."""
+    from dassdp._util.allocator import preload_env
+
+    spec = {
+        "model": args.model, "batch": batch, "size": args.size, "T": args.T,
+        "steps": args.rss_steps, "warmup": args.rss_warmup, "amp": entry["amp"],
+        "seed": args.seed, "model_args": model_args(entry["variant"], _num_stages(args.model)),
+    }  # fmt: skip
+    env = preload_env(BENCH_ALLOCATORS[entry["allocator"]])
+    return H.in_fresh_process(WORKER, spec, env=env)
+
+
+def measure(
+    args: argparse.Namespace,
+    configs: list[tuple[str, str]],
+    todo: list[dict[str, Any]],
+    fresh: Callable[[argparse.Namespace, int, dict[str, Any]], dict[str, Any]],
+    repeats: int = 1,
+) -> list[dict[str, Any]]:
+    """The rows of every batch size: ``configs`` timed interleaved in this process, and one
+    row per ``todo`` entry (variant, amp, allocator, source) from ``fresh`` processes, every
+    entry once per repeat (interleaved), medians over the repeats."""
+    from dassdp._util.allocator import active_allocator
+
+    here = bench_allocator(active_allocator())  # the interleaved run's allocator
     rows: list[dict[str, Any]] = []
     for batch in args.batch:
         print(f"{args.model}: batch {batch}, {args.size}x{args.size}, T={args.T}", flush=True)
@@ -461,68 +317,61 @@ def run(args: argparse.Namespace) -> int:
                 args.model, configs, batch=batch, size=args.size, T=args.T, steps=args.steps,
                 warmup=args.warmup, seed=args.seed, log=lambda s: print(s, flush=True),
             )  # fmt: skip
-        todo = [(v, a, al, None) for v, a in configs for al in allocators]
-        if args.baseline_src:  # first: the reference of the RSS ratios
-            base = [("baseline", a, al, args.baseline_src) for a in args.amp for al in allocators]
-            todo = base + todo
-        ref_rss: dict[str, float] = {}
-        ref_ips: dict[str, float] = {}
-        ref_fresh: dict[str, float] = {}
-        here = bench_allocator(active_allocator())  # the interleaved run's allocator
-        fresh: dict[int, list[dict[str, Any]]] = {}
-        for _ in range(args.repeats):  # interleaved: each repeat runs every row once
-            for i, (variant, amp, allocator, src) in enumerate(todo):
-                cfg = {
-                    "model": args.model, "batch": batch, "size": args.size, "T": args.T,
-                    "steps": args.rss_steps, "warmup": args.rss_warmup, "amp": amp,
-                    "threads": args.threads, "allocator": allocator,
-                    "seed": args.seed, "in_channels": in_ch,
-                    "model_args": {} if src else model_args(variant, stages),
-                }  # fmt: skip
-                fresh.setdefault(i, []).append(fresh_process(cfg, src))
-        for i, (variant, amp, allocator, src) in enumerate(todo):
-            got = {
-                "steps": [s for g in fresh[i] for s in g["steps"]],
-                "peak_rss_mib": median([g["peak_rss_mib"] for g in fresh[i]]),
-                "built_rss_mib": median([g["built_rss_mib"] for g in fresh[i]]),
-            }
-            step_s = median([s["sec"] for s in got["steps"]])
-            timed = (variant, amp) in times and allocator == here
-            ips = round(batch / median(times[(variant, amp)]), 3) if timed else ""
-            row = {
-                "model": args.model,
-                "variant": variant,
-                "amp": amp,
-                "allocator": allocator,
-                "batch": batch,
-                "size": args.size,
-                "T": args.T,
-                "source": src or "this checkout",
-                "images_per_s": ips,
-                "ratio": "",
-                "repeats": args.repeats,
-                "fresh_images_per_s": round(batch / step_s, 3),
-                "fresh_ratio": 1.0,
-                "peak_rss_mib": round(got["peak_rss_mib"], 1),
-                "rss_ratio": 1.0,
-                "built_rss_mib": round(got["built_rss_mib"], 1),
-                "minflt_per_step": round(median([s["minflt"] for s in got["steps"]])),
-                "sys_share": round(median([s["sys_share"] for s in got["steps"]]), 4),
-            }
-            if ips != "":
-                row["ratio"] = round(ips / ref_ips.setdefault(amp, ips), 3)
-            fresh_ref = ref_fresh.setdefault(amp, batch / step_s)
-            row["fresh_ratio"] = round((batch / step_s) / fresh_ref, 3)
-            rss = ref_rss.setdefault(amp, row["peak_rss_mib"])
-            row["rss_ratio"] = round(row["peak_rss_mib"] / rss, 3)
-            print(
-                f"batch {batch:<4} {variant:<16} {amp:<5} {allocator:<7} {ips!s:>8} images/s  "
-                f"ratio {row['ratio']!s:>6}  peak RSS {row['peak_rss_mib']:8.0f} MiB "
-                f"(x{row['rss_ratio']:.3f})  fresh {row['fresh_images_per_s']:.2f} images/s  "
-                f"faults/step {row['minflt_per_step']}  sys {100 * row['sys_share']:.1f} %",
-                flush=True,
-            )
+        got = [[fresh(args, batch, e) for e in todo] for _ in range(repeats)]
+        refs: dict[str, dict[str, float]] = {"ips": {}, "fresh": {}, "rss": {}}
+        for i, entry in enumerate(todo):
+            cfg = (entry["variant"], entry["amp"])
+            timed = times.get(cfg) if entry["allocator"] == here and not entry["source"] else None
+            row = _row(args, batch, entry, [g[i] for g in got], timed, refs)
             rows.append(row)
+    return rows
+
+
+def _row(
+    args: argparse.Namespace,
+    batch: int,
+    entry: dict[str, Any],
+    fresh: list[dict[str, Any]],
+    times: list[float] | None,
+    refs: dict[str, dict[str, float]],
+) -> dict[str, Any]:
+    """One table row; ``refs`` holds the first row's values per amp (the ratios' reference)."""
+    steps = [s for g in fresh for s in g["steps"]]
+    step_s = H.median([s["sec"] for s in steps])
+    ips = round(batch / H.median(times), 3) if times else ""
+    amp = entry["amp"]
+    peak = round(H.median([g["peak_rss_mib"] for g in fresh]), 1)
+    row = {
+        "model": args.model, "variant": entry["variant"], "amp": amp,
+        "allocator": fresh[0]["allocator"], "batch": batch, "size": args.size, "T": args.T,
+        "source": entry["source"] or "this checkout", "images_per_s": ips,
+        "ratio": "" if ips == "" else round(ips / refs["ips"].setdefault(amp, ips), 3),
+        "repeats": len(fresh), "fresh_images_per_s": round(batch / step_s, 3),
+        "fresh_ratio": round((batch / step_s) / refs["fresh"].setdefault(amp, batch / step_s), 3),
+        "peak_rss_mib": peak, "rss_ratio": round(peak / refs["rss"].setdefault(amp, peak), 3),
+        "built_rss_mib": round(H.median([g["built_rss_mib"] for g in fresh]), 1),
+        "minflt_per_step": round(H.median([s["minflt"] for s in steps])),
+        "sys_share": round(H.median([s["sys_share"] for s in steps]), 4),
+    }  # fmt: skip
+    print(
+        f"batch {batch:<4} {row['variant']:<16} {amp:<5} {row['allocator']:<7} {ips!s:>8} "
+        f"images/s  ratio {row['ratio']!s:>6}  peak RSS {peak:8.0f} MiB (x{row['rss_ratio']:.3f})"
+        f"  fresh {row['fresh_images_per_s']:.2f} images/s  faults/step "
+        f"{row['minflt_per_step']}  sys {100 * row['sys_share']:.1f} %",
+        flush=True,
+    )
+    return row
+
+
+def finish(
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    configs: list[tuple[str, str]],
+    load: str,
+    program: str = "dassdp",
+) -> int:
+    """Profile (``--profile``) and write the CSV and the section (``program``: the command's
+    name in it)."""
     ops = saved = None
     profiled = f"{configs[0][0]}, {configs[0][1]}, batch {args.batch[0]}"
     if args.profile:
@@ -535,11 +384,36 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {o['op']:<40} {o['calls']:>6} {o['self_ms']:>10.1f} ms {o['share']:7.1%}")
         print("saved by autograd per module type (MiB saved -> kept):")
         for s in saved:
-            print(
-                f"  {s['module']:<14} {s['kind']:<9} {s['saved_mib']:9.1f} -> {s['kept_mib']:.1f}"
-            )
-    out = args.out
-    write_csv(out, rows)
-    body = markdown(rows, environment(), out, (load_before, load_average()), ops, saved, profiled)
-    write_section(args, "train-step", body, out)
-    return 0
+            print(f"  {s['module']:<14} {s['kind']:<9} {s['saved_mib']:9.1f} -> "
+                  f"{s['kept_mib']:.1f}")  # fmt: skip
+    table = [
+        {**r, "sys_pct": 100 * r["sys_share"], "ips": _fmt(r["images_per_s"], ".2f"),
+         "ratio_s": _fmt(r["ratio"], ".3f")}
+        for r in rows
+    ]  # fmt: skip
+    return H.save(
+        args, "train-step", rows, lambda facts: markdown(table, facts, ops, saved, profiled),
+        load_before=load, program=program,
+    )  # fmt: skip
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "" if value == "" else format(value, spec)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from dassdp._util.allocator import active_allocator
+
+    if args.rss_worker is not None:  # a fresh process of fresh_row: its row on stdout
+        print(json.dumps(rss_worker(**json.loads(args.rss_worker))))
+        return 0
+    configs = check(args)
+    torch.set_num_threads(args.threads)
+    load = H.load_average()
+    here = bench_allocator(active_allocator())
+    todo = [{"variant": v, "amp": a, "allocator": here, "source": None} for v, a in configs]
+    return finish(args, measure(args, configs, todo, fresh_row), configs, load)

@@ -46,11 +46,11 @@ def sites_input(args: argparse.Namespace, model_T: int) -> tuple[Any, str, Any]:
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    import yaml
+    from dassdp._util.yamlfile import load_yaml
 
     kwargs: dict[str, Any] = {}
     if args.model_args:
-        kwargs = yaml.safe_load(args.model_args) or {}
+        kwargs = load_yaml(args.model_args, "--model-args") or {}
         if not isinstance(kwargs, dict):
             raise ValueError(f"--model-args must be a YAML mapping, got {args.model_args!r}")
     return kwargs

@@ -1,8 +1,10 @@
 """``dassdp bench <benchmark> ...``: one sub-command per benchmark.
 
 Each benchmark is a module under :mod:`dassdp.bench` exposing ``HELP``,
-``add_arguments(parser)`` and ``run(args) -> int`` (the same contract as a command), and
-writes its own ``## <name>`` section of ``docs/benchmarks.md``.
+``add_arguments(parser)`` and ``run(args) -> int`` (the same contract as a command), runs on
+:mod:`dassdp.bench.harness` (the engine's training step, timing, output) and writes its own
+``## <name>`` section of ``docs/benchmarks.md``. The before/after harnesses that run another
+checkout's sources are scripts in the top-level ``benchmarks/`` folder.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ BENCHMARKS: dict[str, str] = {
     "ddp": "ddp",
     "syncs": "syncs",
     "train-step": "train_step",
-    "epoch": "epoch",
 }
 
 

@@ -51,7 +51,8 @@ def _prepare(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from dassdp.data.prepare import list_prepared, resolve_root
 
+    entries = list_prepared(args.root)  # a bad root: the error, before any output
     print(f"data root: {resolve_root(args.root)}")
-    for e in list_prepared(args.root):
+    for e in entries:
         print(f"  {e.name:<14} {e.status:<10} {e.path}\n  {'':<14} {e.detail}")
     return 0

@@ -8,6 +8,7 @@ and its headline table.
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "write report.md, CSV tables and plots for a `dassdp compare` folder"
 
@@ -27,8 +28,12 @@ def headline(report: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dassdp.experiments.report import write_report
+    from dassdp.experiments.report import ReportWriteError, write_report
 
-    path = write_report(args.dir)
+    try:
+        path = write_report(args.dir)
+    except ReportWriteError as err:  # a read-only folder, a full disk: one line
+        print(f"dassdp report: error: {err}", file=sys.stderr)
+        return 1
     print(f"report: {path}\n\n{headline(path.read_text())}")
     return 0

@@ -156,12 +156,16 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging(int(os.environ.get("RANK", 0)) == 0)
     cfg, run_dir = resolve(args)
+    finished = False
     try:
         row = fit(cfg, run_dir, resume=args.resume, stop_after=args.stop_after)
+        finished = True
     except TrainingDiverged:
         return 1  # the trainer logged why (stderr and train.log); the checkpoints are kept
     finally:
-        cleanup_distributed()
+        # a rank that raised must not wait for its peers at a barrier (they may be in a
+        # collective it will never join): it leaves at once and they fail on its closed link
+        cleanup_distributed(failed=not finished)
     if int(os.environ.get("RANK", 0)) == 0 and row:
         test = row["test"]
         print(

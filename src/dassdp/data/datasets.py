@@ -42,6 +42,7 @@ from dassdp.data.formats import (
     DatasetNotFoundError,
     read_cifar_batch,
     read_cifar_meta,
+    read_idx,
 )
 from dassdp.data.prepare import IDX_FILES, MANIFEST, OUTPUT_DIRS, check_prepared, resolve_root
 from dassdp.data.transforms import (
@@ -194,20 +195,60 @@ def _cifar100(root: Path, train: bool, tf: Callable) -> Dataset:
     return CIFARBatches(folder, train=train, cifar100=True, transform=tf)
 
 
+class IDXImages(Dataset):
+    """MNIST / Fashion-MNIST from their raw IDX files (``{split}-images-idx3-ubyte``,
+    ``{split}-labels-idx1-ubyte`` in ``folder``; ``split`` is ``train`` or ``t10k``).
+
+    Same attributes and items as ``torchvision.datasets.MNIST``: ``data`` ``[N, H, W]``
+    uint8 tensor, ``targets`` ``[N]`` int64 tensor, ``classes``; items are
+    ``(transform(PIL "L" image), label)``. Unlike torchvision it reads these two files and
+    nothing else (torchvision prefers a ``processed/*.pt`` file when one exists, which a
+    manifest does not cover), and it refuses images and labels of different counts.
+    """
+
+    def __init__(
+        self, folder: str | Path, *, train: bool, classes: list[str], transform: Callable | None
+    ) -> None:
+        import torch
+
+        split = "train" if train else "t10k"
+        images_file = Path(folder) / f"{split}-images-idx3-ubyte"
+        labels_file = Path(folder) / f"{split}-labels-idx1-ubyte"
+        images, labels = read_idx(images_file), read_idx(labels_file)
+        if images.ndim != 3 or images.dtype != np.uint8 or labels.ndim != 1:
+            raise DataFormatError(
+                f"{images_file} / {labels_file}: expected uint8 images [N, H, W] and labels "
+                f"[N], got {images.dtype} {list(images.shape)} and {list(labels.shape)}"
+            )
+        if len(images) != len(labels):
+            raise DataFormatError(
+                f"{images_file} holds {len(images)} images but {labels_file} holds "
+                f"{len(labels)} labels; the files do not belong together: prepare the "
+                "dataset again"
+            )
+        check_labels(labels.astype(np.int64), len(classes), str(labels_file))
+        self.data = torch.from_numpy(images.copy())
+        self.targets = torch.from_numpy(labels.astype(np.int64))
+        self.classes, self.transform = list(classes), transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[object, int]:
+        from PIL import Image
+
+        img = Image.fromarray(self.data[index].numpy())  # [H, W] uint8: mode "L"
+        return (self.transform(img) if self.transform else img), int(self.targets[index])
+
+
 def _mnist_like(name: str, root: Path, train: bool, tf: Callable) -> Dataset:
     import torchvision.datasets as tvd
 
     folder = root / OUTPUT_DIRS[name]
     _require([folder / f for f in IDX_FILES], name, _prepare_howto(name, root))
     verify_prepared(name, root)
-    cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
-    try:
-        ds = cls(str(root), train=train, transform=tf, download=False)
-    except (RuntimeError, ValueError, AssertionError) as err:
-        raise DataFormatError(f"{name}: cannot read the IDX files in {folder} ({err})") from err
-    labels = folder / f"{'train' if train else 't10k'}-labels-idx1-ubyte"
-    check_labels(ds.targets.numpy(), len(ds.classes), str(labels))
-    return ds
+    classes = (tvd.MNIST if name == "mnist" else tvd.FashionMNIST).classes
+    return IDXImages(folder, train=train, classes=classes, transform=tf)
 
 
 def _imagenet(root: Path, train: bool, tf: Callable) -> Dataset:
@@ -298,6 +339,7 @@ __all__ = [
     "CIFARBatches",
     "Cutout",
     "DatasetInfo",
+    "IDXImages",
     "RandomFlipFrames",
     "build_dataset",
     "check_labels",

@@ -23,9 +23,11 @@ Output layouts (``root`` is the data root):
   cannot reproduce the official md5s that ``torchvision.datasets.CIFAR10`` checks.
 - ``fashion-mnist``: ``root/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``;
 - ``mnist``: ``root/MNIST/raw/...`` (same names); both read by
+  :class:`dassdp.data.datasets.IDXImages` (these files only) and by
   ``torchvision.datasets.FashionMNIST`` / ``MNIST`` with ``download=False``.
 
-Each prepared folder holds ``dassdp.json`` (source, sha256 of each file). Writes go to a
+Each prepared folder holds ``dassdp.json`` (source, sha256 of each file); it must list every
+file the reader opens, else the copy counts as incomplete. Writes go to a
 temp folder under ``root`` and are renamed into place, so a failure or a hash mismatch
 leaves existing data untouched.
 """
@@ -143,6 +145,18 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
     return (Path(root).expanduser() if root is not None else default_root()).absolute()
 
 
+def _root_folder(root: Path) -> Path:
+    """``root`` if it is a folder or does not exist yet; a :class:`DataError` naming it when
+    it, or a path above it, is a file (else a raw ``FileExistsError`` from ``mkdir``)."""
+    for path in (root, *root.parents):
+        if path.exists() and not path.is_dir():
+            where = "" if path == root else f" ({path} is a file)"
+            raise DataError(f"data root {root} is not a folder{where}; give a folder")
+        if path.exists():
+            break
+    return root
+
+
 def _check_name(name: str) -> str:
     if name not in PREPARABLE:
         raise ValueError(f"cannot prepare {name!r}: choose one of {', '.join(PREPARABLE)}")
@@ -165,15 +179,26 @@ def check_prepared(name: str, root: str | os.PathLike) -> str | None:
     if missing:
         return f"missing {', '.join(str(out / f) for f in missing)}"
     if (out / MANIFEST).is_file():
-        return _check_manifest(out)
+        return _check_manifest(out, _files(name))
     return _check_official_cifar(out) if name == "cifar10" else _check_idx_pairs(out)
 
 
-def _check_manifest(out: Path) -> str | None:
+def _check_manifest(out: Path, read: tuple[str, ...]) -> str | None:
+    """``None`` when the manifest in ``out`` lists every file the reader opens (``read``)
+    and every listed file matches its sha256; else the first reason why not. A file the
+    manifest does not list would be read unverified, so it makes the copy incomplete."""
     try:
-        files = json.loads((out / MANIFEST).read_text())["files"]
+        files = json.loads((out / MANIFEST).read_bytes().decode("utf-8"))["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise TypeError("'files' is not a mapping of file names to sha256 strings")
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"unreadable manifest {out / MANIFEST} ({err})"
+    uncovered = [f for f in read if f not in files]
+    if uncovered:
+        return (
+            f"{out / uncovered[0]} is not covered by {out / MANIFEST} (no sha256 for "
+            f"{', '.join(uncovered)}), so it cannot be verified"
+        )
     cache = _read_verified(out)
     known = json.dumps(cache, sort_keys=True)
     try:
@@ -253,7 +278,7 @@ class PreparedEntry:
 
 def list_prepared(root: str | os.PathLike | None = None) -> list[PreparedEntry]:
     """What :func:`prepare` has (or could have) put under ``root``, one entry per dataset."""
-    root = resolve_root(root)
+    root = _root_folder(resolve_root(root))
     entries = []
     for name in PREPARABLE:
         out = root / OUTPUT_DIRS[name]
@@ -288,7 +313,7 @@ def prepare(name: str, root: str | os.PathLike | None = None, *, force: bool = F
     is complete.
     """
     _check_name(name)
-    root = resolve_root(root)
+    root = _root_folder(resolve_root(root))
     out = root / OUTPUT_DIRS[name]
     reason = check_prepared(name, root)
     if reason is None and not force:

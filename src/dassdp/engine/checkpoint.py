@@ -65,6 +65,7 @@ RESUMABLE_CHANGES = frozenset(
         "compile_backend",
         "channels_last",
         "cudnn_benchmark",
+        "lif_backend",
     }
 )
 

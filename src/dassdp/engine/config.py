@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from dassdp._util.io import atomic_write_text
+from dassdp._util.yamlfile import YAMLInputError, load_yaml, read_yaml_file
 from dassdp.plasticity.config import DASSDPConfig, DASSDPConfigError
 
 __all__ = [
@@ -204,6 +205,11 @@ class TrainConfig:
             (activations follow); pays off on CUDA tensor cores, runs on CPU too.
         cudnn_benchmark: ``torch.backends.cudnn.benchmark`` (autotuned conv algorithms; CUDA
             only, logged and ignored on CPU). Not bit-reproducible across runs.
+        lif_backend: the LIF / PLIF implementation for every neuron layer of the model
+            (:func:`dassdp.neurons.set_backend`): ``"auto"`` (Triton on CUDA after it passes a
+            self-check, the compiled C kernels for large CPU layers, else fused torch ops),
+            ``"loop"``, ``"torch"``, ``"cpu"`` or ``"triton"``. ``run.json`` records what
+            each layer ran.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``.
         workers: DataLoader worker processes (default: 0 on CPU, 4 on CUDA).
         threads: ``torch.set_num_threads`` (default 1: on small shared CPUs 2+ can be slower);
@@ -251,6 +257,7 @@ class TrainConfig:
     compile_backend: str = "inductor"
     channels_last: bool = False
     cudnn_benchmark: bool = False
+    lif_backend: str = "auto"
     device: str = "auto"
     workers: int | None = None
     threads: int | None = 1
@@ -298,7 +305,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     out = _scalar(value, tp)
     if out is _NOT:
         raise _type_error(key, value, tp)
-    return out
+    return _in_int64(key, out) if tp is int else out
 
 
 def _coerce_union(key: str, value: Any, tp: Any) -> Any:
@@ -308,6 +315,8 @@ def _coerce_union(key: str, value: Any, tp: Any) -> Any:
             return _coerce(key, value, arg)  # a mapping's own key errors are the news
         if typing.get_origin(arg) is list and isinstance(value, list | tuple):
             return _coerce(key, value, arg)  # so are a list's item errors
+        if arg is int and isinstance(value, int) and not isinstance(value, bool):
+            return _coerce(key, value, arg)  # and an integer's range
         try:
             return _coerce(key, value, arg)
         except ConfigError:
@@ -341,6 +350,17 @@ def _scalar(value: Any, tp: Any) -> Any:
 
 def _type_error(key: str, value: Any, tp: Any) -> ConfigError:
     return ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _in_int64(key: str, value: int) -> int:
+    """``value`` if a 64-bit signed integer holds it (what torch, numpy and the checkpoints
+    store); else a :class:`ConfigError` naming ``key`` (not an overflow deep in a seeding)."""
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ConfigError(f"{key} must be an integer in [-2**63, 2**63 - 1] (64-bit), got {value}")
+    return value
 
 
 def _from_mapping(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
@@ -379,9 +399,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like key=value or block.key=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
+            value = load_yaml(raw, f"override {item!r}") if raw.strip() else None
+        except YAMLInputError as err:
+            raise ConfigError(str(err)) from None
         *parents, leaf = key.strip().split(".")
         node = data
         for part in parents:
@@ -395,20 +415,34 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML config, apply dotted overrides, validate; ``name`` defaults to the stem."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config must be a mapping of keys to values")
+    data = read_config_file(path)
     apply_overrides(data, overrides)
     data.setdefault("name", path.stem)
     try:
         return config_from_dict(data)
     except ConfigError as err:
         raise ConfigError(f"{_blame(err, overrides, path)}: {err}") from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; :class:`ConfigError` naming the file when it is
+    empty, binary, not UTF-8, not valid YAML, repeats a key or holds no mapping."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = read_yaml_file(path)
+    except YAMLInputError as err:
+        raise ConfigError(str(err)) from None
+    if data is None:
+        raise ConfigError(
+            f"{path} is empty (no keys): a config needs at least the keys that differ from "
+            "the defaults, e.g. the ones in configs/*.yaml"
+        )
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: a config must be a mapping of keys to values, got {type(data).__name__}"
+        )
+    return data
 
 
 def _blame(err: ConfigError, overrides: Sequence[str], path: Path) -> str:
@@ -459,11 +493,12 @@ def validate(cfg: TrainConfig) -> None:
         cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
         f"device must be 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}",
     )
-    for key in ("workers", "threads", "subset", "test_subset", "limit_train_batches"):
+    for key in ("workers", "threads", "subset", "test_subset", "limit_train_batches", "input_size"):
         value = getattr(cfg, key)
         low = 0 if key == "workers" else 1
         _require(value is None or value >= low, f"{key} must be null or >= {low}, got {value}")
     _check_precision(cfg)
+    _check_lif_backend(cfg.lif_backend)
     clip = cfg.grad_clip  # a max-norm: any positive value
     _require(
         clip is None or (math.isfinite(clip) and clip > 0),
@@ -509,6 +544,13 @@ def _check_precision(cfg: TrainConfig) -> None:
         mode is None or backend == "inductor",
         f"compile_mode ({mode!r}) needs compile_backend inductor, got {backend!r}",
     )
+
+
+def _check_lif_backend(name: str) -> None:
+    from dassdp.neurons.backends import backend_names
+
+    names = backend_names()
+    _require(name in names, f"lif_backend must be one of {', '.join(names)}, got {name!r}")
 
 
 def _check_mixup(cfg: TrainConfig) -> None:
@@ -592,13 +634,36 @@ def _check_model(cfg: TrainConfig, learner: DASSDPConfig | None) -> None:
     try:
         with torch.device("meta"):
             model = create_model(cfg.model, T=cfg.T, **cfg.model_args)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"model_args: {cfg.model} rejects {cfg.model_args} ({err})") from None
+    except (
+        TypeError,
+        ValueError,
+        RuntimeError,
+        ArithmeticError,
+        AssertionError,
+        IndexError,
+    ) as err:
+        raise ConfigError(_model_args_error(cfg, err)) from None
     if learner is not None and hasattr(model, "dassdp_sites"):
         try:
             model.dassdp_sites(learner.sites)
         except (KeyError, ValueError) as err:
             raise ConfigError(f"plasticity.sites: {err}") from None
+
+
+def _model_args_error(cfg: TrainConfig, err: Exception) -> str:
+    """One line for a model that cannot be built from ``model_args``: ``model_args.<key>``
+    first when the model's message starts with one of its keys (the built-in models check
+    theirs), else the model, its arguments and the first line of the error (torch's shape
+    errors carry a C++ backtrace)."""
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    unknown = re.search(r"unexpected keyword argument '(\w+)'", reason)
+    if unknown:
+        return f"model_args.{unknown.group(1)}: {cfg.model} takes no such argument ({reason})"
+    head = re.match(r"[A-Za-z_]\w*", reason)
+    if head and head.group() in cfg.model_args:
+        return f"model_args.{reason} ({cfg.model})"
+    given = ", ".join(f"model_args.{k}={v!r}" for k, v in cfg.model_args.items()) or "no model_args"
+    return f"model_args: {cfg.model} cannot be built with {given} ({reason})"
 
 
 # ---------------------------------------------------------------- the plasticity block

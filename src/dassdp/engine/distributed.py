@@ -14,9 +14,12 @@ script that runs ``dassdp train`` directly stays one process.
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import importlib
 import os
 import re
+import sys
 import zlib
 from dataclasses import dataclass
 
@@ -25,12 +28,15 @@ import torch.distributed as dist
 
 __all__ = [
     "DistInfo",
+    "bind_group_defaults",
     "broadcast_buffers",
     "cleanup_distributed",
     "export_slurm_environment",
     "first_host",
+    "gloo_threads",
     "init_distributed",
     "pick_device",
+    "release_group_references",
     "replicas_identical",
     "slurm_environment",
     "state_digest",
@@ -122,14 +128,87 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        bind_group_defaults()
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, world, local_rank, device)
 
 
-def cleanup_distributed() -> None:
-    """Leave the process group (if one was joined)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+# Why a process group can outlive ``destroy_process_group`` (and how that aborted ranks):
+# ``torch.distributed.nn.functional`` evaluates ``group.WORLD`` as the default argument of
+# ten functions when it is first imported. DDP's constructor imports ``torch._dynamo``, which
+# imports that module, so in a process that joined the group first, ten function objects
+# hold the default group for the life of the interpreter. ``destroy_process_group`` then
+# cannot free it: gloo's worker threads (``pt_gloo_runloop``) and its TCP loop
+# (``gloo_tcp_loop``) keep running until interpreter teardown, when the group is finally
+# released with the interpreter half gone. A gloo thread that must take the GIL then (to
+# drop a tensor's Python object) is ended by CPython with a forced unwind through C++
+# ``noexcept`` frames, which is ``std::terminate``: "terminate called without an active
+# exception", SIGABRT, seen now and then in ``mp.spawn`` workers. The cure is that the
+# group is really freed where it is destroyed: bind the defaults before the group exists
+# (:func:`bind_group_defaults`) and drop them if they were bound to it anyway
+# (:func:`release_group_references`); :func:`gloo_threads` shows the threads are gone.
+_DEFAULTS_MODULE = "torch.distributed.nn.functional"
+
+
+def bind_group_defaults() -> None:
+    """Import the module that captures ``group.WORLD`` in default arguments while there is no
+    group (cheap: ~30 ms), so that it binds ``None``. Call before ``init_process_group``."""
+    importlib.import_module(_DEFAULTS_MODULE)
+
+
+def release_group_references(group: object) -> int:
+    """Replace ``group`` by ``None`` wherever :data:`_DEFAULTS_MODULE`'s functions bound it as
+    a default argument; returns how many functions held it."""
+    module = sys.modules.get(_DEFAULTS_MODULE)
+    held = 0
+    for fn in list(vars(module).values()) if module is not None else ():
+        defaults = getattr(fn, "__defaults__", None)
+        if defaults and any(value is group for value in defaults):
+            fn.__defaults__ = tuple(None if value is group else value for value in defaults)
+            held += 1
+    return held
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's gloo threads (Linux ``/proc``; empty elsewhere): after
+    :func:`cleanup_distributed` there must be none."""
+    names = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return names
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                name = f.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return sorted(names)
+
+
+def cleanup_distributed(failed: bool = False) -> None:
+    """Leave the process group (if one was joined) so that it is freed here, its threads
+    joined, and nothing of it is left for interpreter teardown (see the note above). Call it
+    once the DDP model is out of scope: a live ``DistributedDataParallel`` holds the group.
+
+    ``failed=False`` (the normal end): every rank first meets at a barrier, so no rank closes
+    its connections while a peer is still in a collective. ``failed=True`` (this rank raised):
+    no barrier, since the peers may be waiting in another collective; they see the closed
+    connection and fail too, in bounded time, instead of hanging on a barrier."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    group = dist.group.WORLD
+    if not failed and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+    release_group_references(group)
+    del group
+    # A DDP model in a reference cycle (hooks, closures) holds the group until the cycle
+    # collector runs: run it now, so the group is not freed during interpreter teardown.
+    # Call this after the training objects are out of scope (the engine does).
+    gc.collect()
 
 
 def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:

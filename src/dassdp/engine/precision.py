@@ -3,24 +3,22 @@
 * :func:`resolve_amp`: the config's ``amp`` and the device -> the autocast dtype actually
   used (``float16`` needs CUDA: on CPU it falls back to float32 with a log line, so one
   config runs on both; ``bfloat16`` runs on CPU and CUDA without a grad scaler).
-* :func:`optimizer_stepped`: after ``GradScaler.unscale_`` (explicit or inside ``step``) and
-  before ``update``, a 0-d bool tensor on the device, ``True`` when the optimizer steps
-  (no inf/NaN gradient): the grad-scaler skip decision without a host read.
+* :func:`autocast` and :func:`optimizer_stepped` (the grad-scaler skip decision as a device
+  flag) live with the step that uses them, :mod:`dassdp.engine.step`; re-exported here.
 * :func:`prepare_model` / :func:`compile_model`: channels-last weights, cuDNN autotuning and
   ``torch.compile`` as the config asks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from dassdp.engine.config import TrainConfig, amp_dtype
+from dassdp.engine.step import autocast, optimizer_stepped
 
 __all__ = ["autocast", "compile_model", "optimizer_stepped", "prepare_model", "resolve_amp"]
 
@@ -41,50 +39,6 @@ def resolve_amp(amp: bool | str, device: torch.device) -> torch.dtype | None:
         )
         return None
     return dtype
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
-    """``torch.autocast`` to ``dtype`` on ``device``'s type, or a no-op for ``None``."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _found_inf_flags(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> list:
-    """The scaler's per-device found-inf tensors for ``optimizer`` (private API; [] if the
-    layout differs from torch 2.x's ``_per_optimizer_states[id]["found_inf_per_device"]``)."""
-    try:
-        per_device = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-        return [t for t in per_device.values() if isinstance(t, Tensor)]
-    except (AttributeError, KeyError, TypeError):
-        return []
-
-
-def _grads(optimizer: torch.optim.Optimizer) -> Iterable[Tensor]:
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None:
-                yield p.grad
-
-
-def optimizer_stepped(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> Tensor:
-    """0-d bool tensor: does (did) the scaler let ``optimizer`` step? No host read.
-
-    Call after ``scaler.unscale_(optimizer)`` or ``scaler.step(optimizer)`` and before
-    ``scaler.update()`` (which clears the flags). Reads the scaler's found-inf flags; if a
-    future torch stores them elsewhere, it checks the (unscaled) gradients itself, which is
-    the same decision: the scaler skips exactly when a gradient holds an inf or NaN.
-    """
-    flags = _found_inf_flags(scaler, optimizer)
-    if flags:
-        device = flags[0].device
-        found = torch.stack([f.to(device).reshape(()) for f in flags]).sum()
-        return found == 0
-    grads = list(_grads(optimizer))
-    if not grads:
-        raise RuntimeError("optimizer_stepped: the optimizer holds no gradients")
-    norms = torch._foreach_norm(grads)  # inf/NaN propagate into the norms
-    return torch.isfinite(torch.stack([n.to(grads[0].device) for n in norms])).all()
 
 
 def prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:

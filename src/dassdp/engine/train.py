@@ -7,7 +7,8 @@ The step reads top to bottom::
 and everything else (builders, checkpoints, metrics) happens around it. Run folder::
 
     runs/<name>/config.yaml     the resolved config (code revision in its header)
-    runs/<name>/run.json        revision, versions, command line, start time (rundir.py)
+    runs/<name>/run.json        revision, versions, command line, start time (rundir.py),
+                                the LIF backend each layer ran (after the first step)
     runs/<name>/metrics.jsonl   one row per epoch (see dassdp.engine.metrics)
     runs/<name>/train.log       the log lines
     runs/<name>/last.pt         after every epoch (atomic); --resume continues from it
@@ -25,18 +26,9 @@ evaluation runs the eager model in the same autocast dtype. Resume is bit-exact 
 the same device, precision and compile setting (which config keys a resume may change:
 :data:`dassdp.engine.checkpoint.RESUMABLE_CHANGES`).
 
-Host reads per training step (``aten._local_scalar_dense`` on a device tensor; counted in
-``tests/test_engine_precision.py``), with the optimizer's own CPU step counters excluded:
-
-* float32 and bf16: **one**, ``_all_finite(loss)``: without a grad scaler nothing else can
-  skip the optimizer step on a non-finite loss (it is also the DDP agreement: an all-reduce).
-* fp16: **one**, inside ``GradScaler.step`` (torch reads its found-inf flag to decide whether
-  to call ``optimizer.step``). The engine adds none: a NaN/inf loss gives NaN gradients, which
-  the scaler skips; whether it skipped reaches DA-SSDP as a device tensor
-  (:func:`~dassdp.engine.precision.optimizer_stepped`), also in ``apply="grad"`` mode where
-  the learner runs between ``unscale_`` and the optimizer step.
-* ``DASSDP.step`` adds none (warm-up and after: skips are decided on the device), so a
-  training step with DA-SSDP reads the host once in every mode.
+The step itself (forward, loss, backward, clip, optimizer/scaler step, DA-SSDP step, reset,
+meters) is :func:`dassdp.engine.step.train_step`, with its host reads: one per step in every
+precision, DA-SSDP included.
 
 The loss, accuracy, non-finite and DA-SSDP meters accumulate on the device and are read
 once per epoch; a progress bar (``progress``) shows the running loss every
@@ -63,6 +55,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import dassdp
+from dassdp.engine import step as engine_step
 from dassdp.engine.builders import (
     build_criterion,
     build_datasets,
@@ -84,16 +77,15 @@ from dassdp.engine.distributed import (
     replicas_identical,
 )
 from dassdp.engine.metrics import FiringRates, LossMeter, MetricsWriter, PlasticityMeter
-from dassdp.engine.precision import (
-    autocast,
-    compile_model,
-    optimizer_stepped,
-    prepare_model,
-    resolve_amp,
+from dassdp.engine.precision import autocast, compile_model, prepare_model, resolve_amp
+from dassdp.engine.rundir import (
+    RunLock,
+    add_to_run_json,
+    check_resume_target,
+    code_revision,
+    write_run_files,
 )
-from dassdp.engine.rundir import RunLock, check_resume_target, code_revision, write_run_files
 from dassdp.engine.seed import get_rng_state, seed_everything, set_rng_state
-from dassdp.plasticity import distributed as D
 
 __all__ = [
     "PROGRESS_EVERY",
@@ -124,21 +116,6 @@ def nonfinite_tensors(model: nn.Module) -> list[str]:
     if bool(flags.all()):
         return []
     return [name for (name, _), ok in zip(tensors, flags.tolist()) if not ok]
-
-
-def _all_finite(loss: Tensor) -> bool:
-    """Whether the loss is finite on every rank (so all ranks skip a bad step together)."""
-    flag = torch.isfinite(loss.detach()).all().double().reshape(1)
-    return bool(D.all_reduce_(flag, "min").item())
-
-
-def _mix(mixup: Any, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """timm Mixup on ``[B, C, H, W]`` or event frames ``[B, T, C, H, W]`` (T folded into C)."""
-    if x.dim() == 5:
-        B, T, C, H, W = x.shape
-        x, target = mixup(x.reshape(B, T * C, H, W), y)
-        return x.reshape(B, T, C, H, W), target
-    return mixup(x, y)
 
 
 @torch.no_grad()
@@ -213,7 +190,6 @@ class Trainer:
         self._cudnn_benchmark = torch.backends.cudnn.benchmark  # restored by close()
         prepare_model(self.model, cfg, self.device)  # channels_last, cudnn_benchmark
         self.learner = build_learner(cfg, self.model)  # hooks on the unwrapped model
-        self._grad_mode = self.learner is not None and self.learner.config.apply == "grad"
         self.net = self.model
         if self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -232,6 +208,7 @@ class Trainer:
         )
         self.firing = FiringRates(self.model)
         self.start_epoch, self.best_acc1 = 0, -math.inf
+        self._resumed, self._backends_recorded = bool(resume), False
         self.writer: MetricsWriter | None = None
         if self.dist.main:
             self._prepare_run_dir(resume)
@@ -332,7 +309,8 @@ class Trainer:
         if not self.dist.distributed:
             return flag
         t = torch.tensor([float(flag)], device=self.device)
-        return bool(D.all_reduce_(t, "max").item())
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def _check_finite(self, epoch: int, train: dict[str, Any]) -> None:
         bad = nonfinite_tensors(self.model)
@@ -372,6 +350,8 @@ class Trainer:
         bar = batches if getattr(batches, "disable", True) is False else None  # a shown tqdm
         for i, (x, y) in enumerate(batches, 1):
             nonfinite += self.train_step(x, y, meter, plast)
+            if not self._backends_recorded:
+                self._record_backends()  # resolved at the first forward: record it now
             if bar is not None and i % PROGRESS_EVERY == 0:
                 bar.set_postfix(loss=f"{meter.mean_loss():.4f}")  # one host read
         broadcast_buffers(self.model)  # DDP: rank 0's BN statistics for eval and checkpoints
@@ -385,54 +365,14 @@ class Trainer:
         self, x: Tensor, y: Tensor, meter: LossMeter, plast: PlasticityMeter | None
     ) -> Tensor:
         """One step on a batch (x: ``[B, C, H, W]`` images, repeated over T by the model, or
-        ``[B, T, C, H, W]`` frames; y: ``[B]``); returns 1 if the loss was non-finite (a 0-d
-        device tensor). Host reads: see the module docstring."""
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        target = y
-        if self.mixup is not None:
-            x, target = _mix(self.mixup, x, y)  # target: soft labels [B, K]
-        with autocast(self.device, self.amp):
-            logits = self.net(x)  # [B, K]
-            loss = self.criterion(logits, target)
-        # fp16: a non-finite loss makes non-finite gradients, which the scaler skips, so no
-        # read here; float32/bf16: one host read decides (and all ranks agree on it)
-        finite = self.scaler.is_enabled() or _all_finite(loss)
-        stepped: Tensor | bool = False
-        if finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if self._grad_mode:
-                # apply="grad": dW joins the (unscaled) gradients before the optimizer step;
-                # the scaler's skip decision is known after unscale_, so DA-SSDP skips with it
-                self.scaler.unscale_(self.optimizer)
-                self.learner.step(loss.detach(), optimizer_stepped=self._stepped())
-            stepped = self._optimizer_step()
-        if self.learner is not None:
-            if not (self._grad_mode and finite):
-                # warm-up: record (S, L); afterwards dW (all-reduced), then W += dW
-                self.learner.step(loss.detach(), optimizer_stepped=stepped)
-            plast.update()
-        dassdp.reset(self.model)  # neuron states and DA-SSDP recorder buffers
-        meter.update(loss.detach(), logits.detach(), y)
-        return ~torch.isfinite(loss.detach())
-
-    def _stepped(self) -> Tensor | bool:
-        """Whether the optimizer steps: a 0-d bool device tensor under a grad scaler (valid
-        from ``unscale_`` until ``update``), else True."""
-        if not self.scaler.is_enabled():
-            return True
-        return optimizer_stepped(self.scaler, self.optimizer)
-
-    def _optimizer_step(self) -> Tensor | bool:
-        """Step through the grad scaler; returns :meth:`_stepped` (False: the scaler skipped)."""
-        if self.cfg.grad_clip is not None:
-            if not self._grad_mode:  # grad mode has unscaled already
-                self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        stepped = self._stepped()  # before update(), which clears the scaler's flags
-        self.scaler.update()
-        return stepped
+        ``[B, T, C, H, W]`` frames; y: ``[B]``) through :func:`dassdp.engine.step.train_step`;
+        returns 1 if the loss was non-finite (a 0-d device tensor)."""
+        out = engine_step.train_step(
+            x, y, model=self.model, optimizer=self.optimizer, criterion=self.criterion,
+            learner=self.learner, scaler=self.scaler, amp=self.amp, grad_clip=self.cfg.grad_clip,
+            mixup=self.mixup, net=self.net, device=self.device, meter=meter, plast=plast,
+        )  # fmt: skip
+        return out.nonfinite
 
     def _batches(self, epoch: int) -> Iterable[tuple[Tensor, Tensor]]:
         """The epoch's training batches (at most ``limit_train_batches``), with a progress bar
@@ -448,6 +388,25 @@ class Trainer:
         return tqdm(batches, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None)
 
     # ----------------------------------------------------------------- reporting
+    def _record_backends(self) -> None:
+        """After the first training step: the LIF backend each layer ran, counted per backend
+        (plus the Triton version where it ran), in the log and in ``run.json`` (the latest
+        resume's entry after a resume)."""
+        from dassdp.neurons import resolved_backends
+        from dassdp.neurons.backends.triton import triton_version
+
+        self._backends_recorded = True
+        layers = resolved_backends(self.model)
+        record: dict[str, Any] = {"requested": self.cfg.lif_backend, "layers": layers}
+        if "triton" in layers:
+            record["triton"] = triton_version()
+        if not self.dist.main:
+            return
+        ran = ", ".join(f"{name} {n}" for name, n in layers.items()) or "no LIF layers"
+        triton = f" (triton {record['triton']})" if "triton" in record else ""
+        log.info("LIF backends (lif_backend=%s): %s%s", self.cfg.lif_backend, ran, triton)
+        add_to_run_json(self.run_dir, {"lif_backends": record}, resumed=self._resumed)
+
     def _report(self, row: dict[str, Any]) -> None:
         if self.writer is None:
             return

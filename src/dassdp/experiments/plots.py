@@ -7,6 +7,7 @@ for the figures it wrote (a figure whose data is absent is skipped).
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from dassdp._util.io import atomic_write_bytes
 
 __all__ = ["write_all"]
 
@@ -48,7 +51,9 @@ def _save(fig: Figure, path: Path) -> None:
     for ax in fig.axes:
         if ax.get_xlabel() == "epoch":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())  # whole or not at all
 
 
 def accuracy_curves(path: Path, curves: Rows, variants: Sequence[str]) -> None:

@@ -19,9 +19,13 @@ The unit of analysis is the seed: only finished runs (``done.json``) enter the s
 and a variant is compared with the baseline on the seeds both have. "Final" is the last
 epoch's test accuracy as recorded in ``done.json`` when the run finished (the best epoch
 would be selected on the test set), so a damaged ``metrics.jsonl`` line cannot change it.
-Unfinished runs and damaged result files (unreadable metrics lines, a ``done.json`` that
-cannot be read, fewer metrics rows than epochs) are listed in ``report.md`` and on stderr;
-nothing is dropped silently. A paired t-test whose differences are all equal has zero
+Unfinished runs, damaged result files (unreadable metrics lines, bytes that are not UTF-8,
+a ``done.json`` or ``config.yaml`` that cannot be read, fewer metrics rows than epochs) and
+planned runs that are missing or never recorded an epoch (the plan: every variant times
+every seed of ``compare.json`` and of the ``<variant>/seed<k>`` folders) are listed in
+``report.md`` and on stderr; nothing is dropped silently. Every file is written whole
+(a temporary file renamed into place); a folder that cannot be written is one
+:class:`ReportWriteError` naming it. A paired t-test whose differences are all equal has zero
 variance: its p is undefined (NaN, shown as "undefined"), not 0.
 
 Best epoch and train-test gap (``generalization.csv``, and per run in ``runs.csv``): the
@@ -38,6 +42,7 @@ unmixed labels and means little: the report says so when a run used it.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -48,11 +53,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from dassdp._util.io import atomic_write_text
+from dassdp._util.yamlfile import YAMLInputError, read_yaml_file
 from dassdp.experiments.stats import PairedComparison, compare_paired
 
-__all__ = ["Run", "load_runs", "run_warnings", "summarize", "write_report"]
+__all__ = [
+    "ReportWriteError",
+    "Run",
+    "load_runs",
+    "missing_runs",
+    "planned_runs",
+    "run_warnings",
+    "summarize",
+    "write_report",
+]
 
 BASELINE = "baseline"
 ALPHA = 0.05
@@ -118,10 +133,11 @@ class Run:
 
 
 def _read_json(path: Path) -> Any:
-    """The file's JSON, or None when it is missing or unreadable (a run killed mid-write)."""
+    """The file's JSON, or None when it is missing or unreadable (a run killed mid-write,
+    bytes that are not UTF-8, a file without read permission)."""
     try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
+        return json.loads(path.read_bytes().decode("utf-8")) if path.is_file() else None
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return None
 
 
@@ -132,12 +148,12 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     if not file.is_file():
         return [], []
     rows, damaged = [], []
-    for number, line in enumerate(file.read_text().splitlines(), start=1):
-        if not line.strip():
+    for number, raw in enumerate(file.read_bytes().splitlines(), start=1):
+        if not raw.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+        try:  # line by line: bytes that are not UTF-8 damage their line only
+            row = json.loads(raw.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError or JSONDecodeError
             row = None
         if isinstance(row, dict) and isinstance(row.get("test"), dict) and "epoch" in row:
             rows.append(row)
@@ -146,19 +162,35 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     return rows, damaged
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_config(path: Path) -> tuple[dict[str, Any], str | None]:
+    """A run's ``config.yaml`` as a mapping (``{}`` when absent or unreadable) and, when it
+    exists but cannot be read as one, why (binary, not UTF-8, a repeated key, ...)."""
+    if not path.is_file():
+        return {}, None
     try:
-        data = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    except yaml.YAMLError:
-        return {}
-    return data if isinstance(data, dict) else {}
+        data = read_yaml_file(path)
+    except (OSError, YAMLInputError) as err:
+        return {}, f"config.yaml unreadable ({str(err).removeprefix(f'{path}: ')})"
+    if not isinstance(data, dict):
+        return {}, "config.yaml holds no mapping"
+    return data, None
+
+
+def _line_ranges(numbers: Sequence[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"`` (a binary file damages every line: keep it short)."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _problems(folder: Path, rows: list[dict[str, Any]], damaged: list[int], done: Any) -> list[str]:
     out = []
     if damaged:
-        lines = ", ".join(map(str, damaged))
-        out.append(f"metrics.jsonl line(s) {lines} damaged (skipped)")
+        out.append(f"metrics.jsonl line(s) {_line_ranges(damaged)} damaged (skipped)")
     if (folder / "done.json").is_file() and not isinstance(done, dict):
         out.append("done.json is damaged: treated as unfinished")
     elif isinstance(done, dict) and len(rows) < _int(done.get("epochs")):
@@ -189,9 +221,10 @@ def load_runs(root: str | os.PathLike) -> list[Run]:
         done, robust = _read_json(folder / "done.json"), _read_json(folder / "robustness.json")
         if not rows and not damaged and not (folder / "done.json").is_file():
             continue  # never got to its first epoch: nothing to report (compare lists it)
-        config = _read_config(folder / "config.yaml")
+        config, config_problem = _read_config(folder / "config.yaml")
         done = done if isinstance(done, dict) else None
         problems = _problems(folder, rows, damaged, _read_json(folder / "done.json"))
+        problems += [config_problem] if config_problem else []
         run = Run(folder.parent.name, int(seed), folder, rows, config, done, robust, problems)
         runs.append(run)
     return runs
@@ -204,6 +237,47 @@ def run_warnings(runs: Sequence[Run]) -> list[str]:
         if not r.done:
             out.append(f"{r.variant} seed{r.seed}: unfinished ({len(r.rows)} epochs), left out")
         out += [f"{r.variant} seed{r.seed}: {p}" for p in r.problems]
+    return out
+
+
+def planned_runs(root: Path) -> list[tuple[str, int]]:
+    """Every ``(variant, seed)`` the folder plans: each variant of ``compare.json`` and of
+    the ``<variant>/seed<k>`` folders, with each seed of either (a paired comparison runs
+    every variant on every seed), in that order."""
+    manifest = _read_json(root / "compare.json")
+    manifest = manifest if isinstance(manifest, dict) else {}
+    variants = [v for v in _list(manifest.get("variants")) if isinstance(v, str) and v]
+    seeds = [s for s in _list(manifest.get("seeds")) if type(s) is int and s >= 0]
+    for folder in sorted(root.glob("*/seed*")):
+        if folder.is_dir() and folder.name[4:].isdigit():
+            variants.append(folder.parent.name)
+            seeds.append(int(folder.name[4:]))
+    return [(v, s) for v in dict.fromkeys(variants) for s in sorted(set(seeds))]
+
+
+def _list(x: Any) -> list[Any]:
+    return list(x) if isinstance(x, list) else []
+
+
+def missing_runs(root: Path, runs: Sequence[Run]) -> list[str]:
+    """One line per planned run (:func:`planned_runs`) without a single recorded epoch: no
+    run folder at all, or a folder that holds only what a run writes before its first
+    epoch (``config.yaml``, ``run.json``, ...). Runs with epochs but no ``done.json`` are
+    :func:`run_warnings`' "unfinished"."""
+    have = {(r.variant, r.seed) for r in runs}
+    out = []
+    for variant, seed in planned_runs(root):
+        if (variant, seed) in have:
+            continue
+        folder = root / variant / f"seed{seed}"
+        if not folder.is_dir():
+            out.append(f"{variant} seed{seed}: missing (no run folder)")
+            continue
+        held = sorted(p.name for p in folder.iterdir())
+        holds = f"only {', '.join(held)}" if held else "nothing"
+        out.append(
+            f"{variant} seed{seed}: incomplete, no epoch recorded (the folder holds {holds})"
+        )
     return out
 
 
@@ -341,10 +415,11 @@ def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def _summary_md(rows: Sequence[dict[str, Any]], ref: str) -> str:
@@ -642,7 +717,7 @@ def _robustness_md(rows: Sequence[dict[str, Any]], ref: str) -> str:
 # ---------------------------------------------------------------- the report
 
 
-def _context(root: Path, runs: Sequence[Run]) -> str:
+def _context(root: Path, runs: Sequence[Run], missing: Sequence[str]) -> str:
     manifest = _read_json(root / "compare.json") or {}
     cfg = runs[0].config if runs else {}
     plast = cfg.get("plasticity") or {}
@@ -659,6 +734,11 @@ def _context(root: Path, runs: Sequence[Run]) -> str:
     unfinished = [f"{r.variant} seed{r.seed} ({len(r.rows)} epochs)" for r in runs if not r.done]
     if unfinished:
         lines.append(f"- unfinished, left out of the statistics: {', '.join(unfinished)}")
+    if missing:
+        lines.append(
+            "- planned but missing or without a recorded epoch, not in the statistics: "
+            + " | ".join(missing)
+        )
     damaged = [f"{r.variant} seed{r.seed}: {'; '.join(r.problems)}" for r in runs if r.problems]
     if damaged:
         lines.append(
@@ -668,16 +748,34 @@ def _context(root: Path, runs: Sequence[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(root: str | os.PathLike) -> Path:
-    """Write ``report.md``, the CSV tables and the plots into ``root``; returns the report."""
-    from dassdp.experiments import plots
+class ReportWriteError(OSError):
+    """The report's files cannot be written into the folder (read-only, disk full, ...)."""
 
+
+def write_report(root: str | os.PathLike) -> Path:
+    """Write ``report.md``, the CSV tables and the plots into ``root``; returns the report.
+
+    Raises ``FileNotFoundError`` when no run has a recorded epoch and
+    :class:`ReportWriteError` (naming the folder and the reason) when a file cannot be
+    written; each file is replaced whole or not at all, never left half-written.
+    """
     root = Path(root)
     runs = load_runs(root)
     if not runs:
         raise FileNotFoundError(f"no run folders with metrics under {root} (<variant>/seed<k>/)")
-    for line in run_warnings(runs):
+    missing = missing_runs(root, runs)
+    for line in [*run_warnings(runs), *missing]:
         print(f"[report] warning: {line}", file=sys.stderr)
+    try:
+        return _write_files(root, runs, missing)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise ReportWriteError(f"cannot write the report into {root}: {reason}") from err
+
+
+def _write_files(root: Path, runs: Sequence[Run], missing: Sequence[str]) -> Path:
+    from dassdp.experiments import plots
+
     variants = variant_order(root, runs)
     ref = BASELINE if BASELINE in variants else variants[0]
     done = [r for r in runs if r.done]  # curves and summaries: finished runs only
@@ -698,8 +796,8 @@ def write_report(root: str | os.PathLike) -> Path:
         if rows:
             _write_csv(root / f"{name}.csv", rows)
     figures = plots.write_all(root, runs, variants, ref, tables)
-    text = _markdown(root, runs, variants, ref, tables, figures)
-    (root / "report.md").write_text(text)
+    text = _markdown(root, runs, missing, variants, ref, tables, figures)
+    atomic_write_text(root / "report.md", text)
     return root / "report.md"
 
 
@@ -722,6 +820,7 @@ def _run_row(r: Run) -> dict[str, Any]:
 def _markdown(
     root: Path,
     runs: Sequence[Run],
+    missing: Sequence[str],
     variants: Sequence[str],
     ref: str,
     tables: dict[str, list[dict[str, Any]]],
@@ -732,7 +831,7 @@ def _markdown(
 
     parts = [
         f"# Paired comparison: {root.name}\n\n",
-        _context(root, runs),
+        _context(root, runs, missing),
         "\n## Final test accuracy\n\n",
         "Seeds are paired (same seed: same initial weights and data order). Δ is the mean "
         f"per-seed difference to `{ref}`, with a percentile bootstrap 95% CI; p from the "

@@ -16,18 +16,20 @@ Where each call goes:
 
 * ``setup`` (fit): build the :class:`~dassdp.DASSDP` learner (``callback.learner``);
   ``teardown``: close it (its hooks are removed, its state and metrics stay readable).
-* ``on_train_epoch_start``: ``set_epoch(trainer.current_epoch)``.
+* ``on_train_start`` and ``on_train_epoch_start``: ``set_epoch(trainer.current_epoch)``.
 * ``apply="post_step"``: ``step(loss)`` in ``on_train_batch_end`` of each batch on which the
-  optimizer stepped (``trainer.global_step`` advanced, so gradient accumulation and manual
-  optimization both work: the accumulated forwards are the step's windows). The loss is the
-  mean over those batches of ``outputs["loss"]`` (or ``outputs`` itself when
-  ``training_step`` returns a tensor; with manual optimization returning nothing, the loss
-  given to ``manual_backward``). A step whose site weights did not change since the forward
-  (an AMP scaler skip) is passed as ``optimizer_stepped=False``.
+  optimizer stepped: ``trainer.global_step`` moved between this batch's
+  ``on_train_batch_start`` and its end (the trainer's own count, so gradient accumulation,
+  a fit resumed mid-epoch and manual optimization all stay in phase: the accumulated
+  forwards are the step's windows). The loss is the mean over those batches of
+  ``outputs["loss"]`` (or ``outputs`` itself when ``training_step`` returns a tensor),
+  multiplied back by ``accumulate_grad_batches`` under automatic optimization (Lightning
+  divides it; the gate records the loss itself, see :func:`unscaled_loss`). A step whose
+  site weights did not change since the forward (an AMP scaler skip) is passed as
+  ``optimizer_stepped=False``.
 * ``apply="grad"``: ``step(loss)`` in ``on_before_optimizer_step`` (after backward and
-  Lightning's AMP unscale, before ``optimizer.step()``), with the loss seen by
-  ``on_before_backward`` (multiplied back by ``accumulate_grad_batches`` under automatic
-  optimization, which divides it).
+  Lightning's AMP unscale, before ``optimizer.step()``), with the losses seen by
+  ``on_before_backward`` (unscaled the same way).
 * after every training batch: :func:`dassdp.reset` of the neurons (records are kept until the
   next ``step``).
 * the learner's state (gate sums, fitted gate, counters, generator) is the callback's
@@ -65,6 +67,20 @@ def learner_model(pl_module: nn.Module) -> nn.Module:
     return pl_module
 
 
+def unscaled_loss(trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> Tensor:
+    """The batch's loss as ``training_step`` returned it (detached).
+
+    Under automatic optimization Lightning divides the loss by ``accumulate_grad_batches``
+    before the backward, and that divided loss is what ``on_before_backward`` and
+    ``outputs["loss"]`` carry; the gate must record the loss itself, or its records would
+    depend on the accumulation schedule. Multiplying back is exact for a power-of-two
+    factor and within one rounding of the loss's dtype otherwise.
+    """
+    scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+    loss = loss.detach()
+    return loss * scale if scale != 1 else loss
+
+
 class DASSDPCallback(pl.Callback):
     """Attach DA-SSDP to a LightningModule during ``fit`` (module docstring).
 
@@ -86,7 +102,8 @@ class DASSDPCallback(pl.Callback):
         self.learner: DASSDP | None = None
         self._model: nn.Module | None = None
         self._losses: list[Tensor] = []
-        self._global_step = 0
+        self._backward_losses: list[Tensor] = []  # this batch's manual_backward losses
+        self._step_at_batch_start: int | None = None
         self._pending_state: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -106,18 +123,30 @@ class DASSDPCallback(pl.Callback):
         if stage == "fit" and self.learner is not None:
             self.learner.close()  # hooks removed; the state stays readable
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Every fit, also one resumed mid-epoch (which gets no on_train_epoch_start): no
+        # loss of an earlier fit's unfinished window may enter this fit's first step.
+        self._losses.clear()
+        self._require().set_epoch(trainer.current_epoch)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._global_step = trainer.global_step
         self._losses.clear()
         self._require().set_epoch(trainer.current_epoch)
 
     # --------------------------------------------------------------------- step
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step_at_batch_start = trainer.global_step
+        self._backward_losses.clear()
+
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:
         if self.config.apply == "grad":
-            scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
-            self._losses.append(loss.detach() * scale)
+            self._losses.append(unscaled_loss(trainer, pl_module, loss))
+        elif not pl_module.automatic_optimization:  # post_step: if training_step returns none
+            self._backward_losses.append(loss.detach())
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
@@ -137,10 +166,14 @@ class DASSDPCallback(pl.Callback):
         if self.config.apply == "post_step":
             loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
             if isinstance(loss, Tensor):
-                self._losses.append(loss.detach())
-            if trainer.global_step != self._global_step:  # the optimizer stepped
+                self._losses.append(unscaled_loss(trainer, pl_module, loss))
+            elif self._backward_losses:  # manual optimization returning nothing
+                self._losses.append(torch.stack(self._backward_losses).mean())
+            # The trainer's own counter, read before and after this batch: the optimizer
+            # stepped on it exactly when global_step moved (no count kept across batches,
+            # so a fit resumed mid-epoch or mid-window cannot put step() out of phase).
+            if trainer.global_step != self._step_at_batch_start:
                 learner.step(self._pop_loss(), optimizer_stepped=self._weights_changed())
-        self._global_step = trainer.global_step
         dassdp.reset(self._model, records=False)  # neurons; records wait for the next step
 
     def _pop_loss(self) -> Tensor:

@@ -128,6 +128,25 @@ def pick_preset(
     return presets[preset]()
 
 
+def check_size(key: str, value: object) -> int:
+    """``value`` as a layer size (channels, width, heads, a kernel side): an ``int >= 1``;
+    anything else is a ``ValueError`` naming ``key`` (not a tensor-shape error from torch)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_sizes(key: str, values: object, length: int | None = None) -> tuple[int, ...]:
+    """``values`` as a list of layer sizes (each :func:`check_size`, named ``key[i]``), of
+    ``length`` items when given; else a ``ValueError`` naming ``key``."""
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise ValueError(f"{key} must be a list of integers >= 1, got {values!r}")
+    out = tuple(check_size(f"{key}[{i}]", v) for i, v in enumerate(values))
+    if length is not None and len(out) != length:
+        raise ValueError(f"{key} must list {length} sizes, got {len(out)}: {list(out)}")
+    return out
+
+
 def check_stage_indices(stages: Iterable[int], num_stages: int, key: str) -> tuple[int, ...]:
     """``stages`` as a sorted tuple of distinct stage indices in ``[0, num_stages)``; anything
     else (a non-integer, out of range, a repeat) is a ``ValueError`` naming ``key``."""

@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from dassdp.models.layers import (
     NeuronLayer,
     TimeSharedDropout,
+    check_size,
+    check_sizes,
     pick_preset,
     seq_apply,
     to_time_major,
@@ -76,7 +78,13 @@ class SpikingCNN(nn.Module):
         for key, flag in (("spike_saving", spike_saving), ("site_norm", site_norm)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{key} must be true or false, got {flag!r}")
-        c1, c2 = channels
+        c1, c2 = check_sizes("channels", channels, length=2)
+        for key, size in (
+            ("in_channels", in_channels),
+            ("hidden", hidden),
+            ("num_classes", num_classes),
+        ):
+            check_size(key, size)
         self.T = int(T)
         self.spike_saving = spike_saving
         self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1, bias=False)

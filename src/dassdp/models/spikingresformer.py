@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from dassdp.models.layers import (
     NeuronLayer,
     SpikeConvBN,
+    check_size,
+    check_sizes,
     check_stage_indices,
     checkpointed,
     pick_preset,
@@ -220,8 +222,19 @@ class SpikingResformer(nn.Module):
         checkpoint_stages: Sequence[int] = (),
     ) -> None:
         super().__init__()
+        dims, depths = check_sizes("dims", dims), check_sizes("depths", depths)
+        num_heads, patch_sizes = (
+            check_sizes("num_heads", num_heads),
+            check_sizes("patch_sizes", patch_sizes),
+        )
         if not len(dims) == len(depths) == len(num_heads) == len(patch_sizes):
             raise ValueError("dims, depths, num_heads and patch_sizes must have the same length")
+        for key, size in (
+            ("in_channels", in_channels),
+            ("num_classes", num_classes),
+            ("group_size", group_size),
+        ):
+            check_size(key, size)
         if not isinstance(spike_saving, bool):
             raise ValueError(f"spike_saving must be true or false, got {spike_saving!r}")
         self.T = int(T)

@@ -1,4 +1,5 @@
-"""``dassdp bench epoch``: whole training epochs of a config through ``dassdp train``.
+#!/usr/bin/env python3
+"""Whole training epochs of a config through ``dassdp train``, before and after a change.
 
 Each row is one fresh ``python -m dassdp train --config CONFIG --out TMP epochs=E
 threads=N [amp=...]`` process, exactly what a user runs (the CLI's allocator settings
@@ -12,6 +13,12 @@ and data loading included) and its peak resident set (``ru_maxrss`` of that chil
 checkout, baseline, ...), and reports medians, so a change in the machine's load hits both
 sides alike. *ratio*: images/s over the baseline's fp32 images/s at the same thread count
 (this checkout's fp32 when there is no baseline); *RSS ratio* likewise for peak RSS.
+
+Example (the sources of commit 81cbbaa unpacked next to this checkout)::
+
+    mkdir -p ../base && git archive 81cbbaa src | tar -x -C ../base
+    python benchmarks/epoch.py --baseline-src ../base/src --amp fp32 bf16 --threads 1 2 \\
+        --out docs/bench/epoch-cifar10-cpu.csv --section 'epoch (configs/cifar10_cpu.yaml)'
 """
 
 from __future__ import annotations
@@ -26,12 +33,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dassdp.bench.timing import median
-from dassdp.bench.train_step import AMP_MODES, source_dir
+import _checkout
+from _checkout import source_dir
 
-__all__ = ["HELP", "add_arguments", "run"]
+_checkout.use_this_checkout()
 
-HELP = "epoch time and peak RSS of `dassdp train` on a config, fresh processes (before/after)"
+from dassdp.bench import harness as H  # noqa: E402
+from dassdp.bench.harness import median  # noqa: E402
+
+PROGRAM = "python benchmarks/epoch.py"
+AMP_MODES = ("fp32", "bf16")
 
 
 def train_process(
@@ -140,9 +151,8 @@ def measure(args: argparse.Namespace, log: Any = print) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], env: dict[str, Any], csv_path: Path, load: Any) -> str:
-    from dassdp.bench.report import provenance
-
+def markdown(rows: list[dict[str, Any]], facts: list[str]) -> str:
+    """The ``## epoch`` section body."""
     lines = [
         "Whole epochs of `dassdp train` on the config (the training pass over its training",
         "set and the test pass), one fresh process per row and repeat, as a user runs it",
@@ -155,7 +165,7 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], csv_path: Path, lo
         "baseline / this checkout and the table holds medians. *ratio* and *RSS ratio*: over",
         "the first side's fp32 row at the same thread count.",
         "",
-        *provenance(env, csv_path, load),
+        *facts,
         "",
         "| side | amp | allocator | threads | repeats | train images | epoch s | images / s "
         "| ratio | wall s | peak RSS MiB | RSS ratio |",
@@ -170,9 +180,8 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], csv_path: Path, lo
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dassdp.bench.report import add_output_arguments
-
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.splitlines()[0])
     parser.add_argument(
         "--config",
         default="configs/cifar10_cpu.yaml",
@@ -209,22 +218,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="extra config overrides for every run (e.g. subset=5000)",
     )
-    add_output_arguments(parser, "epoch", per_device=False)
+    H.add_output_arguments(parser, "epoch", per_device=False)
+    return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from dassdp.bench.report import environment, write_csv, write_section
-    from dassdp.bench.timing import load_average
-
     if not Path(args.config).is_file():
         raise FileNotFoundError(f"--config {args.config}: no such file")
     if min([*args.threads, args.epochs, args.repeats]) < 1:
         raise ValueError("--threads, --epochs and --repeats must be >= 1")
     if args.baseline_src:
         source_dir(args.baseline_src)  # checked before any run
-    load_before = load_average()
+    load_before = H.load_average()
     rows = measure(args, log=lambda s: print(s, flush=True))
-    write_csv(args.out, rows)
-    body = markdown(rows, environment(), args.out, (load_before, load_average()))
-    write_section(args, "epoch", body, args.out)
-    return 0
+    return H.save(
+        args, "epoch", rows, lambda facts: markdown(rows, facts), load_before=load_before,
+        program=PROGRAM,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
