@@ -11,6 +11,8 @@ INTEROP_SPEC ?= snntorch==1.0.0 spikingjelly==2.0.0 loguru
 # PyTorch Lightning for the DASSDPCallback tests: installed WITH its deps (it keeps our torch;
 # check with `pip install --dry-run` when changing the pin).
 LIGHTNING_SPEC ?= lightning==2.6.6
+# submitit for `dassdp compare --launcher local|slurm` (the `cluster` extra) and its tests.
+CLUSTER_SPEC ?= submitit==1.5.4
 # Wheels for scripts/gpu_check.sh on a GPU machine without network, into the git-ignored
 # .whl/ (carry it with the checkout): pytest and its dependencies (a GPU image may lack them),
 # SpikingJelly 2.0.0 and loguru (bench throughput's comparison row). All pure Python, fetched
@@ -30,6 +32,7 @@ $(STAMP): $(PY) pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps $(INTEROP_SPEC)
 	$(PY) -m pip install --quiet $(LIGHTNING_SPEC)
+	$(PY) -m pip install --quiet $(CLUSTER_SPEC)
 	touch $(STAMP)
 
 install: $(STAMP)

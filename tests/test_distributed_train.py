@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from engine_fixtures import tiny_dict
+from engine_fixtures import assert_same_tensors, tiny_dict
 
 pytestmark = pytest.mark.distributed
 
@@ -139,6 +139,30 @@ def test_resume_on_one_rank_keeps_both_ranks_warmup_records(runs):
     for site, fit in two["fits"].items():
         assert one["fits"][site]["n"] == fit["n"] == 128  # every sample of the warm-up epoch
         assert one["fits"][site]["k"] == pytest.approx(fit["k"], abs=1e-12)
+
+
+def test_two_srun_tasks_form_one_ddp_run_equal_to_nproc_2(runs, tmp_path):
+    """`srun -n 2 dassdp train` (a fake srun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
+    SLURM_STEP_ID per task; no torchrun) trains exactly the `--nproc 2` run (issue 20)."""
+    from fake_slurm import install
+
+    env = {**install(tmp_path / "bin", tmp_path / "slurm"), "SLURM_JOB_ID": "31337"}
+    env["SLURM_JOB_NODELIST"] = "localhost"
+    cmd = ["srun", "-n", "2", sys.executable, "-m", "dassdp", "train"]
+    cmd += ["--config", str(runs / "ddp.yaml"), "--out", str(tmp_path / "srun")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    proc = ok(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env))
+    assert proc.stdout.count("run folder:") == 1  # rank 0 alone reports (and writes)
+    run = tmp_path / "srun"
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+
+    def rows(folder: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in metrics(folder)]
+
+    assert rows(run) == rows(runs / "two") and all(r["replicas_identical"] for r in rows(run))
+    srun, two = ckpt(run), ckpt(runs / "two")
+    for key in ("model", "optimizer", "plasticity"):
+        assert_same_tensors(srun[key], two[key], key)
 
 
 def test_a_failing_rank_ends_the_job_quickly(tmp_path):

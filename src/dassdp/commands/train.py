@@ -5,7 +5,8 @@ model_args.channels=[8,16]``. The run folder is ``--out`` or ``runs/<name>`` (``
 defaults to the config file's stem). A folder that already holds ``last.pt`` is only
 continued with ``--resume``, which restores everything and continues exactly; with
 ``--resume`` the config may be omitted (the checkpoint's is used). Under ``torchrun`` every
-rank runs this command; rank 0 alone logs and writes.
+rank runs this command; rank 0 alone logs and writes. Under ``srun`` with N tasks (no
+torchrun) the ranks come from SLURM's variables (:mod:`dassdp.engine.distributed`).
 
 On a GPU: ``amp=bf16`` (or ``fp16``, with a grad scaler), ``compile=true``,
 ``channels_last=true``, ``cudnn_benchmark=true``; see :class:`dassdp.engine.TrainConfig`.
@@ -144,6 +145,9 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from dassdp.engine.distributed import export_slurm_environment
+
+    export_slurm_environment()  # under srun: RANK, WORLD_SIZE, ... from SLURM's variables
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:
         return launch(args.nproc, _forwarded(args))
 

@@ -1,8 +1,15 @@
-"""Process-group setup from the ``torchrun`` environment; one process without it.
+"""Process-group setup from the ``torchrun`` or SLURM environment; one process without it.
 
 ``torchrun --nproc_per_node N -m dassdp train ...`` sets ``RANK``, ``WORLD_SIZE`` and
 ``LOCAL_RANK``; :func:`init_distributed` then joins the group (NCCL on CUDA, gloo on CPU)
 and picks this rank's device. Without those variables nothing is initialised.
+
+Under ``srun`` (one process per task, no torchrun) the same variables are derived from
+SLURM's: ``SLURM_PROCID`` (rank), ``SLURM_STEP_NUM_TASKS`` or ``SLURM_NTASKS`` (world size),
+``SLURM_LOCALID`` (local rank), ``MASTER_ADDR`` or the first host of the step's node list,
+``MASTER_PORT`` or a port derived from ``SLURM_JOB_ID`` (:func:`slurm_environment`). Only an
+srun step counts (``SLURM_STEP_ID`` set and not the batch script's own step), so a batch
+script that runs ``dassdp train`` directly stays one process.
 """
 
 from __future__ import annotations
@@ -11,7 +18,9 @@ import gc
 import hashlib
 import importlib
 import os
+import re
 import sys
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -22,13 +31,19 @@ __all__ = [
     "bind_group_defaults",
     "broadcast_buffers",
     "cleanup_distributed",
+    "export_slurm_environment",
+    "first_host",
     "gloo_threads",
     "init_distributed",
     "pick_device",
     "release_group_references",
     "replicas_identical",
+    "slurm_environment",
     "state_digest",
 ]
+
+# SLURM's step ids of the batch script and of the "extern" step: not an srun launch
+_NOT_SRUN_STEPS = {"batch", "extern", "4294967294", "4294967295"}
 
 
 @dataclass(frozen=True)
@@ -54,14 +69,57 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     if pref == "auto":
         pref = "cuda" if torch.cuda.is_available() else "cpu"
     if pref == "cuda":
-        pref = f"cuda:{local_rank}"
+        # one visible GPU per task (SLURM's --gpu-bind, CUDA_VISIBLE_DEVICES per rank): cuda:0
+        pref = f"cuda:{0 if torch.cuda.device_count() == 1 else local_rank}"
     if pref.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device: {pref!r} requested but CUDA is not available; use 'cpu'")
     return torch.device(pref)
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``"gpu[003-005,9],cpu1"`` -> ``"gpu003"``."""
+    # each bracket group -> its first element (zero padding kept), then the first name
+    first = re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], nodelist)
+    return first.strip().split(",")[0]
+
+
+def slurm_environment(env: dict[str, str] | None = None) -> dict[str, str] | None:
+    """``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` for this
+    process from an srun step's variables (see the module doc); ``None`` outside an srun step
+    of more than one task, or when ``RANK`` is already set (torchrun, submitit's export)."""
+    env = os.environ if env is None else env
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
+    if "RANK" in env or "SLURM_PROCID" not in env or step in (None, *_NOT_SRUN_STEPS):
+        return None
+    world = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+    if world <= 1:
+        return None
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    job = env.get("SLURM_JOB_ID", "0")
+    port = 20000 + (int(job) if job.isdigit() else zlib.crc32(job.encode())) % 40000
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodes),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(port),
+    }
+
+
+def export_slurm_environment() -> bool:
+    """Under an srun step of N > 1 tasks: set the torch variables of
+    :func:`slurm_environment` in ``os.environ`` (so ``env://`` and code that reads ``RANK``
+    see them); returns whether it did."""
+    found = slurm_environment()
+    if found is not None:
+        os.environ.update(found)
+    return found is not None
+
+
 def init_distributed(device_pref: str = "auto") -> DistInfo:
-    """Join the torchrun process group if its environment is set; else a single process."""
+    """Join the torchrun (or srun, see :func:`slurm_environment`) process group if its
+    environment is set; else a single process."""
+    export_slurm_environment()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistInfo(0, 1, 0, pick_device(device_pref))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

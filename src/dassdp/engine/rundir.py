@@ -7,14 +7,32 @@ header) and ``run.json`` (:func:`run_metadata`: revision, versions, command line
 world size, device, memory allocator, start time; after a resume, the first start's fields
 and a ``resumes`` list).
 
-``<run>/.lock`` holds the pid of the process training the folder, under an exclusive
-``fcntl.flock``: the kernel releases it when that process dies (even by SIGKILL), so a
-stale lock is simply taken over and never needs cleaning up. On platforms without
-``fcntl`` (Windows) the folder is not locked.
+The lock has two mechanisms, chosen by ``DASSDP_LOCK`` (``auto``, the default; ``flock``;
+``file``):
+
+* ``flock``: ``<run>/.lock`` holds the pid of the process training the folder, under an
+  exclusive ``fcntl.flock``. The kernel releases it when that process dies (even by
+  SIGKILL), so a stale lock is simply taken over. On NFS the Linux client maps ``flock`` to
+  the server's byte-range locks, which hold across machines (not with ``-o nolock`` or
+  ``local_lock=flock``); on Lustre ``flock`` works across nodes only when the clients mount
+  with ``-o flock`` (``-o localflock`` makes it node-local; without either it fails).
+* ``file``: ``<run>/.lock.excl``, created with ``O_CREAT | O_EXCL`` (atomic on local file
+  systems, NFSv3+ and Lustre), holds the owner's host, pid, process start time and SLURM
+  job id and restart count, and is removed on release. Nothing frees it when the owner
+  dies, so it is *stale*, and taken over, when the owner's process is gone (same host),
+  when its SLURM job has ended (``squeue``), or when it is an earlier run of this same job
+  (a requeued job has the same id and a higher ``SLURM_RESTART_COUNT``).
+
+``auto`` uses ``flock`` and falls back to ``file`` where the file system refuses ``flock``
+(Lustre without ``-o flock``); set ``DASSDP_LOCK=file`` where ``flock`` succeeds but is
+local to one machine. Every process on one folder must use the same mechanism. On
+platforms without ``fcntl`` (Windows) ``auto`` does not lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import platform
@@ -38,56 +56,266 @@ except ImportError:  # Windows: no flock
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "EXCL_LOCK",
     "LOCK",
+    "LOCK_ENV",
     "RunFolderError",
     "RunLock",
     "add_to_run_json",
     "check_resume_target",
     "code_revision",
+    "lock_holder",
     "read_json",
     "run_metadata",
     "run_name",
+    "slurm_job_active",
     "with_resume",
     "write_run_files",
 ]
 
+
 LOCK = ".lock"
+EXCL_LOCK = ".lock.excl"
+LOCK_ENV = "DASSDP_LOCK"
+MECHANISMS = ("auto", "flock", "file")
+# flock refused by the file system (not "held by another process")
+_NO_FLOCK = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
+# squeue states of a job that still runs or will run
+_ACTIVE = {
+    "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
+    "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "SUSPENDED", "STOPPED",
+}  # fmt: skip
+_UNWRITTEN_S = 60.0  # an empty lock file older than this was left by a crash while writing it
 
 
 class RunFolderError(ValueError):
     """The run folder cannot be used: another process trains it, or it holds another run."""
 
 
-class RunLock:
-    """An exclusive lock on a run folder (``<run>/.lock`` with the owner's pid).
+def lock_mechanism(value: str | None = None) -> str:
+    """``value`` or ``$DASSDP_LOCK`` (default ``auto``), checked."""
+    mech = (value or os.environ.get(LOCK_ENV) or "auto").strip().lower()
+    if mech not in MECHANISMS:
+        raise ValueError(f"{LOCK_ENV}={mech!r}: use one of {', '.join(MECHANISMS)}")
+    return mech
 
-    Raises :class:`RunFolderError` naming the folder and the pid when a live process
-    holds it. ``release()`` (or the process's death) frees it.
+
+class RunLock:
+    """An exclusive lock on a run folder (see the module doc for the two mechanisms).
+
+    Raises :class:`RunFolderError` naming the folder and the owner (pid; host and SLURM job
+    for the ``file`` lock) when a live process holds it. ``release()`` frees it; the
+    ``flock`` is also freed by the owner's death, the ``file`` lock is then found stale.
     """
 
-    def __init__(self, run_dir: str | os.PathLike) -> None:
+    def __init__(self, run_dir: str | os.PathLike, mechanism: str | None = None) -> None:
         self.path = Path(run_dir) / LOCK
         self.fd: int | None = None
-        if fcntl is None:
+        self.file: Path | None = None
+        self._text = ""
+        mech = lock_mechanism(mechanism)
+        if mech != "file" and fcntl is not None and self._flock(strict=mech == "flock"):
+            self.mechanism = "flock"
             return
+        if mech == "auto" and fcntl is None:
+            self.mechanism = "none"
+            return
+        self.mechanism = "file"
+        self._take_file(Path(run_dir) / EXCL_LOCK)
+
+    def _flock(self, strict: bool) -> bool:
+        """Take the ``flock``; False where the file system does not support it."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as err:
             owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise RunFolderError(
-                f"run folder {self.path.parent} is being trained by pid {owner}; wait for it "
-                "to finish, stop it, or use another --out"
-            ) from None
+            if err.errno not in _NO_FLOCK:
+                raise RunFolderError(
+                    f"run folder {self.path.parent} is being trained by pid {owner}; wait for "
+                    "it to finish, stop it, or use another --out"
+                ) from None
+            if strict:
+                raise RunFolderError(
+                    f"{LOCK_ENV}=flock: the file system of {self.path.parent} does not "
+                    f"support flock ({err.strerror}); on Lustre mount it with -o flock, or "
+                    f"set {LOCK_ENV}=file (or auto)"
+                ) from None
+            return False
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
+        return True
+
+    def _take_file(self, path: Path) -> None:
+        """Create ``path`` exclusively, taking over a stale one (at most twice)."""
+        me = holder_info()
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                text = _read_text(path)
+                holder = _parse_holder(text)
+                if not _is_stale(holder, path, me):
+                    raise RunFolderError(_held_message(path, holder)) from None
+                _remove_if_unchanged(path, text)
+                continue
+            self._text = json.dumps(me, sort_keys=True)
+            with os.fdopen(fd, "w") as f:
+                f.write(self._text + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self.file = path
+            return
+        raise RunFolderError(f"could not take {path}: other processes keep taking it over")
 
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
+        if self.file is not None:
+            if _read_text(self.file).strip() == self._text:  # never remove another's lock
+                self.file.unlink(missing_ok=True)
+            self.file = None
+
+
+def holder_info() -> dict[str, Any]:
+    """Who this process is, as the ``file`` lock records it."""
+    return {
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "start": _process_start(os.getpid()),
+        "job": os.environ.get("SLURM_JOB_ID"),
+        "restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def lock_holder(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The live owner of a run folder's lock (``{"pid", "host", ...}``), else None; never
+    takes the lock. The ``flock`` is seen through ``/proc/locks`` (Linux, holders on this
+    machine), the ``file`` lock through its contents."""
+    path = Path(run_dir) / EXCL_LOCK
+    if path.is_file():
+        holder = _parse_holder(_read_text(path))
+        if holder is not None and not _is_stale(holder, path, holder_info()):
+            return holder
+    pid = _flock_owner(Path(run_dir) / LOCK)
+    return None if pid is None else {"pid": pid, "host": platform.node()}
+
+
+def _flock_owner(path: Path) -> int | None:
+    """The pid holding a ``flock`` on ``path`` on this machine (``/proc/locks``), or None."""
+    try:
+        st = path.stat()
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    ident = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    for line in table.splitlines():  # "1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF"
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK" or fields[4] == "->":
+            continue
+        major, minor, inode = fields[5].split(":")
+        if (int(major, 16), int(minor, 16), int(inode)) == ident:
+            return int(fields[4])
+    return None
+
+
+def slurm_job_active(job: str) -> bool | None:
+    """Whether SLURM job ``job`` is pending or running (``squeue``); None if unknown."""
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", str(job), "-o", "%T"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:  # squeue forgets ended jobs: "Invalid job id specified"
+        return False if "invalid job id" in out.stderr.lower() else None
+    return any(state.strip() in _ACTIVE for state in out.stdout.split())
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _parse_holder(text: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and "pid" in data else None
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state is field 3
+    return fields[19] if len(fields) > 19 and fields[0] != "Z" else None
+
+
+def _pid_alive(pid: int, start: str | None) -> bool:
+    """Whether ``pid`` (started at ``start``, if known) still runs on this host."""
+    if os.name != "posix":
+        return True  # no safe probe (os.kill(pid, 0) terminates the process on Windows)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+def _is_stale(holder: dict[str, Any] | None, path: Path, me: dict[str, Any]) -> bool:
+    """Whether a ``file`` lock's owner is gone (see the module doc)."""
+    if holder is None:  # being written right now, or a crash left it empty
+        try:
+            return time.time() - path.stat().st_mtime > _UNWRITTEN_S
+        except OSError:
+            return True
+    job = holder.get("job")
+    if job and job == me.get("job") and int(holder.get("restart") or 0) < me["restart"]:
+        return True  # an earlier run of this requeued job: SLURM ended it before the restart
+    if holder.get("host") == me["host"]:
+        return not _pid_alive(int(holder["pid"]), holder.get("start"))
+    return bool(job) and slurm_job_active(job) is False
+
+
+def _remove_if_unchanged(path: Path, text: str) -> None:
+    """Remove a stale lock file, unless another process replaced it meanwhile."""
+    aside = path.with_name(f"{path.name}.stale-{platform.node()}-{os.getpid()}")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return
+    if _read_text(aside) != text:  # a fresh lock, taken after we read the stale one
+        with contextlib.suppress(OSError):  # put it back (fails if yet another one exists)
+            os.link(aside, path)
+    aside.unlink(missing_ok=True)
+
+
+def _held_message(path: Path, holder: dict[str, Any] | None) -> str:
+    folder = path.parent
+    if holder is None:
+        return f"run folder {folder} is being locked right now ({path} is being written)"
+    job = f" (SLURM job {holder['job']})" if holder.get("job") else ""
+    return (
+        f"run folder {folder} is being trained by pid {holder['pid']} on "
+        f"{holder.get('host')}{job}; wait for it to finish, stop it, or use another --out; "
+        f"if that process no longer runs, remove {path}"
+    )
 
 
 def run_name(run_dir: Path) -> str | None:
@@ -106,7 +334,7 @@ def check_resume_target(checkpoint: Path, run_dir: Path) -> None:
     own = checkpoint.parent
     if not run_dir.exists() or _same_folder(own, run_dir):
         return
-    held = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK)
+    held = sorted(p.name for p in run_dir.iterdir() if p.name not in (LOCK, EXCL_LOCK))
     if not held:
         return
     mine, theirs = run_name(own) or own.name, run_name(run_dir)
@@ -183,14 +411,15 @@ def write_run_files(
     world_size: int,
     device: str,
     resumed_from: Path | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Write ``run_dir/config.yaml`` and ``run_dir/run.json`` for a start of ``cfg``
     (``resumed_from``: the checkpoint a resume continues; the history is kept, see
-    :func:`with_resume`)."""
+    :func:`with_resume`; ``extra``: more fields of this start, e.g. a launcher's job)."""
     revision = code_revision()
     header = f"dassdp train (revision {revision or 'unknown'}): resolved config"
     save_config(cfg, run_dir / "config.yaml", header=header)
-    meta = run_metadata(revision, world_size, device)
+    meta = {**run_metadata(revision, world_size, device), **(extra or {})}
     if resumed_from is not None:  # keep the history: the first start's fields, then every resume
         meta["checkpoint"] = str(resumed_from)
         meta = with_resume(read_json(run_dir / "run.json"), meta)

@@ -160,10 +160,16 @@ class Trainer:
     """
 
     def __init__(
-        self, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool | str = False
+        self,
+        cfg: TrainConfig,
+        run_dir: str | os.PathLike,
+        *,
+        resume: bool | str = False,
+        run_info: dict[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self._run_info = dict(run_info or {})  # extra run.json fields of this start
         self.dist = init_distributed(cfg.device)
         self.device = self.dist.device
         if cfg.threads is not None:
@@ -231,6 +237,7 @@ class Trainer:
                 world_size=self.dist.world_size,
                 device=str(self.device),
                 resumed_from=resumed_from,
+                extra=self._run_info,
             )
         except BaseException:
             self.close()
@@ -247,9 +254,13 @@ class Trainer:
             log.setLevel(logging.INFO)  # train.log gets the epoch lines even without a setup
 
     # ----------------------------------------------------------------- the loop
-    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+    def fit(
+        self, stop_after: int | None = None, should_stop: Callable[[], bool] | None = None
+    ) -> dict[str, Any]:
         """Train from ``start_epoch`` to ``cfg.epochs``; ``stop_after``: stop once that many
-        epochs are complete (a planned interruption). Returns the last metrics row.
+        epochs are complete (a planned interruption); ``should_stop``: asked after each
+        epoch's checkpoint, on every rank (True on any rank stops all: e.g. a time-limit
+        signal). Returns the last metrics row.
 
         Raises :class:`TrainingDiverged` when an epoch leaves non-finite weights; the
         checkpoints of the epochs before it are kept."""
@@ -287,7 +298,19 @@ class Trainer:
             self._save(is_best=is_best)
             if stop_after is not None and epoch + 1 >= stop_after:
                 break
+            last = epoch + 1 >= cfg.epochs  # the same on every rank: the collective agrees
+            if should_stop is not None and not last and self._any_rank(should_stop()):
+                log.info("stopping on request after epoch %d (last.pt holds it)", epoch + 1)
+                break
         return row
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (a collective under DDP)."""
+        if not self.dist.distributed:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def _check_finite(self, epoch: int, train: dict[str, Any]) -> None:
         bad = nonfinite_tensors(self.model)
@@ -530,10 +553,14 @@ def fit(
     *,
     resume: bool | str = False,
     stop_after: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    run_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train ``cfg`` in ``run_dir`` (see :class:`Trainer`); returns the last metrics row."""
-    trainer = Trainer(cfg, run_dir, resume=resume)
+    """Train ``cfg`` in ``run_dir`` (see :class:`Trainer`; ``run_info``: extra fields for this
+    start in ``run.json``, ``should_stop``: see :meth:`Trainer.fit`); returns the last
+    metrics row."""
+    trainer = Trainer(cfg, run_dir, resume=resume, run_info=run_info)
     try:
-        return trainer.fit(stop_after=stop_after)
+        return trainer.fit(stop_after=stop_after, should_stop=should_stop)
     finally:
         trainer.close()

@@ -8,7 +8,9 @@ Layout of a comparison folder ``DIR``::
     DIR/<variant>/seed<k>/metrics.jsonl one row per epoch
     DIR/<variant>/seed<k>/last.pt       the latest checkpoint (resume point)
     DIR/<variant>/seed<k>/done.json     written atomically, last: the run is finished
+    DIR/<variant>/seed<k>/failed.json   the error of a run that failed (gone when it restarts)
     DIR/<variant>/seed<k>/robustness.json   (optional) accuracy under input perturbations
+    DIR/jobs/                           submitit's files and logs (--launcher local|slurm)
 
 Pairing: the config's ``seed`` is the only source of randomness (initial weights, data
 order, augmentation) and DA-SSDP never draws from the global generators, so runs with the
@@ -18,19 +20,24 @@ Resuming: a folder with ``done.json`` is skipped; one with ``last.pt`` continues
 (the engine restores everything, so an interrupted run ends exactly as an uninterrupted
 one); one without is started. A folder whose config differs from the requested one is an
 error, never overwritten.
+
+Launchers: ``run_sweep`` runs in this process or a pool of ``workers``; the local and SLURM
+launchers (:mod:`dassdp.experiments.launch`) run :func:`run_one` for each run in a submitit
+job, with the same folder, checks and ``done.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
+import platform
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,12 +51,15 @@ from dassdp.engine.config import ConfigError, TrainConfig, same_plasticity
 from dassdp.engine.rundir import code_revision
 from dassdp.engine.train import evaluate_checkpoint
 from dassdp.experiments.robustness import Perturbation, Perturber
+from dassdp.experiments.state import record_invocation
 from dassdp.experiments.variants import variant_overrides
 
 __all__ = [
     "DONE",
+    "FAILED",
     "RunSpec",
     "SweepResult",
+    "check_folders",
     "evaluate_robustness",
     "parse_seeds",
     "plan",
@@ -58,6 +68,7 @@ __all__ = [
 ]
 
 DONE = "done.json"
+FAILED = "failed.json"
 ROBUSTNESS = "robustness.json"
 log = logging.getLogger("dassdp.compare")
 
@@ -183,6 +194,30 @@ def _check_folder(run_dir: Path, cfg: TrainConfig) -> bool:
     return last.is_file()
 
 
+def check_folders(specs: Sequence[RunSpec]) -> None:
+    """Every spec's config is valid and its folder holds no other run (a launcher checks
+    this before it submits anything); raises :class:`ConfigError` naming the first."""
+    for spec in specs:
+        _check_folder(Path(spec.run_dir), spec.resolve())
+
+
+def record_failure(run_dir: Path, err: BaseException) -> None:
+    """Write ``failed.json`` (the error, its traceback, where it ran) into an existing run
+    folder; ``dassdp compare --status`` shows its first line."""
+    if not run_dir.is_dir():
+        return
+    tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    failure = {
+        "error": f"{type(err).__name__}: {err}",
+        "traceback": tb,
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "job": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID"),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_json(run_dir / FAILED, failure)
+
+
 def _finish(spec: RunSpec, run_dir: Path, wall_s: float, row: dict[str, Any]) -> dict[str, Any]:
     """Write ``done.json``: the final values come from the last epoch's row as trained
     (``row``; read back from ``metrics.jsonl`` only when the run was already complete)."""
@@ -205,13 +240,31 @@ def _finish(spec: RunSpec, run_dir: Path, wall_s: float, row: dict[str, Any]) ->
     return done
 
 
-def run_one(spec: RunSpec) -> str:
+def run_one(
+    spec: RunSpec,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    run_info: dict[str, Any] | None = None,
+    main: bool = True,
+) -> str:
     """Train (or resume, or skip) one run; then its robustness evaluation if asked.
 
-    Returns ``"done"`` (already finished: nothing is touched) or ``"trained"``.
+    Returns ``"done"`` (already finished: nothing is touched), ``"trained"``, or
+    ``"interrupted"`` (``should_stop`` said so after an epoch: ``last.pt`` holds it). A
+    training error is written to ``failed.json`` and raised. ``run_info``: extra ``run.json``
+    fields of this start. Under DDP every rank calls this; ranks other than 0 pass
+    ``main=False`` and only train (no checks, files or output).
     """
     run_dir = Path(spec.run_dir)
     cfg = spec.resolve()
+    hooks = {
+        k: v for k, v in (("should_stop", should_stop), ("run_info", run_info)) if v is not None
+    }
+    if not main:
+        if (run_dir / DONE).is_file():
+            return "done"
+        row = fit(cfg, run_dir, resume=(run_dir / "last.pt").is_file(), **hooks)
+        return "interrupted" if _stopped_early(row, cfg) else "trained"
     resume = _check_folder(run_dir, cfg)  # also for finished runs: one config per folder
     status = "done"
     if not (run_dir / DONE).is_file():
@@ -219,9 +272,17 @@ def run_one(spec: RunSpec) -> str:
             f"[compare] {spec.label}: {'resuming' if resume else 'training'} in {run_dir}",
             flush=True,
         )
+        (run_dir / FAILED).unlink(missing_ok=True)
         start = time.perf_counter()
-        with _epoch_lines(spec.label):
-            row = fit(cfg, run_dir, resume=resume)
+        try:
+            with _epoch_lines(spec.label):
+                row = fit(cfg, run_dir, resume=resume, **hooks)
+        except Exception as err:
+            record_failure(run_dir, err)
+            raise
+        if _stopped_early(row, cfg):
+            print(f"[compare] {spec.label}: stopped after epoch {row['epoch'] + 1}", flush=True)
+            return "interrupted"
         done = _finish(spec, run_dir, time.perf_counter() - start, row)
         print(
             f"[compare] {spec.label}: finished, final test acc@1 {done['final_test_acc1']:.2f}% "
@@ -233,6 +294,11 @@ def run_one(spec: RunSpec) -> str:
         result = evaluate_robustness(run_dir / "last.pt", spec.robustness, seed=spec.seed)
         atomic_write_json(run_dir / ROBUSTNESS, result)
     return status
+
+
+def _stopped_early(row: dict[str, Any], cfg: TrainConfig) -> bool:
+    """Whether ``fit`` returned before the last epoch (on a ``should_stop`` request)."""
+    return bool(row) and row["epoch"] + 1 < cfg.epochs
 
 
 @contextlib.contextmanager
@@ -282,23 +348,6 @@ def evaluate_robustness(
 
 
 # ---------------------------------------------------------------- the sweep
-
-
-def _write_manifest(out: Path, specs: Sequence[RunSpec], argv: Sequence[str]) -> None:
-    """Record every invocation in ``compare.json`` (seeds and variants accumulate)."""
-    path = out / "compare.json"
-    data = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
-    variants = list(dict.fromkeys([*data.get("variants", []), *(s.variant for s in specs)]))
-    seeds = sorted({*data.get("seeds", []), *(s.seed for s in specs)})
-    entry = {
-        "argv": list(argv),
-        "config": specs[0].config if specs else None,
-        "revision": code_revision(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    data.update(variants=variants, seeds=seeds, config=entry["config"])
-    data["invocations"].append(entry)
-    atomic_write_json(path, data)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -353,7 +402,7 @@ def run_sweep(
         spec.resolve()  # every config error before any training starts (or any folder)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_manifest(out, specs, argv if argv is not None else sys.argv)
+    record_invocation(out, specs, argv if argv is not None else sys.argv, launcher="pool")
     result = SweepResult()
     if workers <= 1:
         for spec in specs:
