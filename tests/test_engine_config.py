@@ -212,7 +212,7 @@ UNNAMED = {
     "debug": True,
     "sigma_lr": 3.0,
     "amplitude_range": [0.5, 2.0],
-    "hyper_step": "normalized",
+    "hyper_step": "plain",
     "hyper_lr": 0.01,
     "hyper_beta": 0.9,
 }

@@ -258,7 +258,15 @@ def test_wheels_unpacks_pure_python_wheels_without_pip(tmp_path, monkeypatch):
 def test_make_wheels_fetches_pytest_with_its_dependencies_and_spikingjelly():
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    dry = subprocess.run(["make", "-n", "wheels"], capture_output=True, text=True, cwd=ROOT)
+    # under `make test` the outer make's MAKEFLAGS/MAKELEVEL would add "Entering directory"
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    dry = subprocess.run(
+        ["make", "--no-print-directory", "-n", "wheels"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     assert dry.returncode == 0, dry.stderr
     words = shlex.split(dry.stdout)
     assert words[1:6] == ["-m", "pip", "download", "--quiet", "--no-deps"]

@@ -86,7 +86,7 @@ def test_hypergradients_equal_central_differences_of_the_next_loss(clip):
     # every other parameter. Only the kernel width inside D_t and the scale a vary.
     base = DASSDPConfig(
         warmup_epochs=1, A_plus=0.05, A_minus=0.02, dtype="float64", learn=LEARN,
-        sigma_lr=0.5, amplitude_lr=2.0, sigma=1.3,
+        sigma_lr=0.5, amplitude_lr=2.0, sigma=1.3, hyper_step="plain",
     )  # fmt: skip
     t = 3  # three active steps: sigma and a have moved away from their start
     if clip == "binding":  # a bound between the smallest and the largest |a D| of step t
@@ -188,6 +188,7 @@ def test_learned_values_move_downhill_on_a_constructed_case_and_respect_bounds()
     cfg = DASSDPConfig(
         warmup_epochs=0, gate="one", A_plus=0.01, A_minus=0.0, sigma=0.8, learn=LEARN,
         sigma_lr=20.0, amplitude_lr=5.0, sigma_range=(0.5, 1.2), amplitude_range=(0.25, 1.5),
+        hyper_step="plain",
     )  # fmt: skip
     plast = DASSDP(model, cfg, sites=SITE)
     history = []
@@ -235,7 +236,7 @@ def weights(model):
 
 
 CFG = DASSDPConfig(warmup_epochs=1, A_plus=0.02, A_minus=0.005, learn=LEARN, sigma_lr=20.0,
-                   amplitude_lr=20.0)  # fmt: skip
+                   amplitude_lr=20.0, hyper_step="plain")  # fmt: skip
 
 
 def test_learning_changes_the_run_and_zero_rates_change_nothing():
@@ -412,6 +413,7 @@ def test_engine_runs_log_the_learned_values_and_resume_bit_identically(tmp_path)
         "learn": ["sigma", "amplitude"],
         "sigma_lr": 50.0,
         "amplitude_lr": 50.0,
+        "hyper_step": "plain",
         "sigma_range": [0.5, 2.0],
     }
     cfg = tiny(epochs=3, plasticity=learn)

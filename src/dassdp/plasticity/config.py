@@ -105,7 +105,8 @@ class DASSDPConfig:
             to the optimizer's per-step scaling of ``dW_t`` (``lr`` for SGD). Without a
             ``.grad`` (``zero_grad()`` called before ``step``), or after a step that applied
             nothing, ``h = 0``; a skipped step moves neither value.
-        hyper_step: how a hypergradient moves its value. ``"plain"``: gradient descent on the
+        hyper_step: how a hypergradient moves its value (default ``"normalized"``, chosen
+            from a pilot on Fashion-MNIST, docs/results.md §3). ``"plain"``: gradient descent on the
             log, ``log sigma -= sigma_lr * sigma * h_sigma``, ``log a -= amplitude_lr * a *
             h_a``; the change scales with the task's gradient. ``"normalized"``: each ``h``
             divided by a running RMS of itself (Adam's second moment, no first moment):
@@ -119,8 +120,8 @@ class DASSDPConfig:
             factor of about e over 1,000 steps; 1 barely moved it in a 5-epoch run).
         hyper_lr: ``hyper_step="normalized"``'s rate (``> 0``) in log-change per step: a
             hypergradient of constant sign and any scale moves ``log sigma`` and ``log a``
-            by exactly ``hyper_lr`` a step (default 1e-3: a factor of e over 1,000 steps); a
-            noisy one by less.
+            by exactly ``hyper_lr`` a step (default 3e-3: a factor of e over ~330 steps, the
+            best of 3e-4, 1e-3, 3e-3 in the pilot); a noisy one by less.
         hyper_beta: ``hyper_step="normalized"``'s decay of the running mean of ``h^2``, in
             ``[0, 1)`` (default 0.999: about the last 1,000 steps; 0: ``h / |h|``, signSGD).
         sigma_range, amplitude_range: ``(lo, hi)`` bounds (``0 < lo <= hi``, finite) the
@@ -154,8 +155,8 @@ class DASSDPConfig:
     amplitude_lr: float = 10.0
     sigma_range: tuple[float, float] | None = None
     amplitude_range: tuple[float, float] | None = None
-    hyper_step: str = "plain"
-    hyper_lr: float = 1e-3
+    hyper_step: str = "normalized"
+    hyper_lr: float = 3e-3
     hyper_beta: float = 0.999
     amplitude_init: float = 1.0
 
