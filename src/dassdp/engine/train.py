@@ -94,6 +94,44 @@ log = logging.getLogger("dassdp.train")
 PROGRESS_EVERY = 50  # steps between progress-bar loss updates (each is one host read)
 
 
+class _RunLogs:
+    """The ``train.log`` handlers of the open trainers on the ``dassdp.train`` logger.
+
+    So that ``train.log`` gets the epoch lines (INFO) even where logging is not configured
+    (Python's default is WARNING), the logger's own level is set to INFO while a run log is
+    open, if it would drop them. It is put back when the last one closes, and only if it
+    still is the INFO set here: a level someone else set in between (a test's ``caplog``,
+    an application) is theirs, never overwritten with a stale value.
+    """
+
+    def __init__(self) -> None:
+        self.handlers: list[logging.Handler] = []
+        self.saved_level: int | None = None  # the level before it was raised; None: untouched
+
+    def open(self, path: Path) -> logging.Handler:
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+        if self.saved_level is None and log.getEffectiveLevel() > logging.INFO:
+            self.saved_level = log.level
+            log.setLevel(logging.INFO)
+        self.handlers.append(handler)
+        return handler
+
+    def close(self, handler: logging.Handler) -> None:
+        log.removeHandler(handler)
+        handler.close()
+        if handler in self.handlers:
+            self.handlers.remove(handler)
+        if not self.handlers and self.saved_level is not None:
+            if log.level == logging.INFO:  # still the level set here
+                log.setLevel(self.saved_level)
+            self.saved_level = None
+
+
+_RUN_LOGS = _RunLogs()
+
+
 class TrainingDiverged(RuntimeError):
     """The weights (or buffers) became non-finite: training stopped, checkpoints kept."""
 
@@ -230,13 +268,7 @@ class Trainer:
 
     def _open_log(self) -> None:
         """Send this run's log lines to ``train.log`` in the run folder (until :meth:`close`)."""
-        handler = logging.FileHandler(self.run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.addHandler(handler)
-        self._log_handler = handler
-        self._log_level = log.level
-        if log.getEffectiveLevel() > logging.INFO:
-            log.setLevel(logging.INFO)  # train.log gets the epoch lines even without a setup
+        self._log_handler = _RUN_LOGS.open(self.run_dir / "train.log")
 
     # ----------------------------------------------------------------- the loop
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
@@ -430,9 +462,7 @@ class Trainer:
             self.writer.close()
         handler = getattr(self, "_log_handler", None)
         if handler is not None:
-            log.removeHandler(handler)
-            handler.close()
-            log.setLevel(self._log_level)
+            _RUN_LOGS.close(handler)
             self._log_handler = None
         lock = getattr(self, "_lock", None)
         if lock is not None:
