@@ -227,13 +227,17 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:
-    """The JSON rows of a ``.jsonl`` file; a torn last line (a kill mid-append) is dropped."""
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    """The JSON rows of a ``.jsonl`` file; a torn last line (a kill mid-append) is dropped.
+
+    Any other line that is not UTF-8 JSON (a damaged or foreign file) is a ``ValueError``
+    naming the file and the line, not a codec error."""
+    lines = [(n, line) for n, line in enumerate(path.read_bytes().split(b"\n"), 1) if line.strip()]
     rows = []
-    for i, line in enumerate(lines):
+    for i, (number, line) in enumerate(lines):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            rows.append(json.loads(line.decode("utf-8")))
+        except ValueError as err:  # UnicodeDecodeError and JSONDecodeError both are
             if i != len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+                what = "UTF-8 text" if isinstance(err, UnicodeDecodeError) else "JSON"
+                raise ValueError(f"{path}: line {number} is not {what} (damaged?)") from None
     return rows

@@ -67,7 +67,14 @@ from dassdp.engine.builders import (
     data_info,
     load_pretrained,
 )
-from dassdp.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from dassdp.engine.checkpoint import (
+    CheckpointError,
+    check_resumable,
+    load_checkpoint,
+    load_model_state,
+    resume_config,
+    save_checkpoint,
+)
 from dassdp.engine.config import ConfigError, TrainConfig, apply_overrides, config_from_dict
 from dassdp.engine.distributed import (
     broadcast_buffers,
@@ -77,7 +84,7 @@ from dassdp.engine.distributed import (
 )
 from dassdp.engine.metrics import FiringRates, LossMeter, MetricsWriter, PlasticityMeter
 from dassdp.engine.precision import autocast, compile_model, prepare_model, resolve_amp
-from dassdp.engine.rundir import RunLock, check_resume_target, code_revision, write_run_files
+from dassdp.engine.rundir import RunLock, check_run_folder, code_revision, write_run_files
 from dassdp.engine.seed import get_rng_state, seed_everything, set_rng_state
 
 __all__ = [
@@ -234,37 +241,44 @@ class Trainer:
         self.firing = FiringRates(self.model)
         self.start_epoch, self.best_acc1 = 0, -math.inf
         self.writer: MetricsWriter | None = None
-        if self.dist.main:
-            self._prepare_run_dir(resume)
-        if resume:
-            path = self.run_dir / "last.pt" if resume is True else Path(resume)
-            try:
-                self.load_state_dict(load_checkpoint(path, map_location="cpu"))
-            except BaseException:
-                self.close()  # hooks and log files must not outlive a failed start
-                raise
+        try:  # everything is checked and restored before the first file is written
+            path = self._resume(resume)
+            if self.dist.main:
+                self._prepare_run_dir(path)
+        except BaseException:
+            self.close()  # hooks and log files must not outlive a failed start
+            raise
+        if path is not None:
             log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
     # ----------------------------------------------------------------- run folder
-    def _prepare_run_dir(self, resume: bool | str = False) -> None:
-        checkpoint = None if not resume else Path(resume) if resume is not True else None
-        if checkpoint is not None:
-            check_resume_target(checkpoint, self.run_dir)  # never into another run's folder
+    def _resume(self, resume: bool | str) -> Path | None:
+        """Check the run folder (rank 0) and, for a resume, restore the checkpoint: it must
+        be a full training checkpoint of this run (:func:`resume_config`). Writes nothing;
+        returns the checkpoint's path (None for a new start)."""
+        path = None if not resume else self.run_dir / "last.pt" if resume is True else Path(resume)
+        state = None
+        if path is not None:
+            state = load_checkpoint(path, map_location="cpu")
+            check_resumable(state, path)
+            resume_config(state["config"], self.cfg)  # the same run, resumable keys aside
+        if self.dist.main:  # the folder: new, empty, or this run's (never another's)
+            check_run_folder(self.run_dir, self.cfg, resume=path or False)
+        if state is not None:
+            self.load_state_dict(state, source=path)
+        return path
+
+    def _prepare_run_dir(self, resumed_from: Path | None) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            self._lock = RunLock(self.run_dir)  # one trainer per folder; freed when we die
-            self._open_log()
-            resumed_from = (checkpoint or self.run_dir / "last.pt") if resume else None
-            write_run_files(
-                self.run_dir,
-                self.cfg,
-                world_size=self.dist.world_size,
-                device=str(self.device),
-                resumed_from=resumed_from,
-            )
-        except BaseException:
-            self.close()
-            raise
+        self._lock = RunLock(self.run_dir)  # one trainer per folder; freed when we die
+        write_run_files(
+            self.run_dir,
+            self.cfg,
+            world_size=self.dist.world_size,
+            device=str(self.device),
+            resumed_from=resumed_from,
+        )
+        self._open_log()  # after config.yaml: a folder with a train.log holds a run's config
 
     def _open_log(self) -> None:
         """Send this run's log lines to ``train.log`` in the run folder (until :meth:`close`)."""
@@ -428,16 +442,25 @@ class Trainer:
             "revision": code_revision(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (model, optimizer, ..., RNG states, epoch)."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def load_state_dict(
+        self, state: dict[str, Any], source: str | os.PathLike = "the checkpoint"
+    ) -> None:
+        """Restore :meth:`state_dict` (model, optimizer, ..., RNG states, epoch); a state that
+        does not fit this trainer is a :class:`CheckpointError` naming ``source``."""
+        check_resumable(state, source)
+        load_model_state(self.model, state["model"], source)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, TypeError) as err:  # torch's words for a mismatch
+            raise CheckpointError(
+                f"{source}: its optimizer/scheduler state does not fit this run's ({err})"
+            ) from None
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         if self.learner is not None:
             if state["plasticity"] is None:
-                raise ConfigError("the checkpoint has no DA-SSDP state but the config has one")
+                raise ConfigError(f"{source} has no DA-SSDP state but the config has one")
             self.learner.load_state_dict(state["plasticity"])
         rngs = state["rng"]
         set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
