@@ -10,8 +10,10 @@ keys in :data:`RESUMABLE_CHANGES` may differ from the checkpoint's.
 
 Writes go to a temporary file in the same folder, are flushed to disk, then renamed over
 the target (``os.replace`` is atomic on POSIX and Windows): a crash mid-write leaves the
-previous checkpoint intact. Loads use ``torch.load(weights_only=True)``, so a checkpoint
-cannot run code; a truncated or foreign file is a :class:`CheckpointError` naming it.
+previous checkpoint intact, and a failed write (disk full, ``ulimit -f``) is one
+:class:`~dassdp._util.io.WriteError` line naming the checkpoint. Loads use
+``torch.load(weights_only=True)``, so a checkpoint cannot run code; a truncated or foreign
+file is a :class:`CheckpointError` naming it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dassdp._util.io import write_error
 from dassdp.engine.config import (
     ConfigError,
     TrainConfig,
@@ -86,6 +89,11 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save: "unexpected pos" over an OSError
+        failure = write_error(err, path)
+        if failure is None:
+            raise
+        raise failure from err
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
@@ -173,9 +181,7 @@ def resume_config(saved: dict[str, Any], given: TrainConfig | None) -> TrainConf
     return given
 
 
-def config_changes(
-    saved: Mapping[str, Any], new: Mapping[str, Any]
-) -> list[tuple[str, Any, Any]]:
+def config_changes(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(key, saved value, new value)`` for every key outside :data:`RESUMABLE_CHANGES` where
     two plain-data configs differ, sorted by key: empty when ``new`` continues the run of
     ``saved``. A key ``saved`` lacks (added to the config since) counts as its default."""

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dassdp._util.io import atomic_write_text
+from dassdp._util.io import atomic_write_text, write_error
 from dassdp._util.recompute import is_recomputing
 from dassdp.plasticity import distributed as D
 
@@ -207,8 +207,12 @@ class MetricsWriter:
         atomic_write_text(self.path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in keep))
 
     def write(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, allow_nan=True) + "\n")
+        """Append ``row`` as one line (a line torn by a failed write is dropped on reading)."""
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row, allow_nan=True) + "\n")
+        except OSError as err:  # disk full: name the file, not a bare "[Errno 28]"
+            raise write_error(err, self.path, unchanged=False) from err  # type: ignore[misc]
         if self.tb is not None:
             for name, value in _flatten(row):
                 if name != "epoch":

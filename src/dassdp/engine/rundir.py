@@ -154,16 +154,21 @@ def check_run_folder(
         raise RunFolderError(f"run folder {run_dir} is a file, not a folder; give another --out")
     if not run_dir.is_dir():
         return
-    if resume not in (False, True):
-        check_resume_target(Path(resume), run_dir)  # type: ignore[arg-type]
-        if not _same_folder(Path(resume).parent, run_dir):  # type: ignore[arg-type]
-            return  # empty: nothing of another run there
     held = [name for name in RUN_FILES if (run_dir / name).exists()]
     if not held:
         return
+    checkpoint = None if resume in (False, True) else Path(resume)  # type: ignore[arg-type]
+    if checkpoint is not None and not _same_folder(checkpoint.parent, run_dir):
+        try:  # a checkpoint from elsewhere: as a new start of its run here
+            _check_new_start(run_dir, held)
+            _check_same_config(run_dir, cfg, resume=False)
+        except RunFolderError:
+            check_resume_target(checkpoint, run_dir)  # the message names both runs
+            raise
+        return
     if not resume:
         _check_new_start(run_dir, held)
-    _check_same_config(run_dir, cfg, "resumed" if resume else "trained over")
+    _check_same_config(run_dir, cfg, resume=bool(resume))
 
 
 def _check_new_start(run_dir: Path, held: list[str]) -> None:
@@ -177,7 +182,7 @@ def _check_new_start(run_dir: Path, held: list[str]) -> None:
     epochs = _metric_epochs(run_dir) if "metrics.jsonl" in held else []
     finished = [n for n in ("best.pt", "done.json", "robustness.json") if n in held]
     if finished or epochs is None or set(epochs) - {0}:  # a row of epoch 0: see Trainer.fit
-        rows = "unreadable" if epochs is None else f"{len(epochs)} epochs"
+        rows = "unreadable" if epochs is None else f"{len(epochs)} epoch(s)"
         what = ", ".join(finished + ([f"metrics.jsonl: {rows}"] if "metrics.jsonl" in held else []))
         raise RunFolderError(
             f"{run_dir} holds a run without its last.pt ({what}); it is not trained over: "
@@ -199,10 +204,10 @@ def _metric_epochs(run_dir: Path) -> list[Any] | None:
     return list(dict.fromkeys(row.get("epoch") if isinstance(row, dict) else None for row in rows))
 
 
-def _check_same_config(run_dir: Path, cfg: TrainConfig, verb: str) -> None:
+def _check_same_config(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
     """The folder's ``config.yaml`` is the same run as ``cfg``, or a leftover of ours that
     cannot be read (a start stopped while writing it); a file dassdp did not write, or
-    another run's config, is refused."""
+    another run's config, is refused (``resume``: ``cfg`` is a checkpoint's run)."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         return
@@ -215,12 +220,19 @@ def _check_same_config(run_dir: Path, cfg: TrainConfig, verb: str) -> None:
             "overwritten: give another --out, or move that file"
         )
     changes = config_changes(saved, dataclasses.asdict(cfg))
-    if changes:
+    if not changes:
+        return
+    name = saved.get("name", run_dir.name)
+    if resume:
         raise RunFolderError(
-            f"{run_dir} holds run {saved.get('name', run_dir.name)!r} with another config "
-            f"({describe_changes(changes)}); it is not {verb}: give another --out, or resume "
-            "it with its own config"
+            f"--resume: the checkpoint is not of the run in {run_dir}: its config differs "
+            f"from {path} in {describe_changes(changes)}; resuming would mix two runs in one "
+            "folder (metrics.jsonl, best.pt): resume it into a new --out folder"
         )
+    raise RunFolderError(
+        f"{run_dir} holds run {name!r} with another config ({describe_changes(changes)}); "
+        "it is not trained over: give another --out, or continue it with --resume"
+    )
 
 
 def _run_config(path: Path) -> dict[str, Any] | None:

@@ -91,6 +91,7 @@ __all__ = [
     "PROGRESS_EVERY",
     "Trainer",
     "TrainingDiverged",
+    "TrainingInterrupted",
     "evaluate",
     "evaluate_checkpoint",
     "fit",
@@ -141,6 +142,28 @@ _RUN_LOGS = _RunLogs()
 
 class TrainingDiverged(RuntimeError):
     """The weights (or buffers) became non-finite: training stopped, checkpoints kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A ``KeyboardInterrupt`` (Ctrl-C, SIGINT) stopped :meth:`Trainer.fit`; still a
+    ``KeyboardInterrupt`` for those who catch that. ``epoch``: the 1-based epoch it stopped
+    in; ``completed``: the epochs in the run folder's ``last.pt`` (0: none yet); ``run_dir``
+    and ``epochs`` (the planned total) for the message that says how to go on."""
+
+    def __init__(self, epoch: int, completed: int, trainer: Trainer) -> None:
+        self.epoch, self.completed = epoch, completed
+        self.epochs, self.run_dir = trainer.cfg.epochs, trainer.run_dir
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        """One line: where it stopped, what is kept, how to go on."""
+        where = f"interrupted in epoch {self.epoch}/{self.epochs}"
+        if not self.completed:
+            return f"{where}, before any epoch was complete; start it again the same way"
+        return (
+            f"{where}; {self.run_dir / 'last.pt'} holds {self.completed} complete epoch(s); "
+            f"resume with: dassdp train --resume --out {self.run_dir}"
+        )
 
 
 def nonfinite_tensors(model: nn.Module) -> list[str]:
@@ -240,6 +263,7 @@ class Trainer:
         )
         self.firing = FiringRates(self.model)
         self.start_epoch, self.best_acc1 = 0, -math.inf
+        self._epoch = self._saved_epochs = 0  # in progress (0-based); held by last.pt
         self.writer: MetricsWriter | None = None
         try:  # everything is checked and restored before the first file is written
             path = self._resume(resume)
@@ -266,6 +290,8 @@ class Trainer:
             check_run_folder(self.run_dir, self.cfg, resume=path or False)
         if state is not None:
             self.load_state_dict(state, source=path)
+            if path != self.run_dir / "last.pt":
+                self._saved_epochs = 0  # from elsewhere: this folder has no last.pt yet
         return path
 
     def _prepare_run_dir(self, resumed_from: Path | None) -> None:
@@ -291,14 +317,22 @@ class Trainer:
 
         Raises :class:`TrainingDiverged` when an epoch leaves non-finite weights; the
         checkpoints of the epochs before it are kept."""
-        cfg, row = self.cfg, {}
+        cfg = self.cfg
         if stop_after is not None and stop_after < 1:
             raise ValueError(f"stop_after must be >= 1 (epochs to complete), got {stop_after}")
         if self.start_epoch >= cfg.epochs:
             log.info("all %d epochs are already complete in %s", cfg.epochs, self.run_dir)
         if self.dist.main and self.writer is None:
             self.writer = MetricsWriter(self.run_dir, self.cfg.tensorboard, self.start_epoch)
+        try:
+            return self._epochs(stop_after)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(self._epoch + 1, self._saved_epochs, self) from None
+
+    def _epochs(self, stop_after: int | None) -> dict[str, Any]:
+        cfg, row = self.cfg, {}
         for epoch in range(self.start_epoch, cfg.epochs):
+            self._epoch = epoch
             t0 = time.perf_counter()
             self.scheduler.step(epoch)  # timm: per-epoch cosine with warm-up
             if self.learner is not None:
@@ -465,7 +499,7 @@ class Trainer:
         rngs = state["rng"]
         set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
         self.loader_gen.set_state(state["loader"])
-        self.start_epoch = int(state["epoch"])
+        self.start_epoch = self._epoch = self._saved_epochs = int(state["epoch"])
         self.best_acc1 = float(state["best_acc1"])
 
     def _save(self, is_best: bool) -> None:
@@ -474,6 +508,7 @@ class Trainer:
             save_checkpoint(state, self.run_dir / "last.pt")
             if is_best:
                 save_checkpoint(state, self.run_dir / "best.pt")
+        self._saved_epochs = self.start_epoch
 
     def close(self) -> None:
         """Remove hooks and close the log files."""
@@ -531,6 +566,13 @@ def evaluate_checkpoint(
     _, test_set = build_datasets(cfg)
     model = build_model(cfg, info)
     load_model_state(model, state["model"], path)
+    bad = nonfinite_tensors(model)
+    if bad:  # as training refuses to go on: no accuracy of a diverged or damaged model
+        raise CheckpointError(
+            f"{path} holds non-finite weights (NaN or inf in {', '.join(bad[:6])}"
+            f"{' ...' if len(bad) > 6 else ''}); it is not evaluated: use an earlier "
+            "checkpoint of the run"
+        )
     loader = DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.workers or 0)
     bound = None if transform is None else (lambda x: transform(x, cfg.T))
     test = evaluate(model.to(device), loader, device, resolve_amp(cfg.amp, device), bound)
