@@ -146,12 +146,13 @@ def launch(nproc: int, argv: list[str]) -> int:
     try:
         return agent.wait()
     except KeyboardInterrupt:
-        try:  # the ranks got the SIGINT too: let them stop and say where
+        try:  # the ranks got the SIGINT too: let them stop, and rank 0 say where
             agent.wait(timeout=60)
+            return 130
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             agent.kill()
             agent.wait()
-        raise
+            raise
 
 
 def _follow_launcher() -> None:

@@ -168,6 +168,14 @@ def check_run_folder(
         return
     if not resume:
         _check_new_start(run_dir, held)
+    elif "metrics.jsonl" in held:  # a resume keeps its rows: they must be readable
+        try:
+            read_metrics(run_dir)
+        except (OSError, ValueError) as err:
+            raise RunFolderError(
+                f"--resume: {err}; the run's metrics cannot be continued: repair or remove "
+                "that line"
+            ) from None
     _check_same_config(run_dir, cfg, resume=bool(resume))
 
 
