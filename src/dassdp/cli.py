@@ -7,7 +7,10 @@ dispatches, so commands import their (heavy) dependencies only when they run.
 :func:`main` changes nothing about the process it runs in, so a script or a test may call
 it; the ``dassdp`` program itself starts in :func:`dassdp.commands._launch.entry`, which
 installs the memory allocator first. A user error (a bad value, a missing file) is one line
-on stderr and exit status 2; ``DASSDP_TRACEBACK=1`` raises it with its traceback instead.
+on stderr and exit status 2; an ``OSError`` about a path (permissions, a read-only or full
+disk) one line naming the path and the reason, exit status 1; Ctrl-C one line, exit status
+130; ``DASSDP_TRACEBACK=1`` raises them with their tracebacks instead. A command's
+``key=value`` overrides may come anywhere after the command name.
 """
 
 from __future__ import annotations

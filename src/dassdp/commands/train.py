@@ -1,11 +1,14 @@
 """``dassdp train --config FILE [key=value ...] [--resume [CKPT]] [--out DIR]``.
 
 Overrides use dotted keys and YAML values: ``epochs=10 plasticity.enabled=false
-model_args.channels=[8,16]``. The run folder is ``--out`` or ``runs/<name>`` (``name``
-defaults to the config file's stem). A folder that already holds ``last.pt`` is only
-continued with ``--resume``, which restores everything and continues exactly; with
-``--resume`` the config may be omitted (the checkpoint's is used). Under ``torchrun`` every
-rank runs this command; rank 0 alone logs and writes.
+model_args.channels=[8,16]``, anywhere after ``train``. The run folder is ``--out`` or
+``runs/<name>`` (``name`` defaults to the config file's stem); a new run starts only in a new
+or empty folder, or over what a start of the same config left before its first checkpoint
+(:func:`dassdp.engine.rundir.check_run_folder`). A folder that already holds ``last.pt`` is
+only continued with ``--resume``, which restores everything and continues exactly; with
+``--resume`` the config may be omitted (the checkpoint's is used), and the checkpoint must be
+of the folder's run. Under ``torchrun`` every rank runs this command; rank 0 alone logs and
+writes. Ctrl-C stops with one line saying the epoch and how to resume (exit status 130).
 
 On a GPU: ``amp=bf16`` (or ``fp16``, with a grad scaler), ``compile=true``,
 ``channels_last=true``, ``cudnn_benchmark=true``; see :class:`dassdp.engine.TrainConfig`.
@@ -17,6 +20,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dassdp.engine.config import TrainConfig
 
 HELP = "train a model from a YAML config (with DA-SSDP if the config has a plasticity block)"
 
@@ -51,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve(args: argparse.Namespace) -> tuple[object, Path]:
+def resolve(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     """The config to train and its run folder, with the checks of a new or resumed run."""
     from dassdp.engine import (
         apply_overrides,
@@ -96,7 +103,7 @@ def resolve(args: argparse.Namespace) -> tuple[object, Path]:
     return cfg, run_dir
 
 
-def _check_folder(run_dir: Path, cfg: object, resume: bool | Path) -> None:
+def _check_folder(run_dir: Path, cfg: TrainConfig, resume: bool | Path) -> None:
     """The run folder's checks (:func:`~dassdp.engine.rundir.check_run_folder`) before
     anything is built or launched; rank 0 alone (the one that writes)."""
     import os
@@ -104,7 +111,7 @@ def _check_folder(run_dir: Path, cfg: object, resume: bool | Path) -> None:
     from dassdp.engine.rundir import check_run_folder
 
     if int(os.environ.get("RANK", 0)) == 0:
-        check_run_folder(run_dir, cfg, resume=resume)  # type: ignore[arg-type]
+        check_run_folder(run_dir, cfg, resume=resume)
 
 
 def setup_logging(main: bool) -> None:
