@@ -20,10 +20,16 @@ from typing import Any, BinaryIO
 
 
 class WriteError(OSError):
-    """Writing ``filename`` failed; ``str()`` is the one-line message (see the module)."""
+    """Writing ``filename`` failed: ``errno``, ``strerror`` and ``filename`` as for any
+    ``OSError`` (the cause's, with the target's path); ``str()`` is the one-line message
+    (see the module)."""
+
+    def __init__(self, code: int, strerror: str, filename: str, message: str) -> None:
+        super().__init__(code, strerror, filename)
+        self.message = message
 
     def __str__(self) -> str:
-        return str(self.strerror)
+        return self.message
 
 
 # errno -> what it means for a file being written
@@ -56,7 +62,8 @@ def write_error(
     else:
         message = f"cannot write {path}: {(cause.strerror or str(cause)).lower()}"
     message += "; the previous file (if any) is intact" if unchanged else ""
-    return WriteError(cause.errno or errno.EIO, message, str(path))
+    code = cause.errno or errno.EIO
+    return WriteError(code, cause.strerror or str(cause), str(path), message)
 
 
 @contextmanager
