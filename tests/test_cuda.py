@@ -41,7 +41,7 @@ CUDA = torch.device("cuda")
 def _kernel_block(n: int) -> int:
     """Lanes per program of the Triton LIF for ``n`` neurons a step (the kernel's own choice);
     16, its smallest block and so the deepest sum, if that helper is not there."""
-    from dassdp.neurons import triton_lif
+    from dassdp.neurons.backends import triton as triton_lif
 
     pick = getattr(triton_lif, "_block", None)
     return int(pick(n)) if callable(pick) else 16

@@ -1,20 +1,21 @@
-"""The compiled C LIF for the CPU (``backend="cpu"``, :mod:`dassdp.neurons.cpu_lif`): the
+"""The compiled C LIF for the CPU (``backend="cpu"``, :mod:`dassdp.neurons.backends.cpu`): the
 torch backend's spikes bit for bit, gradients within a few ulps of it and of the autograd
 loop, its choice under ``backend="auto"``, threads, and what happens without a compiler."""
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import pytest
 import torch
 
+from dassdp._util import native as _native
 from dassdp.neurons import (
     LIF,
     PLIF,
     LIFParams,
-    cpu_lif,
-    functional,
+    backends,
     is_marked_spikes,
     lif_multistep,
     lif_multistep_cpu,
@@ -22,6 +23,7 @@ from dassdp.neurons import (
     lif_multistep_loop,
     resolve_backend,
 )
+from dassdp.neurons.backends import cpu as cpu_lif
 from dassdp.neurons.saving import _BITS
 from test_neurons import _CONFIGS, _TOL, _config_id, _input_hitting_threshold
 
@@ -30,7 +32,7 @@ torch.set_num_threads(1)
 # The kernels are built with the system C compiler; without one the backend is off (tested
 # below with a stand-in) and these tests are skipped with that reason, like the CUDA ones.
 needs_cc = pytest.mark.skipif(
-    cpu_lif._compiler() is None, reason="needs a C compiler (cc, gcc or clang)"
+    _native.compiler() is None, reason="needs a C compiler (cc, gcc or clang)"
 )
 
 
@@ -124,7 +126,7 @@ def test_without_a_compiler_auto_warns_once_and_runs_torch(tmp_path, monkeypatch
     monkeypatch.setattr(cpu_lif, "_LIB", [])  # nothing built in this "process"
     monkeypatch.setattr(cpu_lif, "_FAILED", [])
     monkeypatch.setenv(cpu_lif.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(cpu_lif, "_compiler", lambda: None)
+    monkeypatch.setattr(_native, "compiler", lambda: None)
     monkeypatch.delenv(cpu_lif.ENV, raising=False)
     x = torch.randn(2, 1, cpu_lif.MIN_NEURONS)
     with pytest.warns(RuntimeWarning, match="no C compiler found"):
@@ -139,7 +141,10 @@ def test_without_a_compiler_auto_warns_once_and_runs_torch(tmp_path, monkeypatch
 def test_a_failed_build_is_reported_and_the_cache_is_written_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_lif, "_LIB", [])
     monkeypatch.setenv(cpu_lif.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(cpu_lif, "_SOURCE", cpu_lif._SOURCE + "\nthis is not C;\n")
+    bad = tmp_path.with_name(tmp_path.name + "_src") / "lif.c"  # outside the cache folder
+    bad.parent.mkdir()
+    bad.write_text(cpu_lif.KERNEL.source.read_text() + "\nthis is not C;\n")
+    monkeypatch.setattr(cpu_lif, "KERNEL", dataclasses.replace(cpu_lif.KERNEL, source=bad))
     with pytest.raises(RuntimeError, match=r"building the CPU LIF kernels with .* failed"):
         cpu_lif.build()
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
@@ -149,7 +154,7 @@ def test_a_failed_build_is_reported_and_the_cache_is_written_atomically(tmp_path
     cpu_lif.build()
     (lib,) = tmp_path.iterdir()
     assert lib.name.startswith("lif_") and lib.suffix == ".so"
-    assert functional.resolve_backend("cpu", torch.zeros(1), LIFParams()) == "cpu"
+    assert backends.resolve_backend("cpu", torch.zeros(1), LIFParams()) == "cpu"
 
 
 @needs_cc

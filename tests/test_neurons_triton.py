@@ -16,13 +16,12 @@ from dassdp.neurons import (
     LIF,
     PLIF,
     LIFParams,
-    functional,
     lif_multistep,
     lif_multistep_loop,
     lif_multistep_triton,
     resolve_backend,
-    triton_lif,  # needs triton (installed with torch on Linux); no skip when it is missing
 )
+from dassdp.neurons.backends import triton as triton_lif  # needs triton (installed with torch)
 
 
 @pytest.fixture(autouse=True)
@@ -226,12 +225,12 @@ def test_backend_selection():
     assert resolve_backend("auto", x, LIFParams(), torch.full((4,), 0.5)) == "loop"
     for backend in ("loop", "torch", "triton", "cpu"):
         assert resolve_backend(backend, x, params) == backend
-    from dassdp.neurons import cpu_lif
+    from dassdp._util import native as _native
 
     nodes = {
         backend: type(lif_multistep(x.requires_grad_(True), params, backend=backend).grad_fn)
         for backend in BACKENDS
-        if backend != "cpu" or cpu_lif._compiler() is not None  # its kernels need a compiler
+        if backend != "cpu" or _native.compiler() is not None  # its kernels need a compiler
     }
     assert nodes["auto"].__name__ == nodes["torch"].__name__ == "_FusedLIFBackward"
     assert nodes["triton"].__name__ == "TritonLIFBackward"
@@ -268,7 +267,7 @@ def test_backend_errors(monkeypatch):
     with pytest.raises(RuntimeError, match=r"CUDA device \(x is on cpu\).*TRITON_INTERPRET=1"):
         LIF(backend="triton")(x)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(functional, "triton_available", lambda: False)
+    monkeypatch.setattr(triton_lif, "triton_available", lambda: False)
     with pytest.raises(RuntimeError, match="needs the triton package"):
         LIF(backend="triton")(x)
     assert resolve_backend("auto", x, LIFParams()) == "torch"
@@ -339,6 +338,7 @@ def test_kernels_compile_for_a_cuda_gpu_without_fma(monkeypatch, dtype):
     """The compiled (non-interpreted) path, checked without a GPU: both kernels build down to
     an sm_90 binary, and the forward has no fused multiply-add (it would round differently
     from the torch ops and move spikes at the threshold)."""
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -357,7 +357,7 @@ def test_kernels_compile_for_a_cuda_gpu_without_fma(monkeypatch, dtype):
     bwd_sig.update(dict.fromkeys(bwd_const, "constexpr"))
     target, options = GPUTarget("cuda", 90, 32), {"enable_fp_fusion": False}
     built = [
-        triton_lif.triton.compile(ASTSource(fn, sig, const), target=target, options=options)
+        triton.compile(ASTSource(fn, sig, const), target=target, options=options)
         for fn, sig, const in ((fwd, fwd_sig, fwd_const), (bwd, bwd_sig, bwd_const))
     ]
     assert all(k.asm["cubin"] for k in built)

@@ -168,11 +168,15 @@ def build_loaders(
 
 
 def build_model(cfg: TrainConfig, info: DatasetInfo) -> nn.Module:
-    """The registered model with the dataset's classes/channels and the config's T."""
+    """The registered model with the dataset's classes/channels and the config's T, its
+    neuron layers set to the config's ``lif_backend``."""
     from dassdp.models.registry import create_model
+    from dassdp.neurons import set_backend
 
     kwargs = {"num_classes": info.num_classes, "in_channels": info.in_channels, "T": cfg.T}
-    return create_model(cfg.model, **{**kwargs, **cfg.model_args})
+    model = create_model(cfg.model, **{**kwargs, **cfg.model_args})
+    set_backend(model, cfg.lif_backend)  # every LIF / PLIF; resolved at the first forward
+    return model
 
 
 def load_pretrained(model: nn.Module, path: str) -> dict[str, list[str]]:

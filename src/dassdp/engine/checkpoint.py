@@ -70,6 +70,7 @@ RESUMABLE_CHANGES = frozenset(
         "compile_backend",
         "channels_last",
         "cudnn_benchmark",
+        "lif_backend",
     }
 )
 

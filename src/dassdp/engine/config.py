@@ -205,6 +205,11 @@ class TrainConfig:
             (activations follow); pays off on CUDA tensor cores, runs on CPU too.
         cudnn_benchmark: ``torch.backends.cudnn.benchmark`` (autotuned conv algorithms; CUDA
             only, logged and ignored on CPU). Not bit-reproducible across runs.
+        lif_backend: the LIF / PLIF implementation for every neuron layer of the model
+            (:func:`dassdp.neurons.set_backend`): ``"auto"`` (Triton on CUDA after it passes a
+            self-check, the compiled C kernels for large CPU layers, else fused torch ops),
+            ``"loop"``, ``"torch"``, ``"cpu"`` or ``"triton"``. ``run.json`` records what
+            each layer ran.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``.
         workers: DataLoader worker processes (default: 0 on CPU, 4 on CUDA).
         threads: ``torch.set_num_threads`` (default 1: on small shared CPUs 2+ can be slower);
@@ -252,6 +257,7 @@ class TrainConfig:
     compile_backend: str = "inductor"
     channels_last: bool = False
     cudnn_benchmark: bool = False
+    lif_backend: str = "auto"
     device: str = "auto"
     workers: int | None = None
     threads: int | None = 1
@@ -502,6 +508,7 @@ def validate(cfg: TrainConfig) -> None:
         low = 0 if key == "workers" else 1
         _require(value is None or value >= low, f"{key} must be null or >= {low}, got {value}")
     _check_precision(cfg)
+    _check_lif_backend(cfg.lif_backend)
     clip = cfg.grad_clip  # a max-norm: any positive value
     _require(
         clip is None or (math.isfinite(clip) and clip > 0),
@@ -547,6 +554,13 @@ def _check_precision(cfg: TrainConfig) -> None:
         mode is None or backend == "inductor",
         f"compile_mode ({mode!r}) needs compile_backend inductor, got {backend!r}",
     )
+
+
+def _check_lif_backend(name: str) -> None:
+    from dassdp.neurons.backends import backend_names
+
+    names = backend_names()
+    _require(name in names, f"lif_backend must be one of {', '.join(names)}, got {name!r}")
 
 
 def _check_mixup(cfg: TrainConfig) -> None:

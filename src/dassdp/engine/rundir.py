@@ -44,6 +44,7 @@ __all__ = [
     "LOCK",
     "RunFolderError",
     "RunLock",
+    "add_to_run_json",
     "check_resume_target",
     "check_run_folder",
     "code_revision",
@@ -341,3 +342,17 @@ def write_run_files(
         meta["checkpoint"] = str(resumed_from)
         meta = with_resume(read_json(run_dir / "run.json"), meta)
     atomic_write_json(run_dir / "run.json", meta)
+
+
+def add_to_run_json(run_dir: Path, fields: dict[str, Any], *, resumed: bool) -> None:
+    """Add ``fields`` to this start's entry of ``run_dir/run.json`` (the latest resume's
+    entry after a resume, else the top level), for what is known only once training runs
+    (the LIF backends each layer resolved to). A missing or unreadable file is left alone."""
+    meta = read_json(run_dir / "run.json")
+    if not isinstance(meta, dict):
+        return
+    resumes = meta.get("resumes")
+    entry = resumes[-1] if resumed and isinstance(resumes, list) and resumes else meta
+    if isinstance(entry, dict):
+        entry.update(fields)
+        atomic_write_json(run_dir / "run.json", meta)

@@ -7,7 +7,8 @@ The step reads top to bottom::
 and everything else (builders, checkpoints, metrics) happens around it. Run folder::
 
     runs/<name>/config.yaml     the resolved config (code revision in its header)
-    runs/<name>/run.json        revision, versions, command line, start time (rundir.py)
+    runs/<name>/run.json        revision, versions, command line, start time (rundir.py),
+                                the LIF backend each layer ran (after the first step)
     runs/<name>/metrics.jsonl   one row per epoch (see dassdp.engine.metrics)
     runs/<name>/train.log       the log lines
     runs/<name>/last.pt         after every epoch (atomic); --resume continues from it
@@ -84,7 +85,13 @@ from dassdp.engine.distributed import (
 )
 from dassdp.engine.metrics import FiringRates, LossMeter, MetricsWriter, PlasticityMeter
 from dassdp.engine.precision import autocast, compile_model, prepare_model, resolve_amp
-from dassdp.engine.rundir import RunLock, check_run_folder, code_revision, write_run_files
+from dassdp.engine.rundir import (
+    RunLock,
+    add_to_run_json,
+    check_run_folder,
+    code_revision,
+    write_run_files,
+)
 from dassdp.engine.seed import get_rng_state, seed_everything, set_rng_state
 
 __all__ = [
@@ -264,6 +271,7 @@ class Trainer:
         self.firing = FiringRates(self.model)
         self.start_epoch, self.best_acc1 = 0, -math.inf
         self._epoch = self._saved_epochs = 0  # in progress (0-based); held by last.pt
+        self._resumed, self._backends_recorded = bool(resume), False
         self.writer: MetricsWriter | None = None
         try:  # everything is checked and restored before the first file is written
             path = self._resume(resume)
@@ -399,6 +407,8 @@ class Trainer:
         bar = batches if getattr(batches, "disable", True) is False else None  # a shown tqdm
         for i, (x, y) in enumerate(batches, 1):
             nonfinite += self.train_step(x, y, meter, plast)
+            if not self._backends_recorded:
+                self._record_backends()  # resolved at the first forward: record it now
             if bar is not None and i % PROGRESS_EVERY == 0:
                 bar.set_postfix(loss=f"{meter.mean_loss():.4f}")  # one host read
         broadcast_buffers(self.model)  # DDP: rank 0's BN statistics for eval and checkpoints
@@ -435,6 +445,25 @@ class Trainer:
         return tqdm(batches, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None)
 
     # ----------------------------------------------------------------- reporting
+    def _record_backends(self) -> None:
+        """After the first training step: the LIF backend each layer ran, counted per backend
+        (plus the Triton version where it ran), in the log and in ``run.json`` (the latest
+        resume's entry after a resume)."""
+        from dassdp.neurons import resolved_backends
+        from dassdp.neurons.backends.triton import triton_version
+
+        self._backends_recorded = True
+        layers = resolved_backends(self.model)
+        record: dict[str, Any] = {"requested": self.cfg.lif_backend, "layers": layers}
+        if "triton" in layers:
+            record["triton"] = triton_version()
+        if not self.dist.main:
+            return
+        ran = ", ".join(f"{name} {n}" for name, n in layers.items()) or "no LIF layers"
+        triton = f" (triton {record['triton']})" if "triton" in record else ""
+        log.info("LIF backends (lif_backend=%s): %s%s", self.cfg.lif_backend, ran, triton)
+        add_to_run_json(self.run_dir, {"lif_backends": record}, resumed=self._resumed)
+
     def _report(self, row: dict[str, Any]) -> None:
         if self.writer is None:
             return
