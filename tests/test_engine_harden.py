@@ -143,6 +143,28 @@ def test_train_log_gets_the_epoch_lines_without_a_logging_setup(tmp_path, monkey
     assert logger.level == logging.NOTSET  # restored
 
 
+def test_a_trainer_leaves_the_loggers_level_as_it_found_it(tmp_path, caplog):
+    """Regression: a Trainer built under `caplog.at_level(INFO)` and closed after it put back
+    the INFO it had seen, so every later test ran with `dassdp.train` at INFO (and
+    test_train_log_gets_the_epoch_lines_without_a_logging_setup failed after the precision
+    tests). Two trainers open at once keep train.log fed until the last closes."""
+    logger = logging.getLogger("dassdp.train")
+    assert logger.level == logging.NOTSET
+    with caplog.at_level(logging.INFO, logger="dassdp.train"):
+        trainer = Trainer(tiny(epochs=1, plasticity=None), tmp_path / "a")
+    trainer.close()
+    assert logger.level == logging.NOTSET
+    caplog.set_level(logging.WARNING)  # the root at Python's default: the engine raises ours
+    first = Trainer(tiny(epochs=1, plasticity=None), tmp_path / "b")
+    second = Trainer(tiny(epochs=1, plasticity=None), tmp_path / "c")
+    first.close()
+    assert logger.level == logging.INFO  # `second` still writes its train.log
+    second.fit()
+    second.close()
+    assert logger.level == logging.NOTSET
+    assert "epoch 1/1" in (tmp_path / "c" / "train.log").read_text()
+
+
 def test_stop_after_must_be_positive(tmp_path, capsys):
     config = write_config(tmp_path)
     for bad in ("0", "-1"):

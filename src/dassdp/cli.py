@@ -7,7 +7,10 @@ dispatches, so commands import their (heavy) dependencies only when they run.
 :func:`main` changes nothing about the process it runs in, so a script or a test may call
 it; the ``dassdp`` program itself starts in :func:`dassdp.commands._launch.entry`, which
 installs the memory allocator first. A user error (a bad value, a missing file) is one line
-on stderr and exit status 2; ``DASSDP_TRACEBACK=1`` raises it with its traceback instead.
+on stderr and exit status 2; an ``OSError`` about a path (permissions, a read-only or full
+disk) one line naming the path and the reason, exit status 1; Ctrl-C one line, exit status
+130; ``DASSDP_TRACEBACK=1`` raises them with their tracebacks instead. A command's
+``key=value`` overrides may come anywhere after the command name.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from dassdp._util.env import env_flag
+from dassdp._util.io import WriteError
 
 TRACEBACK_ENV = "DASSDP_TRACEBACK"  # on: user errors raise with their traceback
 # command name -> module under dassdp.commands
@@ -84,13 +88,58 @@ def add_subcommands(
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the command; returns the exit
     status. The process is left as it is (the allocator too: that is the program's start,
-    :mod:`dassdp.commands._launch`)."""
-    args = build_parser().parse_args(argv)
+    :mod:`dassdp.commands._launch`).
+
+    Exit status: 2 for a user error (a bad value, a missing file: one line on stderr), 1 for
+    a file the system would not read or write (permissions, disk full: one line naming the
+    path and the reason), 130 for Ctrl-C. ``DASSDP_TRACEBACK=1`` raises instead.
+    """
+    args = parse_args(build_parser(), argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
-        # User errors: one clear line, no traceback (DASSDP_TRACEBACK=1 shows it).
-        if env_flag(TRACEBACK_ENV):
-            raise
-        print(f"dassdp {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, KeyError, TypeError, OSError, KeyboardInterrupt) as err:
+        line, status = _one_line(err)
+        if line is None or env_flag(TRACEBACK_ENV):
+            raise  # a fault, not a user's error; or the traceback was asked for
+        print(f"dassdp {args.command}: {line}", file=sys.stderr)
+        return status
+
+
+def _one_line(err: BaseException) -> tuple[str | None, int]:
+    """The line and exit status for an error that ends a command; ``None`` for an
+    ``OSError`` about no path of the user's (a fault: it keeps its traceback)."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted", 130
+    if isinstance(err, OSError) and (err.filename is not None or isinstance(err, WriteError)):
+        return f"error: {describe_os_error(err)}", 2 if isinstance(err, FileNotFoundError) else 1
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+        return None, 1
+    return f"error: {err}", 2
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an ``OSError`` about a path: ``<path>: <reason>`` (both paths of a
+    rename); a :class:`~dassdp._util.io.WriteError` already is that line."""
+    if isinstance(err, WriteError):
+        return str(err)
+    reason = (err.strerror or str(err)).lower()
+    if err.filename2 is not None:
+        return f"{err.filename} -> {err.filename2}: {reason}"
+    return f"{err.filename}: {reason}"
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, except that a command's ``key=value`` overrides may come
+    anywhere after the command (``train -c f.yaml --out d epochs=3``), not only in one run
+    of positionals (argparse's own rule)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        overrides = getattr(args, "overrides", None)
+        if overrides is None or not all(_is_override(item) for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*overrides, *extra]
+    return args
+
+
+def _is_override(item: str) -> bool:
+    return not item.startswith("-") and "=" in item

@@ -3,8 +3,9 @@
 Robustness: ``--jitter SIGMA_T``, ``--drop P``, ``--noise P`` (each may repeat) evaluate the
 checkpoint clean and once per perturbation of the encoded input (spike-time jitter,
 deletion, spurious events; defined in :mod:`dassdp.experiments.robustness`);
-``--out PATH`` writes them as JSON (``PATH/robustness.json`` if PATH is a folder, e.g. the
-run folder, where ``dassdp report`` finds it).
+``--out PATH`` writes them as JSON: ``PATH/robustness.json`` if PATH is a folder (e.g. the
+run folder, where ``dassdp report`` finds it) or ends with ``/`` (a folder, created if
+missing), else the file PATH.
 
 The model and the test data come from the config stored in the checkpoint; overrides such
 as ``data_root=/data batch_size=256 device=cpu amp=bf16`` adjust where and how it runs. Prints
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -38,7 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--perturb-seed", type=int, default=None, help="perturbation seed (default: run seed)"
     )
-    parser.add_argument("--out", default=None, help="write the robustness JSON here")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="write the robustness JSON to this file, or to robustness.json in this folder "
+        "(an existing one, or a path ending with '/', created)",
+    )
 
 
 def _conditions(args: argparse.Namespace) -> list[Perturbation]:
@@ -51,8 +59,6 @@ def _conditions(args: argparse.Namespace) -> list[Perturbation]:
 
 def run_robustness(args: argparse.Namespace, conditions: list[Perturbation]) -> int:
     """Clean + one evaluation per perturbation; print a table, optionally write JSON."""
-    from pathlib import Path
-
     from dassdp._util.io import atomic_write_json
     from dassdp.engine import load_checkpoint
     from dassdp.experiments.runner import evaluate_robustness
@@ -62,8 +68,7 @@ def run_robustness(args: argparse.Namespace, conditions: list[Perturbation]) -> 
         seed = int(load_checkpoint(args.checkpoint)["config"]["seed"])
     result = evaluate_robustness(args.checkpoint, conditions, seed, args.overrides)
     if args.out:
-        out = Path(args.out)
-        out = out / "robustness.json" if out.is_dir() else out
+        out = robustness_path(args.out)
         atomic_write_json(out, result)
     if args.json:
         print(json.dumps(result))
@@ -74,6 +79,16 @@ def run_robustness(args: argparse.Namespace, conditions: list[Perturbation]) -> 
     if args.out:
         print(f"written: {out}")
     return 0
+
+
+def robustness_path(out: str) -> Path:
+    """Where ``--out OUT`` writes: ``OUT/robustness.json`` when OUT is a folder, or ends with
+    ``/`` (a folder to create, with its parents); else the file OUT itself (its folder is
+    created if needed)."""
+    path = Path(out)
+    if out.endswith(("/", os.sep)) or path.is_dir():
+        return path / "robustness.json"
+    return path
 
 
 def run(args: argparse.Namespace) -> int:

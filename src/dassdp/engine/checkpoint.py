@@ -10,8 +10,10 @@ keys in :data:`RESUMABLE_CHANGES` may differ from the checkpoint's.
 
 Writes go to a temporary file in the same folder, are flushed to disk, then renamed over
 the target (``os.replace`` is atomic on POSIX and Windows): a crash mid-write leaves the
-previous checkpoint intact. Loads use ``torch.load(weights_only=True)``, so a checkpoint
-cannot run code; a truncated or foreign file is a :class:`CheckpointError` naming it.
+previous checkpoint intact, and a failed write (disk full, ``ulimit -f``) is one
+:class:`~dassdp._util.io.WriteError` line naming the checkpoint. Loads use
+``torch.load(weights_only=True)``, so a checkpoint cannot run code; a truncated or foreign
+file is a :class:`CheckpointError` naming it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dassdp._util.io import write_error
 from dassdp.engine.config import (
     ConfigError,
     TrainConfig,
@@ -38,6 +41,8 @@ __all__ = [
     "RESUMABLE_CHANGES",
     "VERSION",
     "CheckpointError",
+    "check_resumable",
+    "config_changes",
     "load_checkpoint",
     "load_model_state",
     "resume_config",
@@ -85,6 +90,11 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save: "unexpected pos" over an OSError
+        failure = write_error(err, path)
+        if failure is None:
+            raise
+        raise failure from err
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
@@ -163,17 +173,51 @@ def resume_config(saved: dict[str, Any], given: TrainConfig | None) -> TrainConf
     :data:`RESUMABLE_CHANGES` (anything else would not continue the same run)."""
     if given is None:
         return config_from_dict(saved)
-    new = dataclasses.asdict(given)
-    saved = {**_defaults(), **saved}  # keys added since that checkpoint: their defaults
-    changed = sorted(k for k in set(saved) | set(new) if not _same(k, saved.get(k), new.get(k)))
-    bad = [k for k in changed if k not in RESUMABLE_CHANGES]
+    bad = config_changes(saved, dataclasses.asdict(given))
     if bad:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in bad)
         raise ConfigError(
-            f"--resume: the config differs from the checkpoint's in {detail}; only "
-            f"{', '.join(sorted(RESUMABLE_CHANGES))} may change (or start a new run folder)"
+            f"--resume: the config differs from the checkpoint's in {describe_changes(bad)}; "
+            f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change (or start a new run folder)"
         )
     return given
+
+
+def config_changes(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, new value)`` for every key outside :data:`RESUMABLE_CHANGES` where
+    two plain-data configs differ, sorted by key: empty when ``new`` continues the run of
+    ``saved``. A key ``saved`` lacks (added to the config since) counts as its default."""
+    old = {**_defaults(), **saved}
+    keys = sorted(set(old) | set(new))
+    return [
+        (k, old.get(k), new.get(k))
+        for k in keys
+        if k not in RESUMABLE_CHANGES and not _same(k, old.get(k), new.get(k))
+    ]
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]], limit: int = 6) -> str:
+    """``"seed: 0 -> 1, lr: 0.1 -> 0.2"`` for :func:`config_changes` (``limit`` keys, then
+    ``...``)."""
+    text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes[:limit])
+    return text + (" ..." if len(changes) > limit else "")
+
+
+# What a checkpoint needs beyond REQUIRED to continue a run exactly (a weights-only file
+# lacks them); `scaler` and `plasticity` may be None but must be there.
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "plasticity", "rng", "loader", "best_acc1")
+
+
+def check_resumable(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` when ``state`` (from
+    :func:`load_checkpoint`) lacks what ``--resume`` restores (optimizer, scheduler, RNG
+    states ...): checked before a resume writes anything."""
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} cannot be resumed: it lacks {', '.join(missing)} (a checkpoint written "
+            "by dassdp train after an epoch holds them); evaluate it with dassdp eval, or "
+            f"start a new run from its weights with pretrained={path}"
+        )
 
 
 def _defaults() -> dict[str, Any]:

@@ -349,7 +349,8 @@ def _scalar(value: Any, tp: Any) -> Any:
 
 
 def _type_error(key: str, value: Any, tp: Any) -> ConfigError:
-    return ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    message = f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+    return ConfigError(message, key=key)
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -404,9 +405,16 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             raise ConfigError(str(err)) from None
         *parents, leaf = key.strip().split(".")
         node = data
-        for part in parents:
-            if not isinstance(node.get(part), dict):
+        for depth, part in enumerate(parents):
+            if node.get(part) is None:
                 node[part] = {}
+            elif not isinstance(node[part], dict):
+                block = ".".join(parents[: depth + 1])
+                raise ConfigError(
+                    f"override {item!r}: {block} is {node[part]!r}, a value, not a block of "
+                    f"keys, so {key.strip()} cannot be set (set {block}=VALUE)",
+                    key=block,
+                )
             node = node[part]
         node[leaf] = value
     return data
@@ -451,6 +459,8 @@ def _blame(err: ConfigError, overrides: Sequence[str], path: Path) -> str:
     the file)."""
 
     def names(key: str) -> bool:
+        if err.key is not None and key.startswith(f"{err.key}."):
+            return True  # `seed.x=1` made the key at fault, `seed`, a block
         return key == err.key or bool(re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", str(err)))
 
     named = [item for item in overrides if names(item.partition("=")[0].strip())]

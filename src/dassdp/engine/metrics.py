@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dassdp._util.io import atomic_write_text
+from dassdp._util.io import atomic_write_text, write_error
 from dassdp._util.recompute import is_recomputing
 from dassdp.plasticity import distributed as D
 
@@ -207,8 +207,12 @@ class MetricsWriter:
         atomic_write_text(self.path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in keep))
 
     def write(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, allow_nan=True) + "\n")
+        """Append ``row`` as one line (a line torn by a failed write is dropped on reading)."""
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row, allow_nan=True) + "\n")
+        except OSError as err:  # disk full: name the file, not a bare "[Errno 28]"
+            raise write_error(err, self.path, unchanged=False) from err  # type: ignore[misc]
         if self.tb is not None:
             for name, value in _flatten(row):
                 if name != "epoch":
@@ -227,13 +231,17 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:
-    """The JSON rows of a ``.jsonl`` file; a torn last line (a kill mid-append) is dropped."""
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    """The JSON rows of a ``.jsonl`` file; a torn last line (a kill mid-append) is dropped.
+
+    Any other line that is not UTF-8 JSON (a damaged or foreign file) is a ``ValueError``
+    naming the file and the line, not a codec error."""
+    lines = [(n, line) for n, line in enumerate(path.read_bytes().split(b"\n"), 1) if line.strip()]
     rows = []
-    for i, line in enumerate(lines):
+    for i, (number, line) in enumerate(lines):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            rows.append(json.loads(line.decode("utf-8")))
+        except ValueError as err:  # UnicodeDecodeError and JSONDecodeError both are
             if i != len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+                what = "UTF-8 text" if isinstance(err, UnicodeDecodeError) else "JSON"
+                raise ValueError(f"{path}: line {number} is not {what} (damaged?)") from None
     return rows

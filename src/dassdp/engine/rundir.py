@@ -32,6 +32,7 @@ platforms without ``fcntl`` (Windows) ``auto`` does not lock.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -43,12 +44,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 import dassdp
 from dassdp._util.allocator import active_allocator
 from dassdp._util.io import atomic_write_json
+from dassdp._util.yamlfile import YAMLInputError, read_yaml_file
+from dassdp.engine.checkpoint import config_changes, describe_changes
 from dassdp.engine.config import TrainConfig, save_config
+from dassdp.engine.metrics import read_metrics
 
 try:
     import fcntl
@@ -63,6 +66,7 @@ __all__ = [
     "RunLock",
     "add_to_run_json",
     "check_resume_target",
+    "check_run_folder",
     "code_revision",
     "lock_holder",
     "read_json",
@@ -321,8 +325,8 @@ def _held_message(path: Path, holder: dict[str, Any] | None) -> str:
 def run_name(run_dir: Path) -> str | None:
     """The ``name`` in a run folder's ``config.yaml`` (None if absent or unreadable)."""
     try:
-        data = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        data = read_yaml_file(run_dir / "config.yaml")
+    except (OSError, YAMLInputError):
         return None
     return data.get("name") if isinstance(data, dict) else None
 
@@ -344,6 +348,149 @@ def check_resume_target(checkpoint: Path, run_dir: Path) -> None:
         f"{run_dir} already holds {theirs_text}; resuming there would overwrite it. Resume "
         f"into {own} (leave out --out), or give an empty or new --out folder"
     )
+
+
+# What a run writes in its folder (dassdp compare and dassdp eval --out add the last two).
+RUN_FILES = (
+    "config.yaml",
+    "run.json",
+    "train.log",
+    "metrics.jsonl",
+    "tensorboard",
+    "last.pt",
+    "best.pt",
+    "done.json",
+    "robustness.json",
+)
+HEADER = "dassdp train (revision"  # how config.yaml starts when write_run_files wrote it
+
+
+def check_run_folder(
+    run_dir: str | os.PathLike, cfg: TrainConfig, *, resume: bool | str | os.PathLike = False
+) -> None:
+    """Whether ``cfg`` may train in ``run_dir`` (``resume``: as for :class:`Trainer`); read
+    only, so that a refused start writes nothing. Raises :class:`RunFolderError` naming what
+    the folder holds unless it is one of:
+
+    * new, or holding none of the files a run writes (:data:`RUN_FILES`);
+    * for a new start: what a start of the same run (same config, up to
+      :data:`~dassdp.engine.checkpoint.RESUMABLE_CHANGES`) left before its first checkpoint;
+    * for ``resume``: the folder of the same run (its ``config.yaml`` agrees with ``cfg``), or
+      an empty or new folder for a checkpoint taken from elsewhere.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"run folder {run_dir} is a file, not a folder; give another --out")
+    if not run_dir.is_dir():
+        return
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if not held:
+        return
+    checkpoint = None if resume in (False, True) else Path(resume)  # type: ignore[arg-type]
+    if checkpoint is not None and not _same_folder(checkpoint.parent, run_dir):
+        try:  # a checkpoint from elsewhere: as a new start of its run here
+            _check_new_start(run_dir, held)
+            _check_same_config(run_dir, cfg, resume=False)
+        except RunFolderError:
+            check_resume_target(checkpoint, run_dir)  # the message names both runs
+            raise
+        return
+    if not resume:
+        _check_new_start(run_dir, held)
+    elif "metrics.jsonl" in held:  # a resume keeps its rows: they must be readable
+        try:
+            read_metrics(run_dir)
+        except (OSError, ValueError) as err:
+            raise RunFolderError(
+                f"--resume: {err}; the run's metrics cannot be continued: repair or remove "
+                "that line"
+            ) from None
+    _check_same_config(run_dir, cfg, resume=bool(resume))
+
+
+def _check_new_start(run_dir: Path, held: list[str]) -> None:
+    """A new start may only replace what a start of this run left before its first
+    checkpoint: ``config.yaml``, ``run.json``, ``train.log``, an epoch-0 metrics row."""
+    if "last.pt" in held:
+        raise RunFolderError(
+            f"{run_dir} already holds a run (last.pt); pass --resume to continue it "
+            "or --out DIR for a new run folder"
+        )
+    epochs = _metric_epochs(run_dir) if "metrics.jsonl" in held else []
+    finished = [n for n in ("best.pt", "done.json", "robustness.json") if n in held]
+    if finished or epochs is None or set(epochs) - {0}:  # a row of epoch 0: see Trainer.fit
+        rows = "unreadable" if epochs is None else f"{len(epochs)} epoch(s)"
+        what = ", ".join(finished + ([f"metrics.jsonl: {rows}"] if "metrics.jsonl" in held else []))
+        raise RunFolderError(
+            f"{run_dir} holds a run without its last.pt ({what}); it is not trained over: "
+            "give another --out, or remove that folder to start afresh"
+        )
+    if "config.yaml" not in held:
+        raise RunFolderError(
+            f"{run_dir} holds {', '.join(held)} but no run of dassdp train (no config.yaml); "
+            "they are not overwritten: give another --out, or an empty folder"
+        )
+
+
+def _metric_epochs(run_dir: Path) -> list[Any] | None:
+    """The distinct epochs of the rows in ``metrics.jsonl`` (None when it cannot be read)."""
+    try:
+        rows = read_metrics(run_dir)
+    except (OSError, ValueError):
+        return None
+    return list(dict.fromkeys(row.get("epoch") if isinstance(row, dict) else None for row in rows))
+
+
+def _check_same_config(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
+    """The folder's ``config.yaml`` is the same run as ``cfg``, or a leftover of ours that
+    cannot be read (a start stopped while writing it); a file dassdp did not write, or
+    another run's config, is refused (``resume``: ``cfg`` is a checkpoint's run)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    saved = _run_config(path)
+    if saved is None:
+        if _has_header(path):
+            return  # ours, unreadable: what a start killed while writing it may leave
+        raise RunFolderError(
+            f"{path} was not written by dassdp train (a file of yours?); it is not "
+            "overwritten: give another --out, or move that file"
+        )
+    changes = config_changes(saved, dataclasses.asdict(cfg))
+    if not changes:
+        return
+    name = saved.get("name", run_dir.name)
+    if resume:
+        raise RunFolderError(
+            f"--resume: the checkpoint is not of the run in {run_dir}: its config differs "
+            f"from {path} in {describe_changes(changes)}; resuming would mix two runs in one "
+            "folder (metrics.jsonl, best.pt): resume it into a new --out folder"
+        )
+    raise RunFolderError(
+        f"{run_dir} holds run {name!r} with another config ({describe_changes(changes)}); "
+        "it is not trained over: give another --out, or continue it with --resume"
+    )
+
+
+def _run_config(path: Path) -> dict[str, Any] | None:
+    """A run folder's ``config.yaml`` as a mapping of :class:`TrainConfig` keys (``model``
+    among them), or None for anything else (unreadable, not YAML, not a config)."""
+    try:
+        data = read_yaml_file(path)
+    except (OSError, YAMLInputError):
+        return None
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(data, dict) or "model" not in data or not set(data) <= fields:
+        return None
+    return data
+
+
+def _has_header(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(HEADER) + 2).decode("utf-8", "replace") == f"# {HEADER}"
+    except OSError:
+        return False
 
 
 def _same_folder(a: Path, b: Path) -> bool:

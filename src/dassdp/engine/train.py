@@ -68,7 +68,14 @@ from dassdp.engine.builders import (
     data_info,
     load_pretrained,
 )
-from dassdp.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from dassdp.engine.checkpoint import (
+    CheckpointError,
+    check_resumable,
+    load_checkpoint,
+    load_model_state,
+    resume_config,
+    save_checkpoint,
+)
 from dassdp.engine.config import ConfigError, TrainConfig, apply_overrides, config_from_dict
 from dassdp.engine.distributed import (
     broadcast_buffers,
@@ -81,7 +88,7 @@ from dassdp.engine.precision import autocast, compile_model, prepare_model, reso
 from dassdp.engine.rundir import (
     RunLock,
     add_to_run_json,
-    check_resume_target,
+    check_run_folder,
     code_revision,
     write_run_files,
 )
@@ -91,6 +98,7 @@ __all__ = [
     "PROGRESS_EVERY",
     "Trainer",
     "TrainingDiverged",
+    "TrainingInterrupted",
     "evaluate",
     "evaluate_checkpoint",
     "fit",
@@ -101,8 +109,68 @@ log = logging.getLogger("dassdp.train")
 PROGRESS_EVERY = 50  # steps between progress-bar loss updates (each is one host read)
 
 
+class _RunLogs:
+    """The ``train.log`` handlers of the open trainers on the ``dassdp.train`` logger.
+
+    So that ``train.log`` gets the epoch lines (INFO) even where logging is not configured
+    (Python's default is WARNING), the logger's own level is set to INFO while a run log is
+    open, if it would drop them. It is put back when the last one closes, and only if it
+    still is the INFO set here: a level someone else set in between (a test's ``caplog``,
+    an application) is theirs, never overwritten with a stale value.
+    """
+
+    def __init__(self) -> None:
+        self.handlers: list[logging.Handler] = []
+        self.saved_level: int | None = None  # the level before it was raised; None: untouched
+
+    def open(self, path: Path) -> logging.Handler:
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+        if self.saved_level is None and log.getEffectiveLevel() > logging.INFO:
+            self.saved_level = log.level
+            log.setLevel(logging.INFO)
+        self.handlers.append(handler)
+        return handler
+
+    def close(self, handler: logging.Handler) -> None:
+        log.removeHandler(handler)
+        handler.close()
+        if handler in self.handlers:
+            self.handlers.remove(handler)
+        if not self.handlers and self.saved_level is not None:
+            if log.level == logging.INFO:  # still the level set here
+                log.setLevel(self.saved_level)
+            self.saved_level = None
+
+
+_RUN_LOGS = _RunLogs()
+
+
 class TrainingDiverged(RuntimeError):
     """The weights (or buffers) became non-finite: training stopped, checkpoints kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A ``KeyboardInterrupt`` (Ctrl-C, SIGINT) stopped :meth:`Trainer.fit`; still a
+    ``KeyboardInterrupt`` for those who catch that. ``epoch``: the 1-based epoch it stopped
+    in; ``completed``: the epochs in the run folder's ``last.pt`` (0: none yet); ``run_dir``
+    and ``epochs`` (the planned total) for the message that says how to go on."""
+
+    def __init__(self, epoch: int, completed: int, trainer: Trainer) -> None:
+        self.epoch, self.completed = epoch, completed
+        self.epochs, self.run_dir = trainer.cfg.epochs, trainer.run_dir
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        """One line: where it stopped, what is kept, how to go on."""
+        where = f"interrupted in epoch {self.epoch}/{self.epochs}"
+        if not self.completed:
+            return f"{where}, before any epoch was complete; start it again the same way"
+        return (
+            f"{where}; {self.run_dir / 'last.pt'} holds {self.completed} complete epoch(s); "
+            f"resume with: dassdp train --resume --out {self.run_dir}"
+        )
 
 
 def nonfinite_tensors(model: nn.Module) -> list[str]:
@@ -208,29 +276,42 @@ class Trainer:
         )
         self.firing = FiringRates(self.model)
         self.start_epoch, self.best_acc1 = 0, -math.inf
+        self._epoch = self._saved_epochs = 0  # in progress (0-based); held by last.pt
         self._resumed, self._backends_recorded = bool(resume), False
         self.writer: MetricsWriter | None = None
-        if self.dist.main:
-            self._prepare_run_dir(resume)
-        if resume:
-            path = self.run_dir / "last.pt" if resume is True else Path(resume)
-            try:
-                self.load_state_dict(load_checkpoint(path, map_location="cpu"))
-            except BaseException:
-                self.close()  # hooks and log files must not outlive a failed start
-                raise
+        try:  # everything is checked and restored before the first file is written
+            path = self._resume(resume)
+            if self.dist.main:
+                self._prepare_run_dir(path)
+        except BaseException:
+            self.close()  # hooks and log files must not outlive a failed start
+            raise
+        if path is not None:
             log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
     # ----------------------------------------------------------------- run folder
-    def _prepare_run_dir(self, resume: bool | str = False) -> None:
-        checkpoint = None if not resume else Path(resume) if resume is not True else None
-        if checkpoint is not None:
-            check_resume_target(checkpoint, self.run_dir)  # never into another run's folder
+    def _resume(self, resume: bool | str) -> Path | None:
+        """Check the run folder (rank 0) and, for a resume, restore the checkpoint: it must
+        be a full training checkpoint of this run (:func:`resume_config`). Writes nothing;
+        returns the checkpoint's path (None for a new start)."""
+        path = None if not resume else self.run_dir / "last.pt" if resume is True else Path(resume)
+        state = None
+        if path is not None:
+            state = load_checkpoint(path, map_location="cpu")
+            check_resumable(state, path)
+            resume_config(state["config"], self.cfg)  # the same run, resumable keys aside
+        if self.dist.main:  # the folder: new, empty, or this run's (never another's)
+            check_run_folder(self.run_dir, self.cfg, resume=path or False)
+        if state is not None:
+            self.load_state_dict(state, source=path)
+            if path != self.run_dir / "last.pt":
+                self._saved_epochs = 0  # from elsewhere: this folder has no last.pt yet
+        return path
+
+    def _prepare_run_dir(self, resumed_from: Path | None) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._lock = RunLock(self.run_dir)  # one trainer per folder; freed when we die
-            self._open_log()
-            resumed_from = (checkpoint or self.run_dir / "last.pt") if resume else None
             write_run_files(
                 self.run_dir,
                 self.cfg,
@@ -239,19 +320,14 @@ class Trainer:
                 resumed_from=resumed_from,
                 extra=self._run_info,
             )
+            self._open_log()  # after config.yaml: a folder with a train.log holds a run's config
         except BaseException:
             self.close()
             raise
 
     def _open_log(self) -> None:
         """Send this run's log lines to ``train.log`` in the run folder (until :meth:`close`)."""
-        handler = logging.FileHandler(self.run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.addHandler(handler)
-        self._log_handler = handler
-        self._log_level = log.level
-        if log.getEffectiveLevel() > logging.INFO:
-            log.setLevel(logging.INFO)  # train.log gets the epoch lines even without a setup
+        self._log_handler = _RUN_LOGS.open(self.run_dir / "train.log")
 
     # ----------------------------------------------------------------- the loop
     def fit(
@@ -264,14 +340,24 @@ class Trainer:
 
         Raises :class:`TrainingDiverged` when an epoch leaves non-finite weights; the
         checkpoints of the epochs before it are kept."""
-        cfg, row = self.cfg, {}
+        cfg = self.cfg
         if stop_after is not None and stop_after < 1:
             raise ValueError(f"stop_after must be >= 1 (epochs to complete), got {stop_after}")
         if self.start_epoch >= cfg.epochs:
             log.info("all %d epochs are already complete in %s", cfg.epochs, self.run_dir)
         if self.dist.main and self.writer is None:
             self.writer = MetricsWriter(self.run_dir, self.cfg.tensorboard, self.start_epoch)
+        try:
+            return self._epochs(stop_after, should_stop)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(self._epoch + 1, self._saved_epochs, self) from None
+
+    def _epochs(
+        self, stop_after: int | None, should_stop: Callable[[], bool] | None
+    ) -> dict[str, Any]:
+        cfg, row = self.cfg, {}
         for epoch in range(self.start_epoch, cfg.epochs):
+            self._epoch = epoch
             t0 = time.perf_counter()
             self.scheduler.step(epoch)  # timm: per-epoch cosine with warm-up
             if self.learner is not None:
@@ -448,21 +534,30 @@ class Trainer:
             "revision": code_revision(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (model, optimizer, ..., RNG states, epoch)."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def load_state_dict(
+        self, state: dict[str, Any], source: str | os.PathLike = "the checkpoint"
+    ) -> None:
+        """Restore :meth:`state_dict` (model, optimizer, ..., RNG states, epoch); a state that
+        does not fit this trainer is a :class:`CheckpointError` naming ``source``."""
+        check_resumable(state, source)
+        load_model_state(self.model, state["model"], source)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, TypeError) as err:  # torch's words for a mismatch
+            raise CheckpointError(
+                f"{source}: its optimizer/scheduler state does not fit this run's ({err})"
+            ) from None
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         if self.learner is not None:
             if state["plasticity"] is None:
-                raise ConfigError("the checkpoint has no DA-SSDP state but the config has one")
+                raise ConfigError(f"{source} has no DA-SSDP state but the config has one")
             self.learner.load_state_dict(state["plasticity"])
         rngs = state["rng"]
         set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
         self.loader_gen.set_state(state["loader"])
-        self.start_epoch = int(state["epoch"])
+        self.start_epoch = self._epoch = self._saved_epochs = int(state["epoch"])
         self.best_acc1 = float(state["best_acc1"])
 
     def _save(self, is_best: bool) -> None:
@@ -471,6 +566,7 @@ class Trainer:
             save_checkpoint(state, self.run_dir / "last.pt")
             if is_best:
                 save_checkpoint(state, self.run_dir / "best.pt")
+        self._saved_epochs = self.start_epoch
 
     def close(self) -> None:
         """Remove hooks and close the log files."""
@@ -482,9 +578,7 @@ class Trainer:
             self.writer.close()
         handler = getattr(self, "_log_handler", None)
         if handler is not None:
-            log.removeHandler(handler)
-            handler.close()
-            log.setLevel(self._log_level)
+            _RUN_LOGS.close(handler)
             self._log_handler = None
         lock = getattr(self, "_lock", None)
         if lock is not None:
@@ -530,6 +624,13 @@ def evaluate_checkpoint(
     _, test_set = build_datasets(cfg)
     model = build_model(cfg, info)
     load_model_state(model, state["model"], path)
+    bad = nonfinite_tensors(model)
+    if bad:  # as training refuses to go on: no accuracy of a diverged or damaged model
+        raise CheckpointError(
+            f"{path} holds non-finite weights (NaN or inf in {', '.join(bad[:6])}"
+            f"{' ...' if len(bad) > 6 else ''}); it is not evaluated: use an earlier "
+            "checkpoint of the run"
+        )
     loader = DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.workers or 0)
     bound = None if transform is None else (lambda x: transform(x, cfg.T))
     test = evaluate(model.to(device), loader, device, resolve_amp(cfg.amp, device), bound)

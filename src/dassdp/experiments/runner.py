@@ -42,9 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dassdp._util.io import atomic_write_json
+from dassdp._util.yamlfile import YAMLInputError, read_yaml_file
 from dassdp.engine import config_to_dict, fit, load_checkpoint, load_config, read_metrics
 from dassdp.engine.checkpoint import RESUMABLE_CHANGES
 from dassdp.engine.config import ConfigError, TrainConfig, same_plasticity
@@ -167,8 +166,8 @@ def _same(key: str, old: Any, new: Any) -> bool:
 def _read_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping, or ``{}`` for an empty, truncated or foreign file."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
+        data = read_yaml_file(path)
+    except YAMLInputError:
         return {}
     return data if isinstance(data, dict) else {}
 
