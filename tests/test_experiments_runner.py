@@ -218,3 +218,56 @@ def test_sigkilled_parallel_compare_takes_its_workers_with_it(
     while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(_gone(pid) for pid in pids), [pid for pid in pids if not _gone(pid)]
+
+
+def _wait_for_worker(run_dir: Path, proc: subprocess.Popen, timeout: float) -> int | None:
+    """The pid of the worker training ``run_dir`` once it has a checkpoint (None if the
+    sweep ended first or ``timeout`` passed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        lock = run_dir / ".lock"
+        text = lock.read_text().strip() if lock.is_file() else ""
+        if text and (run_dir / "last.pt").is_file() and not (run_dir / DONE).is_file():
+            return int(text)
+        time.sleep(0.02)
+    return None
+
+
+def test_a_killed_worker_ends_only_its_run(config_file: Path, tmp_path: Path) -> None:
+    """Regression (issue 23): SIGKILL of one `compare --workers 2` worker broke the pool: a
+    28-line BrokenProcessPool traceback, the other worker's run stopped and the queued runs
+    never ran. Now: one line naming the run, its folder and the signal; every other run
+    finishes; exit status 1; a rerun resumes the killed run."""
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "dassdp", "compare", "--config", str(config_file)]
+    cmd += ["--seeds", "0-1", "--variants", "baseline,dassdp", "--out", str(out)]
+    cmd += ["--workers", "2", "--no-report", "epochs=40"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    victim, other = out / "baseline" / "seed0", out / "dassdp" / "seed0"
+    with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
+        proc = subprocess.Popen(cmd, env=env, stdout=so, stderr=se)
+        try:
+            pid = _wait_for_worker(victim, proc, timeout=120)
+            assert pid is not None and pid != proc.pid
+            assert not (other / DONE).is_file()  # the other worker is mid-run
+            os.kill(pid, signal.SIGKILL)
+            rc = proc.wait(timeout=180)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stderr = (tmp_path / "stderr").read_text()
+    assert rc == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if "SIGKILL" in line]
+    assert lines and all("baseline seed0" in line and str(victim) in line for line in lines)
+    assert f"pid {pid}" in lines[0], lines
+    for run_dir in (other, out / "baseline" / "seed1", out / "dassdp" / "seed1"):
+        assert (run_dir / DONE).is_file(), run_dir
+        assert len(read_metrics(run_dir)) == 40
+    assert not (victim / DONE).is_file() and (victim / "last.pt").is_file()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr
+    assert "[compare] baseline seed0: resuming in" in again.stdout
+    assert "1 trained, 3 already done, 0 failed" in again.stdout
+    assert (victim / DONE).is_file() and len(read_metrics(victim)) == 40

@@ -200,9 +200,10 @@ def check_folders(specs: Sequence[RunSpec]) -> None:
         _check_folder(Path(spec.run_dir), spec.resolve())
 
 
-def record_failure(run_dir: Path, err: BaseException) -> None:
-    """Write ``failed.json`` (the error, its traceback, where it ran) into an existing run
-    folder; ``dassdp compare --status`` shows its first line."""
+def record_failure(run_dir: Path, err: BaseException, pid: int | None = None) -> None:
+    """Write ``failed.json`` (the error, its traceback, where it ran: this process, or the
+    process ``pid``) into an existing run folder; ``dassdp compare --status`` shows its
+    first line."""
     if not run_dir.is_dir():
         return
     tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
@@ -210,7 +211,7 @@ def record_failure(run_dir: Path, err: BaseException) -> None:
         "error": f"{type(err).__name__}: {err}",
         "traceback": tb,
         "host": platform.node(),
-        "pid": os.getpid(),
+        "pid": os.getpid() if pid is None else pid,
         "job": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID"),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -376,7 +377,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _run_safely(spec: RunSpec) -> tuple[str, str | None]:
-    """For worker processes: one run, its status and error text (never raises Exception)."""
+    """One run, its status and error text (never raises Exception)."""
     import torch
 
     torch.set_num_threads(1)
@@ -384,6 +385,15 @@ def _run_safely(spec: RunSpec) -> tuple[str, str | None]:
         return run_one(spec), None
     except Exception as err:  # one failed run must not stop the others
         return "failed", f"{type(err).__name__}: {err}"
+
+
+def _worker_main(spec: RunSpec, conn: Any, parent: int) -> None:
+    """Entry of a worker process (one per run): the run, then ``(status, error)`` on
+    ``conn``. Ctrl-C is the sweep's to handle: it ends its workers (SIGTERM)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent)
+    conn.send(_run_safely(spec))
+    conn.close()
 
 
 def run_sweep(
@@ -413,19 +423,87 @@ def run_sweep(
     return _run_parallel(specs, workers, result)
 
 
+class WorkerDied(RuntimeError):
+    """A sweep worker process ended (a signal, ``os._exit``) before reporting its run."""
+
+
+@dataclass
+class _Worker:
+    """A worker process running one spec, and the read end of its result pipe."""
+
+    spec: RunSpec
+    proc: Any
+    conn: Any
+
+
+def _start_worker(ctx: Any, spec: RunSpec) -> _Worker:
+    """A fresh (spawned) process that runs ``spec``."""
+    conn, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=_worker_main, args=(spec, child, os.getpid()), name=f"dassdp {spec.label}"
+    )
+    proc.start()
+    child.close()  # ours closed: the pipe reads EOF when the worker dies
+    return _Worker(spec, proc, conn)
+
+
+def _outcome(worker: _Worker) -> tuple[str, str | None]:
+    """``(status, error)`` of a worker that sent its result or ended (waits for its end)."""
+    try:
+        outcome = worker.conn.recv() if worker.conn.poll() else None
+    except (EOFError, OSError):  # it ended without a result
+        outcome = None
+    worker.conn.close()
+    worker.proc.join(None if outcome is None else 60)
+    if worker.proc.is_alive():  # sent its result but hangs on the way out
+        worker.proc.kill()
+        worker.proc.join()
+    if outcome is not None:
+        return outcome
+    error = _death_message(worker)
+    record_failure(Path(worker.spec.run_dir), WorkerDied(error), pid=worker.proc.pid)
+    return "failed", error
+
+
+def _death_message(worker: _Worker) -> str:
+    """One line: which worker died, how, in which folder, and what a rerun does."""
+    code = worker.proc.exitcode
+    try:
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else ""
+    except ValueError:
+        how = f"was killed by signal {-code}"
+    how = how or f"exited with status {code} before reporting the run"
+    run_dir = Path(worker.spec.run_dir)
+    rerun = "resumes it" if (run_dir / "last.pt").is_file() else "starts it again"
+    return (
+        f"its worker process (pid {worker.proc.pid}) {how} while running it in {run_dir}; "
+        f"rerunning the same command {rerun}"
+    )
+
+
 def _run_parallel(specs: Sequence[RunSpec], workers: int, result: SweepResult) -> SweepResult:
+    """Each run in its own spawned process, at most ``workers`` at once. A worker that dies
+    (SIGKILL, out of memory, a crash) fails its run only: the others, running or queued,
+    go on. Ending this function early (Ctrl-C) ends the workers (SIGTERM)."""
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing.connection import wait
 
     ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch thread pools
-    with ProcessPoolExecutor(
-        max_workers=workers, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),)
-    ) as pool:
-        futures = {pool.submit(_run_safely, spec): spec for spec in specs}
-        for future in as_completed(futures):
-            spec = futures[future]
-            result.status[spec.label], error = future.result()
-            if error:
-                result.errors[spec.label] = error
-                print(f"[compare] {spec.label}: FAILED: {error}", file=sys.stderr)
+    queue, running = list(reversed(specs)), []
+    try:
+        while queue or running:
+            while queue and len(running) < workers:
+                running.append(_start_worker(ctx, queue.pop()))
+            ready = set(wait([w.conn for w in running] + [w.proc.sentinel for w in running]))
+            for worker in [w for w in running if {w.conn, w.proc.sentinel} & ready]:
+                running.remove(worker)
+                result.status[worker.spec.label], error = _outcome(worker)
+                if error:
+                    result.errors[worker.spec.label] = error
+                    print(f"[compare] {worker.spec.label}: FAILED: {error}", file=sys.stderr)
+    finally:
+        for worker in running:
+            worker.proc.terminate()
+        for worker in running:
+            worker.proc.join()
     return result
