@@ -279,3 +279,13 @@ def test_resume_takes_a_plasticity_block_saved_before_keys_were_added():
     assert resume_config(saved, tiny(epochs=5)).epochs == 5
     with pytest.raises(ConfigError, match=r"--resume: .*plasticity: .*'A_plus': 0\.01"):
         resume_config(saved, tiny(plasticity={"A_plus": 0.01}))
+
+
+def test_resume_may_turn_the_learners_debug_checks_on_or_off():
+    """`plasticity.debug` only adds checks (the learner's RESUMABLE_CONFIG): a resume may change
+    it; any other learner field still refuses."""
+    saved = config_to_dict(tiny())
+    resumed = resume_config(saved, tiny(plasticity={"debug": True}))
+    assert resumed.plasticity.debug is True
+    with pytest.raises(ConfigError, match=r"--resume: .*plasticity"):
+        resume_config(saved, tiny(plasticity={"debug": True, "sigma": 2.0}))

@@ -35,6 +35,7 @@ import yaml
 from dassdp._util.io import atomic_write_text
 from dassdp._util.yamlfile import YAMLInputError, load_yaml, read_yaml_file
 from dassdp.plasticity.config import DASSDPConfig, DASSDPConfigError
+from dassdp.plasticity.state import RESUMABLE_CONFIG
 
 __all__ = [
     "AMP_MODES",
@@ -744,7 +745,8 @@ def _check_plasticity(cfg: TrainConfig) -> DASSDPConfig:
 def same_plasticity(old: Any, new: Any) -> bool:
     """Whether two saved ``plasticity`` blocks (mappings, or ``None``) configure the same
     learner: a key one of them lacks (added since it was saved) or leaves unset means the
-    preset's value, so only the resolved :class:`dassdp.DASSDPConfig` is compared."""
+    preset's value, so only the resolved :class:`dassdp.DASSDPConfig` is compared; the fields a
+    learner state may change on load (``RESUMABLE_CONFIG``: its checks) are not compared."""
     if not (isinstance(old, Mapping) and isinstance(new, Mapping)):
         return old == new
     try:
@@ -752,4 +754,5 @@ def same_plasticity(old: Any, new: Any) -> bool:
         a, b = (dassdp_config(block) for block in blocks)
     except ConfigError:
         return False
-    return a == b
+    free = {name: False for name in RESUMABLE_CONFIG}  # every such field is a bool
+    return dataclasses.replace(a, **free) == dataclasses.replace(b, **free)

@@ -119,7 +119,7 @@ def train_step(
         learner.step(loss.detach(), optimizer_stepped=stepped)
     if plast is not None:
         plast.update()
-    dassdp.reset(model)  # neuron states and DA-SSDP recorder buffers
+    dassdp.reset(model)  # neuron states; closes the recording window (records kept)
     loss, logits = loss.detach(), logits.detach()
     if meter is not None:
         meter.update(loss, logits, y)
