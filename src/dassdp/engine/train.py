@@ -310,20 +310,17 @@ class Trainer:
 
     def _prepare_run_dir(self, resumed_from: Path | None) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            self._lock = RunLock(self.run_dir)  # one trainer per folder; freed when we die
-            write_run_files(
-                self.run_dir,
-                self.cfg,
-                world_size=self.dist.world_size,
-                device=str(self.device),
-                resumed_from=resumed_from,
-                extra=self._run_info,
-            )
-            self._open_log()  # after config.yaml: a folder with a train.log holds a run's config
-        except BaseException:
-            self.close()
-            raise
+        # called inside __init__'s try: a failure here closes the trainer (lock, hooks, log)
+        self._lock = RunLock(self.run_dir)  # one trainer per folder; freed when we die
+        write_run_files(
+            self.run_dir,
+            self.cfg,
+            world_size=self.dist.world_size,
+            device=str(self.device),
+            resumed_from=resumed_from,
+            extra=self._run_info,
+        )
+        self._open_log()  # after config.yaml: a folder with a train.log holds a run's config
 
     def _open_log(self) -> None:
         """Send this run's log lines to ``train.log`` in the run folder (until :meth:`close`)."""
