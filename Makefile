@@ -21,7 +21,7 @@ WHEELS_SPEC ?= pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 pygm
 	spikingjelly==2.0.0 loguru==0.7.3
 STAMP := $(VENV)/.dassdp-installed
 
-.PHONY: demo test lint format install clean-venv wheels
+.PHONY: demo test test-slow lint format install clean-venv wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+# the long end-to-end tests (marked slow; CI runs them after `make test`)
+test-slow: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

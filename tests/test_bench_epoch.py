@@ -28,6 +28,7 @@ def config(tmp_path: Path) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # end to end, minutes; CI runs it (.ci/run: pytest -m slow)
 def test_epoch_rows_ratios_and_section(tmp_path, config, capsys):
     doc, out = tmp_path / "benchmarks.md", tmp_path / "epoch.csv"
     doc.write_text("# Benchmarks\n\n## epoch\n\nstale\n\n## other\n\nkept\n")

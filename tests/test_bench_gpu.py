@@ -161,6 +161,7 @@ def test_bench_syncs_bad_arguments(tmp_path):
 
 
 # ------------------------------------------------------------- models / overhead / ...
+@pytest.mark.slow  # end to end, minutes; CI runs it (.ci/run: pytest -m slow)
 def test_bench_models_amp_rows_with_optimizer_in_fresh_processes(tmp_path):
     doc, out = tmp_path / "b.md", tmp_path / "m.csv"
     argv = ["models", "--models", "spiking_cnn", "--batch", "2", "--T", "2", "--size", "16"]
@@ -176,6 +177,7 @@ def test_bench_models_amp_rows_with_optimizer_in_fresh_processes(tmp_path):
     assert "| cpu | bf16 | fwd+bwd+adamw |" in text and "CPU bfloat16 support:" in text
 
 
+@pytest.mark.slow  # end to end, minutes; CI runs it (.ci/run: pytest -m slow)
 def test_bench_overhead_bf16_records_amp_and_peak_memory(tmp_path):
     doc, out = tmp_path / "b.md", tmp_path / "o.csv"
     argv = ["overhead", "--batch", "1", "--size", "8", "--T", "2", "--reps", "1"]

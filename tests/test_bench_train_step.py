@@ -52,6 +52,7 @@ def test_bench_train_step_times_this_checkout_and_its_memory(tmp_path, capsys):
     assert "bf16" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # end to end, minutes; CI runs it (.ci/run: pytest -m slow)
 def test_train_step_tiny_run_writes_csv_and_section(tmp_path, capsys):
     doc, out = tmp_path / "benchmarks.md", tmp_path / "train-step.csv"
     doc.write_text("# Benchmarks\n\n## train-step\n\nstale\n\n## other\n\nkept\n")

@@ -73,6 +73,7 @@ def _ok(proc: subprocess.Popen, timeout: float = 1800) -> str:
 # ---------------------------------------------------------------- local launcher
 
 
+@pytest.mark.slow  # end to end, minutes; CI runs it (.ci/run: pytest -m slow)
 def test_local_launcher_runs_each_run_once_and_reports_like_the_pool(
     config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:

@@ -233,6 +233,7 @@ def _wait_for_worker(run_dir: Path, proc: subprocess.Popen, timeout: float) -> i
     return None
 
 
+@pytest.mark.slow  # end to end, minutes; CI runs it (.ci/run: pytest -m slow)
 def test_a_killed_worker_ends_only_its_run(config_file: Path, tmp_path: Path) -> None:
     """Regression (issue 23): SIGKILL of one `compare --workers 2` worker broke the pool: a
     28-line BrokenProcessPool traceback, the other worker's run stopped and the queued runs
