@@ -151,7 +151,13 @@ def test_no_space_left_writing_a_checkpoint_names_it(tmp_path, capsys, monkeypat
 def test_sigint_mid_epoch_is_one_line_exit_130_and_the_run_resumes(tmp_path):
     """Regression: Ctrl-C printed a 52-line traceback."""
     config, run = write_config(tmp_path), tmp_path / "run"
-    proc = dassdp("train", "-c", str(config), "--out", str(run), "epochs=500")
+    # a shell that starts a job in the background (`cmd &`, no job control) leaves SIGINT
+    # ignored, and an ignored signal stays ignored across exec: Python then installs no
+    # KeyboardInterrupt handler. The child gets the default, as a terminal's job would.
+    proc = dassdp(
+        "train", "-c", str(config), "--out", str(run), "epochs=500",
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     try:
         wait_for(run / "last.pt", proc)
         time.sleep(0.3)
