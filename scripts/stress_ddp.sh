@@ -43,7 +43,7 @@ for i in $(seq "$N"); do
     echo "round $i/$N ($(($(date +%s) - START)) s elapsed)"
     ok=1
     log="$DIR/round$i-tests.log"
-    "$PY" -m pytest -q -p no:cacheprovider \
+    "$PY" -m pytest -q -p no:cacheprovider -m distributed \
         tests/test_distributed_learner.py tests/test_distributed_train.py >"$log" 2>&1
     check "DDP test files" "$log" $? || ok=0
     log="$DIR/round$i-train.log"

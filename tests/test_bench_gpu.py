@@ -191,6 +191,7 @@ def test_bench_overhead_bf16_records_amp_and_peak_memory(tmp_path):
     assert "| bf16 | active |" in doc.read_text()
 
 
+@pytest.mark.slow  # end to end in fresh processes; CI runs it (make test-slow)
 def test_bench_throughput_without_spikingjelly_and_with_kernel_counts(tmp_path):
     doc, out = tmp_path / "b.md", tmp_path / "t.csv"
     argv = ["throughput", "--batch", "1", "--size", "8", "--T", "2", "--reps", "1"]

@@ -87,6 +87,7 @@ def test_run_side_in_process_reports_times_and_memory():
         bench_rule.run_side({**spec, "side": "nope"})
 
 
+@pytest.mark.slow  # end to end in fresh processes; CI runs it (make test-slow)
 def test_bench_rule_tiny_run_writes_csv_and_section(tmp_path, capsys):
     doc, out = tmp_path / "benchmarks.md", tmp_path / "bench" / "rule.csv"
     doc.write_text("# Benchmarks\n\n## models\n\nmodels stay\n\n## rule\n\nstale\n")

@@ -29,6 +29,7 @@ def _parse_before_after(argv: list[str]) -> argparse.Namespace:
     return before_after.parser().parse_args(argv[1:])
 
 
+@pytest.mark.slow  # end to end in fresh processes; CI runs it (make test-slow)
 def test_bench_train_step_times_this_checkout_and_its_memory(tmp_path, capsys):
     doc, out = tmp_path / "benchmarks.md", tmp_path / "train-step.csv"
     args = _parse(

@@ -97,6 +97,7 @@ def test_an_oserror_about_no_path_keeps_its_traceback(monkeypatch):
         main(["ls", "models"])
 
 
+@pytest.mark.slow  # end to end in fresh processes; CI runs it (make test-slow)
 def test_a_file_size_limit_while_writing_a_checkpoint_is_one_line_and_keeps_the_last(tmp_path):
     """Regression: `ulimit -f` (or a full disk) while writing last.pt: two chained tracebacks
     ending in "unexpected pos". The previous last.pt stays as it was."""
@@ -233,6 +234,7 @@ def _descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc (Linux)")
+@pytest.mark.slow  # end to end in fresh processes; CI runs it (make test-slow)
 def test_sigkill_of_nproc_takes_torchrun_and_the_ranks_with_it(tmp_path):
     """Regression: SIGKILL of `dassdp train --nproc 2` left torchrun and both ranks training,
     reparented to init. Now all its descendants end, and the folder resumes."""

@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 from ddp_worker import run, run_learned, run_skips
 from engine_fixtures import assert_same_tensors
 
-pytestmark = pytest.mark.distributed
+# 2-process gloo runs: minutes; `make test-slow` and CI run them, scripts/stress_ddp.sh repeats them
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def spawn(world, tmp_path, name, **kw):

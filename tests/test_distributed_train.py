@@ -15,7 +15,8 @@ import yaml
 
 from engine_fixtures import assert_same_tensors, tiny_dict
 
-pytestmark = pytest.mark.distributed
+# 2-process gloo runs: minutes; `make test-slow` and CI run them, scripts/stress_ddp.sh repeats them
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 CONFIG = tiny_dict(
     name="ddp",

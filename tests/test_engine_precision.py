@@ -105,6 +105,7 @@ def test_bf16_on_the_cpu_trains_with_bfloat16_activations(tmp_path):
     assert abs(bf16["loss"] - fp32["loss"]) < 0.1 and fp32["samples"] == 64
 
 
+@pytest.mark.slow  # end to end in fresh processes; CI runs it (make test-slow)
 def test_a_compiled_run_records_and_applies_dassdp(tmp_path):
     torch._dynamo.reset()
     trainer = Trainer(tiny(epochs=2, compile=True, compile_backend="aot_eager"), tmp_path)

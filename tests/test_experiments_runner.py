@@ -192,6 +192,7 @@ def _gone(pid: int) -> bool:
     return stat.is_file() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
+@pytest.mark.slow  # end to end in fresh processes; CI runs it (make test-slow)
 def test_sigkilled_parallel_compare_takes_its_workers_with_it(
     config_file: Path, tmp_path: Path
 ) -> None:

@@ -82,6 +82,7 @@ def test_the_script_parses():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
+@pytest.mark.slow  # end to end in fresh processes; CI runs it (make test-slow)
 def test_every_bench_step_parses_with_the_cli(dry):
     steps = _check_steps(dry)
     names = [name for name, _, _ in steps]

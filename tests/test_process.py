@@ -88,6 +88,7 @@ def _glibc() -> bool:
 
 
 @pytest.mark.skipif(not _glibc(), reason="probes glibc's malloc (mallinfo2, glibc >= 2.33)")
+@pytest.mark.slow  # end to end in fresh processes; CI runs it (make test-slow)
 def test_import_and_cli_main_leave_the_allocator_and_the_environment_alone(tmp_path):
     """Regression: ``cli.main`` applied the glibc ``mallopt`` settings to its caller's process
     (a script, a notebook, a test run), and the run recorded ``glibc tuned``."""
@@ -105,6 +106,7 @@ def test_import_and_cli_main_leave_the_allocator_and_the_environment_alone(tmp_p
     assert json.loads((run / "run.json").read_text())["allocator"] == "glibc"
 
 
+@pytest.mark.slow  # end to end in fresh processes; CI runs it (make test-slow)
 def test_the_dassdp_program_installs_the_allocator_and_the_run_records_it(tmp_path):
     config, run = _tiny_config(tmp_path), tmp_path / "run"
     env = _clean_env(**{allocator.ALLOCATOR_ENV: "glibc"})

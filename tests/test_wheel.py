@@ -48,6 +48,7 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(_native.compiler() is None, reason="needs a C compiler (cc, gcc or clang)")
+@pytest.mark.slow  # end to end in fresh processes; CI runs it (make test-slow)
 def test_the_installed_wheel_trains_a_step_on_the_cpu_backend(tmp_path):
     project = tmp_path / "project"  # a copy: the build writes build/ and *.egg-info into it
     shutil.copytree(
